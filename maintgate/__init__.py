@@ -1,0 +1,30 @@
+"""maintgate: per-tenant maintenance mode for multi-tenant web apps.
+
+A cached, SQL-backed gate for ASGI and WSGI apps that answers tenants under
+maintenance with a 503 that fits the client, and a migration window that switches
+maintenance off in the same transaction as the migration.
+"""
+
+from .asgi import MaintenanceMiddleware
+from .core.errors import InvalidTenant, MaintgateError
+from .core.gate import Gate
+from .core.render import Renderer
+from .core.schema import metadata
+from .core.state import ALL_TENANTS, MaintenanceState
+from .core.store import MaintenanceStore
+from .wsgi import WSGIMaintenanceMiddleware
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALL_TENANTS",
+    "Gate",
+    "InvalidTenant",
+    "MaintenanceMiddleware",
+    "MaintenanceState",
+    "MaintenanceStore",
+    "MaintgateError",
+    "Renderer",
+    "WSGIMaintenanceMiddleware",
+    "metadata",
+]

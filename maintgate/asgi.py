@@ -1,0 +1,152 @@
+"""Pure ASGI middleware (Starlette, FastAPI, any ASGI app): translates scopes for the core gate."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from .core.gate import Gate, Pending
+from .core.response import Response
+from .core.state import ALL_TENANTS
+from .core.store import MaintenanceStore
+from .core.tenants import HeaderTenant, PathPrefixTenant, SubdomainTenant
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_encoded: dict[str, bytes] = {}
+
+
+class ASGIRequest:
+    """The core's request view over an ASGI scope; decodes only what is asked for."""
+
+    __slots__ = ("scope",)
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+
+    @property
+    def method(self) -> str:
+        return self.scope.get("method", "GET")
+
+    @property
+    def path(self) -> str:
+        return self.scope.get("path", "")
+
+    @property
+    def scheme(self) -> str:
+        return self.scope.get("scheme", "http")
+
+    @property
+    def host(self) -> str | None:
+        return self.header("host")
+
+    @property
+    def client(self) -> str | None:
+        client = self.scope.get("client")
+        return client[0] if client else None
+
+    def header(self, name: str) -> str | None:
+        key = _encoded.get(name)
+        if key is None:
+            key = _encoded[name] = name.encode("latin-1")
+        for header, value in self.scope.get("headers", ()):
+            if header == key:
+                return value.decode("latin-1")
+        return None
+
+
+class MaintenanceMiddleware:
+    """Answers requests of tenants under maintenance with a negotiated 503; passes the rest.
+
+    Lifespan and other scopes pass straight through. A websocket handshake under
+    maintenance is denied with the 503 where the server supports the
+    ``websocket.http.response`` extension, and closed before accept (code 1013) elsewhere.
+    Keyword options are those of :class:`maintgate.core.Gate`.
+    """
+
+    def __init__(
+        self, app: ASGIApp, store: MaintenanceStore | None = None, *, gate: Gate | None = None, **options: Any
+    ) -> None:
+        if (store is None) == (gate is None):
+            raise TypeError("pass either a store (with gate options) or a ready Gate")
+        self.app = app
+        self.gate = gate if gate is not None else Gate(store, **options)  # type: ignore[arg-type]
+        self._tenant = _scope_tenant(self.gate)
+        self._peek = self.gate.cache.peek
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
+            await self.app(scope, receive, send)
+            return
+        raw = self._tenant(scope) if self._tenant is not None else None
+        state = self._peek(ALL_TENANTS if raw is None else raw)
+        if state is None:
+            await self.app(scope, receive, send)
+            return
+        result = self.gate.check_uncommon(ASGIRequest(scope), raw, state)
+        if type(result) is Pending:
+            result = await self.gate.resolve_async(result)
+        if result is None:
+            await self.app(scope, receive, send)
+        elif kind == "http":
+            await _send_http(send, result)  # type: ignore[arg-type]
+        else:
+            await _deny_websocket(scope, send, result)  # type: ignore[arg-type]
+
+
+def _scope_tenant(gate: Gate) -> Callable[[Scope], str | None] | None:
+    """The gate's tenant resolver as a function of the scope: built-ins skip the request view."""
+    resolver = gate.tenant
+    if resolver is None:
+        return None
+    if isinstance(resolver, HeaderTenant):
+        return _header_reader(resolver.name)
+    if isinstance(resolver, SubdomainTenant):
+        host, from_host = _header_reader("host"), resolver.from_host
+        return lambda scope: from_host(host(scope))
+    if isinstance(resolver, PathPrefixTenant):
+        from_path = resolver.from_path
+        return lambda scope: from_path(scope.get("path", ""))
+    return lambda scope: gate.tenant_of(ASGIRequest(scope))
+
+
+def _header_reader(name: str) -> Callable[[Scope], str | None]:
+    key = name.encode("latin-1")
+
+    def read_header(scope: Scope) -> str | None:
+        for header, value in scope.get("headers", ()):
+            if header == key:
+                return value.decode("latin-1") or None
+        return None
+
+    return read_header
+
+
+async def _send_http(send: Send, response: Response) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": response.body})
+
+
+async def _deny_websocket(scope: Scope, send: Send, response: Response) -> None:
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": response.status,
+                "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": response.body})
+    else:
+        await send({"type": "websocket.close", "code": 1013, "reason": "maintenance"})

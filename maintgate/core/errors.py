@@ -1,0 +1,9 @@
+"""Errors raised by maintgate."""
+
+
+class MaintgateError(Exception):
+    """Base class of every error maintgate raises."""
+
+
+class InvalidTenant(MaintgateError, ValueError):
+    """A tenant id that is empty, too long or uses characters outside the allowed set."""

@@ -1,0 +1,210 @@
+"""The gate's decision: does this request pass, or get a negotiated 503? Knows no framework."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Hashable, Iterable
+from datetime import datetime
+from typing import Any, Protocol
+
+from .cache import MISS, StateCache
+from .negotiation import negotiate
+from .render import Renderer
+from .request import RequestView
+from .response import Response
+from .state import ALL_TENANTS, MaintenanceState, is_valid_tenant, utcnow
+from .tenants import TenantResolver
+
+logger = logging.getLogger("maintgate")
+
+
+class StateSource(Protocol):
+    """What the gate reads: anything with ``effective(tenant)``, a MaintenanceStore above all."""
+
+    def effective(self, tenant: str | None) -> MaintenanceState | None: ...
+
+
+class Pending:
+    """A request whose tenant's state is not cached: the adapter loads it, sync or async."""
+
+    __slots__ = ("key", "request", "tenant")
+
+    def __init__(self, request: RequestView, tenant: str | None, key: str) -> None:
+        self.request = request
+        self.tenant = tenant
+        self.key = key
+
+
+class ExemptPaths:
+    """Paths that always pass: exact strings, prefixes written ``"/static/*"``, or compiled regexes."""
+
+    __slots__ = ("exact", "patterns", "prefixes")
+
+    def __init__(self, paths: Iterable[str | re.Pattern[str]] = ()) -> None:
+        if isinstance(paths, str | re.Pattern):
+            paths = [paths]
+        exact, prefixes, patterns = set(), [], []
+        for path in paths:
+            if isinstance(path, re.Pattern):
+                patterns.append(path)
+            elif isinstance(path, str) and path.startswith("/"):
+                if path.endswith("*"):
+                    prefixes.append(path[:-1])
+                else:
+                    exact.add(path)
+            else:
+                raise ValueError(
+                    f"exempt path {path!r} must be a string starting with '/' or a compiled regex"
+                )
+        self.exact = frozenset(exact)
+        self.prefixes = tuple(prefixes)
+        self.patterns = tuple(patterns)
+
+    def __bool__(self) -> bool:
+        return bool(self.exact or self.prefixes or self.patterns)
+
+    def __contains__(self, path: str) -> bool:
+        return (
+            path in self.exact
+            or (bool(self.prefixes) and path.startswith(self.prefixes))
+            or any(p.fullmatch(path) for p in self.patterns)
+        )
+
+
+class Gate:
+    """Decides, per request, between passing it on and answering 503 for its tenant.
+
+    The common case (state cached, not in maintenance) costs one tenant lookup and
+    one dict read: no lock, no I/O, no parsing.
+    """
+
+    def __init__(
+        self,
+        store: StateSource,
+        *,
+        tenant: TenantResolver | None = None,
+        cache_ttl: float = 1.0,
+        cache_size: int = 10_000,
+        exempt_paths: Iterable[str | re.Pattern[str]] = (),
+        renderer: Renderer | None = None,
+        default_retry_after: int = 60,
+        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], datetime] = utcnow,
+        log_interval: float = 30.0,
+    ) -> None:
+        if not callable(getattr(store, "effective", None)):
+            raise TypeError(f"store must be a MaintenanceStore (or have .effective()), got {store!r}")
+        if tenant is not None and not callable(tenant):
+            raise TypeError(f"tenant must be a resolver callable or None, got {tenant!r}")
+        if not isinstance(default_retry_after, int) or default_retry_after < 1:
+            raise ValueError(f"default_retry_after must be a positive int, got {default_retry_after!r}")
+        self.store = store
+        self.tenant = tenant
+        self.exempt = ExemptPaths(exempt_paths)
+        self.renderer = renderer if renderer is not None else Renderer()
+        self.default_retry_after = default_retry_after
+        self._now = now
+        self._clock = clock
+        self._log_interval = log_interval
+        self._last_warning = float("-inf")
+        self._suppressed = 0
+        self.cache: StateCache[MaintenanceState | None] = StateCache(
+            self._load, ttl=cache_ttl, maxsize=cache_size, timer=clock, on_error=self._store_error
+        )
+
+    def check(self, request: RequestView) -> Response | Pending | None:
+        """None to pass the request on, a Response to send, or Pending when the state must be loaded."""
+        raw = self.tenant_of(request) if self.tenant is not None else None
+        state = self.cache.peek(ALL_TENANTS if raw is None else raw)
+        if state is None:
+            return None
+        return self.check_uncommon(request, raw, state)
+
+    def check_uncommon(self, request: RequestView, raw: str | None, state: Any) -> Response | Pending | None:
+        """The rest of :meth:`check` once the cache says anything but "cached, not in maintenance".
+
+        Adapters that resolve the tenant and peek at the cache themselves (the hot
+        path, without a request view) call this with the raw tenant id and ``state``.
+        """
+        if request.path in self.exempt:
+            return None
+        tenant = raw if raw is not None and raw != ALL_TENANTS and is_valid_tenant(raw) else None
+        if tenant != raw:
+            state = self.cache.peek(ALL_TENANTS)  # an invalid id is not a tenant: global only
+        if state is MISS:
+            return Pending(request, tenant, ALL_TENANTS if tenant is None else tenant)
+        return self.respond(request, tenant, state)
+
+    def tenant_of(self, request: RequestView) -> str | None:
+        """The raw tenant id the resolver finds, or None; a failing resolver means no tenant."""
+        if self.tenant is None:
+            return None
+        try:
+            return self.tenant(request)
+        except Exception:
+            logger.exception("maintgate: tenant resolver %r failed; treating as no tenant", self.tenant)
+            return None
+
+    def resolve(self, pending: Pending) -> Response | None:
+        """Finish a Pending check by loading the state in this thread."""
+        return self.respond(pending.request, pending.tenant, self.cache.load(pending.key))
+
+    async def resolve_async(self, pending: Pending) -> Response | None:
+        """Finish a Pending check without blocking the event loop."""
+        state = await self.cache.load_async(pending.key)
+        return self.respond(pending.request, pending.tenant, state)
+
+    def decide(self, request: RequestView) -> Response | None:
+        """:meth:`check` and, if needed, :meth:`resolve`, for synchronous adapters."""
+        result = self.check(request)
+        if isinstance(result, Pending):
+            return self.resolve(result)
+        return result
+
+    def respond(
+        self, request: RequestView, tenant: str | None, state: MaintenanceState | None
+    ) -> Response | None:
+        """The negotiated 503 for ``state``, or None when it does not block ``request``."""
+        if state is None or not state.active or request.path in self.exempt:
+            return None
+        media_type = negotiate(request.header("accept"))
+        retry_after = state.seconds_to_retry(self._now(), self.default_retry_after)
+        body = self.renderer.render(media_type, state, tenant, retry_after)
+        headers = [
+            ("content-type", f"{media_type}; charset=utf-8"),
+            ("content-length", str(len(body))),
+            ("retry-after", str(retry_after)),
+            ("cache-control", "no-store"),
+            ("vary", "Accept"),
+        ]
+        return Response(503, headers, b"" if request.method == "HEAD" else body)
+
+    def invalidate(self, tenant: str | None = None) -> None:
+        """Drop the cached state of ``tenant``, or of everyone (for the global switch or None)."""
+        self.cache.invalidate(None if tenant in (None, ALL_TENANTS) else tenant)
+
+    def close(self) -> None:
+        """Release the worker threads used for asynchronous loads."""
+        self.cache.close()
+
+    def _load(self, key: Hashable) -> MaintenanceState | None:
+        return self.store.effective(None if key == ALL_TENANTS else str(key))
+
+    def _store_error(self, key: Hashable, exc: BaseException) -> None:
+        now = self._clock()
+        if now - self._last_warning < self._log_interval:
+            self._suppressed += 1
+            return
+        suppressed, self._suppressed = self._suppressed, 0
+        self._last_warning = now
+        logger.warning(
+            "maintgate: cannot read maintenance state for %r (%s: %s); using the last known "
+            "state, or letting requests through (%d similar warnings suppressed)",
+            key,
+            type(exc).__name__,
+            str(exc)[:200],
+            suppressed,
+            extra={"maintgate_event": "store_error", "tenant": key, "suppressed": suppressed},
+        )

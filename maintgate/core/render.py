@@ -1,0 +1,150 @@
+"""Bodies of the 503: RFC 9457 problem details, an HTML page and plain text."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Callable
+from string import Template
+from typing import Any
+
+from .negotiation import HTML, PROBLEM_JSON
+from .state import MaintenanceState
+
+ProblemBuilder = Callable[[MaintenanceState, "str | None", int], dict[str, Any]]
+
+DEFAULT_HTML = """<!doctype html>
+<html lang="$lang">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<meta http-equiv="refresh" content="$retry_after">
+<title>$title</title>
+<style>
+:root{color-scheme:light dark;--fg:#1f2328;--bg:#fff;--muted:#59636e}
+@media (prefers-color-scheme:dark){:root{--fg:#e6edf3;--bg:#0d1117;--muted:#9198a1}}
+body{margin:0;min-height:100vh;display:flex;align-items:center;justify-content:center;
+font:1.05rem/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg)}
+main{max-width:36rem;padding:1.5rem}
+h1{font-size:1.6rem;margin:0 0 .75rem}
+p{margin:.5rem 0}.muted{color:var(--muted)}
+</style>
+</head>
+<body>
+<main>
+<h1>$title</h1>
+<p>$message</p>
+$details
+<p class="muted">$retry_text</p>
+</main>
+</body>
+</html>
+"""
+
+TEMPLATE_FIELDS = frozenset(
+    {"lang", "title", "message", "tenant", "details", "retry_after", "retry_text", "error"}
+)
+
+
+class Renderer:
+    """Turns a maintenance state into a 503 body; its texts and templates can be replaced.
+
+    Every value put into HTML is escaped. ``state.error`` is shown only with
+    ``expose_error=True``: it is an operator's detail, not a client's.
+    """
+
+    def __init__(
+        self,
+        *,
+        html_template: str = DEFAULT_HTML,
+        title: str = "Down for maintenance",
+        default_message: str = "This service is undergoing maintenance. Please try again shortly.",
+        tenant_text: str = "Tenant: {tenant}",
+        retry_text: str = "This page reloads in {seconds} seconds.",
+        lang: str = "en",
+        problem_type: str = "about:blank",
+        problem: ProblemBuilder | None = None,
+        expose_error: bool = False,
+    ) -> None:
+        self.template = Template(html_template)
+        unknown = set(self.template.get_identifiers()) - TEMPLATE_FIELDS
+        if unknown or not self.template.is_valid():
+            raise ValueError(
+                f"html_template uses unknown or malformed placeholders {sorted(unknown)}; "
+                f"allowed: {sorted(TEMPLATE_FIELDS)}"
+            )
+        for name, text, fields in (
+            ("tenant_text", tenant_text, {"tenant": "t"}),
+            ("retry_text", retry_text, {"seconds": 1}),
+        ):
+            try:
+                text.format(**fields)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"{name} {text!r} is not a valid format string: {exc}") from None
+        self.title = title
+        self.default_message = default_message
+        self.tenant_text = tenant_text
+        self.retry_text = retry_text
+        self.lang = lang
+        self.problem_type = problem_type
+        self.problem = problem
+        self.expose_error = expose_error
+
+    def render(self, media_type: str, state: MaintenanceState, tenant: str | None, retry_after: int) -> bytes:
+        """The body for ``media_type`` (one of negotiation's answers)."""
+        if media_type == PROBLEM_JSON:
+            return self.render_json(state, tenant, retry_after)
+        if media_type == HTML:
+            return self.render_html(state, tenant, retry_after)
+        return self.render_text(state, tenant, retry_after)
+
+    def message(self, state: MaintenanceState) -> str:
+        """The message shown to clients: the state's own, or the default."""
+        return state.message or self.default_message
+
+    def render_json(self, state: MaintenanceState, tenant: str | None, retry_after: int) -> bytes:
+        """An RFC 9457 problem-details document, with ``tenant`` and ``retry_after`` members."""
+        if self.problem is not None:
+            body = self.problem(state, tenant, retry_after)
+        else:
+            body = {
+                "type": self.problem_type,
+                "title": "Service Unavailable",
+                "status": 503,
+                "detail": self.message(state),
+                "tenant": tenant,
+                "retry_after": retry_after,
+            }
+            if self.expose_error and state.error:
+                body["error"] = state.error
+        return json.dumps(body, ensure_ascii=True, default=str).encode("ascii")
+
+    def render_html(self, state: MaintenanceState, tenant: str | None, retry_after: int) -> bytes:
+        """The maintenance page, every substituted value escaped."""
+        esc = html.escape
+        details = []
+        if tenant:
+            details.append(f"<p>{esc(self.tenant_text.format(tenant=tenant))}</p>")
+        error = state.error if self.expose_error and state.error else ""
+        if error:
+            details.append(f'<p class="muted">{esc(error)}</p>')
+        page = self.template.substitute(
+            lang=esc(self.lang),
+            title=esc(self.title),
+            message=esc(self.message(state)),
+            tenant=esc(tenant or ""),
+            details="\n".join(details),
+            retry_after=retry_after,
+            retry_text=esc(self.retry_text.format(seconds=retry_after)),
+            error=esc(error),
+        )
+        return page.encode("utf-8")
+
+    def render_text(self, state: MaintenanceState, tenant: str | None, retry_after: int) -> bytes:
+        """A short plain-text notice."""
+        lines = [self.title, self.message(state)]
+        if tenant:
+            lines.append(self.tenant_text.format(tenant=tenant))
+        lines.append(f"Retry after {retry_after} seconds.")
+        return ("\n".join(lines) + "\n").encode("utf-8")

@@ -1,0 +1,70 @@
+"""The maintenance state of one tenant, as the store records it."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from .errors import InvalidTenant
+
+ALL_TENANTS = "*"
+"""Tenant id of the global switch: it covers every tenant and requests with no tenant."""
+
+TENANT_MAX_LENGTH = 128
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+
+
+def utcnow() -> datetime:
+    """The current time as an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+def is_valid_tenant(tenant: object) -> bool:
+    """Whether ``tenant`` is a tenant id the store accepts (the global switch included)."""
+    if not isinstance(tenant, str):
+        return False
+    if tenant == ALL_TENANTS:
+        return True
+    return 0 < len(tenant) <= TENANT_MAX_LENGTH and TENANT_PATTERN.fullmatch(tenant) is not None
+
+
+def check_tenant(tenant: str) -> str:
+    """Return ``tenant`` unchanged, or raise :class:`InvalidTenant` naming the bad value."""
+    if not is_valid_tenant(tenant):
+        shown = repr(tenant) if len(repr(tenant)) <= 80 else repr(tenant)[:77] + "..."
+        raise InvalidTenant(
+            f"invalid tenant id {shown}: use 1-{TENANT_MAX_LENGTH} characters from "
+            "A-Z a-z 0-9 _ . - starting with a letter or digit, or ALL_TENANTS"
+        )
+    return tenant
+
+
+@dataclass(frozen=True, slots=True)
+class MaintenanceState:
+    """One tenant's maintenance row: whether it is on, why, and for how long."""
+
+    tenant: str
+    active: bool
+    message: str | None = None
+    error: str | None = None
+    retry_after: int | None = None
+    ends_at: datetime | None = None
+    started_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def is_global(self) -> bool:
+        """Whether this is the global switch rather than one tenant's state."""
+        return self.tenant == ALL_TENANTS
+
+    def seconds_to_retry(self, now: datetime, default: int) -> int:
+        """Seconds a client should wait: until ``ends_at`` if it lies ahead, else ``retry_after``."""
+        if self.ends_at is not None:
+            left = (self.ends_at - now).total_seconds()
+            if left > 0:
+                return max(1, math.ceil(left))
+        if self.retry_after is not None and self.retry_after > 0:
+            return self.retry_after
+        return default

@@ -1,0 +1,106 @@
+"""WSGI middleware (Flask, Django, any WSGI app): translates environs for the core gate."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .core.gate import Gate, Pending
+from .core.state import ALL_TENANTS
+from .core.store import MaintenanceStore
+from .core.tenants import HeaderTenant, PathPrefixTenant, SubdomainTenant
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+_environ_keys: dict[str, str] = {}
+
+
+class WSGIRequest:
+    """The core's request view over a WSGI environ."""
+
+    __slots__ = ("environ",)
+
+    def __init__(self, environ: Environ) -> None:
+        self.environ = environ
+
+    @property
+    def method(self) -> str:
+        return self.environ.get("REQUEST_METHOD", "GET")
+
+    @property
+    def path(self) -> str:
+        return self.environ.get("PATH_INFO", "") or "/"
+
+    @property
+    def scheme(self) -> str:
+        return self.environ.get("wsgi.url_scheme", "http")
+
+    @property
+    def host(self) -> str | None:
+        return self.environ.get("HTTP_HOST") or self.environ.get("SERVER_NAME")
+
+    @property
+    def client(self) -> str | None:
+        return self.environ.get("REMOTE_ADDR") or None
+
+    def header(self, name: str) -> str | None:
+        key = _environ_keys.get(name)
+        if key is None:
+            key = _environ_keys[name] = _environ_key(name)
+        return self.environ.get(key)
+
+
+def _environ_key(header: str) -> str:
+    """Where PEP 3333 puts a header in the environ: ``x-tenant-id`` → ``HTTP_X_TENANT_ID``."""
+    upper = header.upper().replace("-", "_")
+    return upper if upper in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + upper
+
+
+def _environ_tenant(gate: Gate) -> Callable[[Environ], str | None] | None:
+    """The gate's tenant resolver as a function of the environ: built-ins skip the request view."""
+    resolver = gate.tenant
+    if resolver is None:
+        return None
+    if isinstance(resolver, HeaderTenant):
+        key = _environ_key(resolver.name)
+        return lambda environ: environ.get(key) or None
+    if isinstance(resolver, SubdomainTenant):
+        from_host = resolver.from_host
+        return lambda environ: from_host(environ.get("HTTP_HOST"))
+    if isinstance(resolver, PathPrefixTenant):
+        from_path = resolver.from_path
+        return lambda environ: from_path(environ.get("PATH_INFO", ""))
+    return lambda environ: gate.tenant_of(WSGIRequest(environ))
+
+
+class WSGIMaintenanceMiddleware:
+    """Answers requests of tenants under maintenance with a negotiated 503; passes the rest.
+
+    Safe under threaded servers: cached reads take no lock, and concurrent misses for
+    one tenant share one query. Keyword options are those of :class:`maintgate.core.Gate`.
+    """
+
+    def __init__(
+        self, app: WSGIApp, store: MaintenanceStore | None = None, *, gate: Gate | None = None, **options: Any
+    ) -> None:
+        if (store is None) == (gate is None):
+            raise TypeError("pass either a store (with gate options) or a ready Gate")
+        self.app = app
+        self.gate = gate if gate is not None else Gate(store, **options)  # type: ignore[arg-type]
+        self._tenant = _environ_tenant(self.gate)
+        self._peek = self.gate.cache.peek
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        raw = self._tenant(environ) if self._tenant is not None else None
+        state = self._peek(ALL_TENANTS if raw is None else raw)
+        if state is None:
+            return self.app(environ, start_response)
+        response = self.gate.check_uncommon(WSGIRequest(environ), raw, state)
+        if type(response) is Pending:
+            response = self.gate.resolve(response)
+        if response is None:
+            return self.app(environ, start_response)
+        start_response(response.status_line, response.headers)
+        return [response.body]

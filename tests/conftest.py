@@ -1,0 +1,102 @@
+"""Fixtures shared by the suite: real databases (a SQLite file and PostgreSQL), stores, clocks."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import create_engine, event, text
+
+from maintgate import MaintenanceStore
+
+POSTGRES_URL = os.environ.get(
+    "MAINTGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REQUIRE_POSTGRES = os.environ.get("MAINTGATE_REQUIRE_POSTGRES") == "1"
+_pg_checked: list[str | None] = []
+
+
+def postgres_unavailable() -> str | None:
+    """Why PostgreSQL tests cannot run here, or None when the server answers."""
+    if not _pg_checked:
+        try:
+            engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+            with engine.connect() as conn:
+                conn.execute(text("select 1"))
+            engine.dispose()
+            _pg_checked.append(None)
+        except Exception as exc:
+            _pg_checked.append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+    return _pg_checked[0]
+
+
+def require_postgres() -> None:
+    """Skip (or, with MAINTGATE_REQUIRE_POSTGRES=1 as in CI, fail) when PostgreSQL is down."""
+    why = postgres_unavailable()
+    if why is None:
+        return
+    message = (
+        f"PostgreSQL not reachable at {POSTGRES_URL} ({why}). Start it, or point "
+        "MAINTGATE_TEST_POSTGRES_URL at a server; CI sets MAINTGATE_REQUIRE_POSTGRES=1 to fail instead."
+    )
+    if REQUIRE_POSTGRES:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    """A database URL: a fresh SQLite file, or the shared PostgreSQL test database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'maintgate.db'}"
+    require_postgres()
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[MaintenanceStore]:
+    """A store with freshly created tables under a unique prefix (so tests never collide)."""
+    store = MaintenanceStore(database_url, table_prefix=f"mg{uuid.uuid4().hex[:10]}_")
+    store.create_tables()
+    yield store
+    store.drop_tables()
+    store.engine.dispose()
+
+
+class QueryCounter:
+    """Counts the SQL statements a real engine sends (to prove what the cache saves)."""
+
+    def __init__(self, engine) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+        event.listen(engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, *args) -> None:
+        with self._lock:
+            self.count += 1
+
+
+@pytest.fixture
+def queries(store: MaintenanceStore) -> QueryCounter:
+    return QueryCounter(store.engine)
+
+
+class ManualClock:
+    """A monotonic clock the test moves by hand, so TTL tests never sleep."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()

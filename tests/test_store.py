@@ -1,0 +1,145 @@
+"""The store against a real SQLite file and a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import inspect, text
+
+from maintgate import ALL_TENANTS, InvalidTenant, MaintenanceStore, MaintgateError, metadata
+from tests.conftest import POSTGRES_URL, require_postgres
+
+
+def test_metadata_is_exported_with_default_table_names():
+    assert "maintgate_state" in metadata.tables
+    assert {c.name for c in metadata.tables["maintgate_state"].columns} >= {
+        "tenant",
+        "active",
+        "message",
+        "error",
+        "retry_after",
+        "ends_at",
+        "started_at",
+        "updated_at",
+    }
+
+
+def test_create_tables_is_idempotent_and_uses_prefix(store: MaintenanceStore):
+    store.create_tables()
+    names = inspect(store.engine).get_table_names()
+    assert store.tables.state.name in names
+    assert store.tables.state.name.endswith("_state")
+
+
+def test_tenant_not_in_maintenance(store: MaintenanceStore):
+    assert store.get("demo") is None
+    assert store.effective("demo") is None
+    store.activate("demo")
+    store.deactivate("demo")
+    state = store.get("demo")
+    assert state is not None and not state.active
+    assert store.effective("demo") is None
+
+
+def test_activate_records_the_full_state(store: MaintenanceStore):
+    ends = datetime.now(UTC) + timedelta(minutes=10)
+    before = datetime.now(UTC)
+    state = store.activate("demo", message="Renaming a field", retry_after=600, ends_at=ends)
+    assert state.tenant == "demo" and state.active
+    assert state.message == "Renaming a field"
+    assert state.retry_after == 600
+    assert state.error is None
+    assert abs((state.ends_at - ends).total_seconds()) < 0.001
+    assert state.started_at.tzinfo is not None and state.started_at >= before - timedelta(seconds=1)
+    assert state.updated_at >= state.started_at
+    assert store.get("demo") == state
+
+
+def test_reactivation_keeps_started_at_and_updates_message(store: MaintenanceStore):
+    first = store.activate("demo", message="one")
+    second = store.activate("demo", message="two")
+    assert second.started_at == first.started_at
+    assert second.message == "two"
+    store.deactivate("demo")
+    third = store.activate("demo", message="three")
+    assert third.started_at > first.started_at
+
+
+def test_global_switch_covers_every_tenant_and_no_tenant(store: MaintenanceStore):
+    store.activate(ALL_TENANTS, message="Database upgrade")
+    for tenant in ("demo", "other", None):
+        state = store.effective(tenant)
+        assert state is not None and state.is_global and state.message == "Database upgrade"
+    store.activate("demo", message="own window")
+    assert store.effective("demo").message == "own window"
+    store.deactivate(ALL_TENANTS)
+    assert store.effective("other") is None
+    assert store.effective("demo").message == "own window"
+
+
+def test_all_lists_global_first(store: MaintenanceStore):
+    store.activate("zeta")
+    store.activate("alpha")
+    store.activate(ALL_TENANTS)
+    assert [s.tenant for s in store.all()] == [ALL_TENANTS, "alpha", "zeta"]
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 129, "a b", "<script>", "ünï", "-lead", None, 42])
+def test_invalid_tenant_ids_are_refused(store: MaintenanceStore, bad):
+    with pytest.raises(InvalidTenant) as info:
+        store.activate(bad)
+    assert isinstance(info.value, MaintgateError) and isinstance(info.value, ValueError)
+    assert len(str(info.value)) < 300
+
+
+def test_bad_arguments_name_the_value(store: MaintenanceStore):
+    with pytest.raises(ValueError, match="retry_after"):
+        store.activate("demo", retry_after=-5)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        store.activate("demo", ends_at=datetime(2030, 1, 1))
+    with pytest.raises(TypeError, match="URL or Engine"):
+        MaintenanceStore(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="table_prefix"):
+        MaintenanceStore("sqlite://", table_prefix="bad-prefix;")
+
+
+def test_writes_join_the_callers_transaction(store: MaintenanceStore):
+    with store.engine.connect() as conn:
+        tx = conn.begin()
+        store.activate("demo", message="inside", connection=conn)
+        assert store.get("demo", connection=conn).active
+        tx.rollback()
+    assert store.get("demo") is None
+
+
+def test_store_accepts_an_engine(database_url: str):
+    from sqlalchemy import create_engine
+
+    engine = create_engine(database_url)
+    store = MaintenanceStore(engine, table_prefix=f"mg{uuid.uuid4().hex[:8]}_")
+    try:
+        store.create_tables()
+        store.activate("demo")
+        assert store.effective("demo").active
+    finally:
+        store.drop_tables()
+        engine.dispose()
+
+
+def test_schema_option_on_postgresql():
+    require_postgres()
+    schema = f"mgschema_{uuid.uuid4().hex[:8]}"
+    store = MaintenanceStore(POSTGRES_URL, schema=schema)
+    with store.engine.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        store.create_tables()
+        store.activate("demo", message="in a schema")
+        assert store.get("demo").message == "in a schema"
+        assert "maintgate_state" in inspect(store.engine).get_table_names(schema=schema)
+    finally:
+        with store.engine.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        store.engine.dispose()
