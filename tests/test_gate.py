@@ -36,7 +36,7 @@ def make_app(clock):
     built = []
 
     def make(kind, store, **options):
-        _, client = make_app(kind, store, **options)
+        app, client = wrap(kind, store, clock, **options)
         built.append(app)
         return app, client
 
