@@ -1,0 +1,91 @@
+"""The gate under concurrent load: WSGI threads and asyncio tasks, on real databases."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from maintgate import MaintenanceMiddleware, WSGIMaintenanceMiddleware
+from maintgate.tenants import from_header
+from tests import apps
+from tests.conftest import QueryCounter
+
+
+def call_wsgi(app, tenant: str) -> int:
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/",
+        "SERVER_NAME": "t",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+        "HTTP_X_TENANT_ID": tenant,
+    }
+    status = []
+    b"".join(app(environ, lambda s, h, e=None: status.append(int(s[:3]))))
+    return status[0]
+
+
+def test_wsgi_threads_share_one_query_per_tenant_and_see_toggles(store, clock):
+    store.activate("t0")
+    app = WSGIMaintenanceMiddleware(apps.flask_app(), store, tenant=from_header("X-Tenant-ID"), clock=clock)
+    queries = QueryCounter(store.engine)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(32)
+    results: dict[str, set[int]] = {f"t{i}": set() for i in range(8)}
+
+    def hammer(n: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(200):
+                tenant = f"t{(n + i) % 8}"
+                results[tenant].add(call_wsgi(app, tenant))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(n,)) for n in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert queries.count == 8, "one query per tenant within the TTL, however many threads miss at once"
+    assert results["t0"] == {503} and results["t1"] == {200}
+
+    store.deactivate("t0")
+    store.activate("t1")
+    clock.advance(1.1)
+    assert call_wsgi(app, "t0") == 200 and call_wsgi(app, "t1") == 503
+    app.gate.close()
+
+
+def test_asgi_cold_cache_one_query_for_many_concurrent_requests(store):
+    store.activate("hot")
+    app = MaintenanceMiddleware(apps.starlette_app(), store, tenant=from_header("X-Tenant-ID"))
+    queries = QueryCounter(store.engine)
+
+    async def one(tenant: str) -> int:
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/",
+            "headers": [(b"x-tenant-id", tenant.encode())],
+            "query_string": b"",
+        }
+        sent: list[dict] = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await app(scope, receive, send)
+        return sent[0]["status"]
+
+    async def main():
+        return await asyncio.gather(*(one("hot") for _ in range(256)), *(one("cold") for _ in range(256)))
+
+    statuses = asyncio.run(main())
+    assert statuses == [503] * 256 + [200] * 256
+    assert queries.count == 2
+    app.gate.close()
