@@ -1,0 +1,1 @@
+"""maintgate's benchmarks: ``python -m benchmarks`` prints one table from one run."""

@@ -1,0 +1,80 @@
+"""Database load: SELECTs issued by the gate for many requests within one TTL, and under a cold stampede."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from sqlalchemy import event
+
+from maintgate import MaintenanceMiddleware, MaintenanceStore
+from maintgate.tenants import from_header
+
+
+class SelectCounter:
+    """Counts SELECT statements on a real engine."""
+
+    def __init__(self, engine) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+        event.listen(engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, conn, cursor, statement, *args) -> None:
+        if statement.lstrip()[:6].upper() == "SELECT":
+            with self._lock:
+                self.count += 1
+
+
+async def _noop_app(scope, receive, send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _scope(tenant: str) -> dict[str, Any]:
+    return {"type": "http", "method": "GET", "path": "/", "headers": [(b"x-tenant-id", tenant.encode())]}
+
+
+async def _request(app, tenant: str) -> int:
+    status = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    await app(_scope(tenant), receive, send)
+    return status[0]
+
+
+def run(
+    store: MaintenanceStore, *, requests: int = 10_000, tenants: int = 100, stampede: int = 64
+) -> dict[str, int]:
+    """Queries for ``requests`` sequential requests over ``tenants`` tenants, and for a cold stampede."""
+    counter = SelectCounter(store.engine)
+    app = MaintenanceMiddleware(_noop_app, store, tenant=from_header("X-Tenant-ID"), cache_ttl=3600)
+
+    async def spread():
+        for i in range(requests):
+            await _request(app, f"tenant{i % tenants}")
+
+    asyncio.run(spread())
+    spread_queries = counter.count
+
+    counter.count = 0
+
+    async def herd():
+        return await asyncio.gather(*(_request(app, "stampede") for _ in range(stampede)))
+
+    statuses = asyncio.run(herd())
+    assert all(s == 200 for s in statuses)
+    app.gate.close()
+    return {
+        "requests": requests,
+        "tenants": tenants,
+        "queries": spread_queries,
+        "stampede": stampede,
+        "stampede_queries": counter.count,
+    }
