@@ -34,6 +34,30 @@ class PassThrough:
         await self.app(scope, receive, send)
 
 
+class HeaderGateFloor:
+    """The least a header-keyed gate can do in pure Python: scan, decode, one dict read, one clock read.
+
+    No structure, no fallbacks, no configurability: it shows how much of maintgate's cost
+    is inherent to the job.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.entries = {"demo": (float("inf"), None)}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            entry = None
+            for name, value in scope["headers"]:
+                if name == b"x-tenant-id":
+                    entry = self.entries.get(value.decode("latin-1"))
+                    break
+            if entry is not None and entry[0] > time.monotonic() and entry[1] is None:
+                await self.app(scope, receive, send)
+                return
+        raise RuntimeError("the floor only knows the hot path")
+
+
 class WSGIPassThrough:
     """The cheapest possible WSGI middleware."""
 
@@ -173,9 +197,8 @@ def run(store: MaintenanceStore, quick: bool = False) -> list[dict[str, Any]]:
 
     def asgi_row(name: str, app: Any, n: int, rounds: int) -> None:
         gated = MaintenanceMiddleware(app, store, tenant=tenant, cache_ttl=3600)
-        times = time_asgi(
-            {"bare": app, "pass": PassThrough(app), "maintgate": gated}, max(1, int(n * scale)), rounds
-        )
+        variants = {"bare": app, "pass": PassThrough(app), "floor": HeaderGateFloor(app), "maintgate": gated}
+        times = time_asgi(variants, max(1, int(n * scale)), rounds)
         rows.append({"target": name, **times})
         gated.gate.close()
 
