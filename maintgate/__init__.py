@@ -10,8 +10,9 @@ from .core.errors import InvalidTenant, MaintgateError
 from .core.gate import Gate
 from .core.render import Renderer
 from .core.schema import metadata
-from .core.state import ALL_TENANTS, MaintenanceState
+from .core.state import ALL_TENANTS, HistoryEntry, MaintenanceState, Owner
 from .core.store import MaintenanceStore
+from .migration import WindowBusy, async_maintenance_window, maintenance_window, owner_alive
 from .wsgi import WSGIMaintenanceMiddleware
 
 __version__ = "0.1.0"
@@ -19,12 +20,18 @@ __version__ = "0.1.0"
 __all__ = [
     "ALL_TENANTS",
     "Gate",
+    "HistoryEntry",
     "InvalidTenant",
     "MaintenanceMiddleware",
     "MaintenanceState",
     "MaintenanceStore",
     "MaintgateError",
+    "Owner",
     "Renderer",
     "WSGIMaintenanceMiddleware",
+    "WindowBusy",
+    "async_maintenance_window",
+    "maintenance_window",
     "metadata",
+    "owner_alive",
 ]

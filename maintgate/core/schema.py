@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Boolean, Column, DateTime, Integer, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, Integer, MetaData, String, Table, Text
 
 from .state import TENANT_MAX_LENGTH
 
@@ -17,6 +17,7 @@ class Tables:
 
     metadata: MetaData
     state: Table
+    history: Table
 
 
 def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tables:
@@ -35,8 +36,26 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         Column("ends_at", DateTime(timezone=True)),
         Column("started_at", DateTime(timezone=True)),
         Column("updated_at", DateTime(timezone=True)),
+        # Who holds the tenant's migration window (NULL outside windows): host, pid, backend pid.
+        Column("owner_host", String(255)),
+        Column("owner_pid", Integer),
+        Column("owner_backend_pid", Integer),
     )
-    return Tables(md, state)
+    history = Table(
+        f"{prefix}history",
+        md,
+        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+        Column("tenant", String(TENANT_MAX_LENGTH), nullable=False),
+        Column("event", String(32), nullable=False),
+        Column("at", DateTime(timezone=True), nullable=False),
+        Column("message", Text),
+        Column("error", Text),
+        Column("owner_host", String(255)),
+        Column("owner_pid", Integer),
+        Column("owner_backend_pid", Integer),
+        Index(f"ix_{prefix}history_tenant_id", "tenant", "id"),
+    )
+    return Tables(md, state, history)
 
 
 _DEFAULT = build_tables()

@@ -42,6 +42,28 @@ def check_tenant(tenant: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Owner:
+    """The process that holds a migration window: host, pid and, on PostgreSQL, its backend pid."""
+
+    host: str
+    pid: int
+    backend_pid: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One line of a tenant's append-only history: what happened, when, by whom, and why."""
+
+    id: int
+    tenant: str
+    event: str
+    at: datetime
+    message: str | None = None
+    error: str | None = None
+    owner: Owner | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class MaintenanceState:
     """One tenant's maintenance row: whether it is on, why, and for how long."""
 
@@ -53,6 +75,7 @@ class MaintenanceState:
     ends_at: datetime | None = None
     started_at: datetime | None = None
     updated_at: datetime | None = None
+    owner: Owner | None = None
 
     @property
     def is_global(self) -> bool:

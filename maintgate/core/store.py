@@ -23,7 +23,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from .schema import DEFAULT_PREFIX, Tables, build_tables
-from .state import ALL_TENANTS, MaintenanceState, check_tenant, utcnow
+from .state import ALL_TENANTS, HistoryEntry, MaintenanceState, Owner, check_tenant, utcnow
 
 _UPSERT_INSERTS = {"postgresql": pg_insert, "sqlite": sqlite_insert}
 
@@ -51,6 +51,18 @@ def _aware(value: datetime | None) -> datetime | None:
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value.astimezone(UTC)
+
+
+def _owner(m: Mapping[str, Any]) -> Owner | None:
+    if m["owner_host"] is None:
+        return None
+    return Owner(m["owner_host"], m["owner_pid"], m["owner_backend_pid"])
+
+
+def _owner_values(owner: Owner | None) -> dict[str, Any]:
+    if owner is None:
+        return {"owner_host": None, "owner_pid": None, "owner_backend_pid": None}
+    return {"owner_host": owner.host, "owner_pid": owner.pid, "owner_backend_pid": owner.backend_pid}
 
 
 def _to_db(value: datetime | None) -> datetime | None:
@@ -153,6 +165,43 @@ class MaintenanceStore:
 
         Re-activating an active tenant updates its message but keeps its ``started_at``.
         """
+        return self._activate(tenant, message, retry_after, ends_at, None, "activated", connection)
+
+    def deactivate(self, tenant: str, *, connection: Connection | None = None) -> MaintenanceState | None:
+        """Switch maintenance off for ``tenant``; returns the new state, or None if it had none."""
+        return self._deactivate(tenant, None, "deactivated", connection)
+
+    def history(self, tenant: str, *, limit: int = 100) -> list[HistoryEntry]:
+        """The latest ``limit`` events of ``tenant`` (switches, windows, failures), oldest first."""
+        check_tenant(tenant)
+        h = self.tables.history
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(h).where(h.c.tenant == tenant).order_by(h.c.id.desc()).limit(limit)
+            ).all()
+        return [
+            HistoryEntry(
+                id=m["id"],
+                tenant=m["tenant"],
+                event=m["event"],
+                at=_aware(m["at"]),  # type: ignore[arg-type]
+                message=m["message"],
+                error=m["error"],
+                owner=_owner(m),
+            )
+            for m in (r._mapping for r in reversed(rows))
+        ]
+
+    def _activate(
+        self,
+        tenant: str,
+        message: str | None,
+        retry_after: int | None,
+        ends_at: datetime | None,
+        owner: Owner | None,
+        event: str,
+        connection: Connection | None,
+    ) -> MaintenanceState:
         check_tenant(tenant)
         if retry_after is not None and (not isinstance(retry_after, int) or retry_after < 0):
             raise ValueError(f"retry_after must be a non-negative int of seconds, got {retry_after!r}")
@@ -171,23 +220,75 @@ class MaintenanceStore:
                     retry_after=retry_after,
                     ends_at=_to_db(ends_at),
                     updated_at=now,
+                    **_owner_values(owner),
                 )
             )
+            self._log(conn, tenant, event, now, message=message, owner=owner)
             row = conn.execute(select(t).where(t.c.tenant == tenant)).one()
         return self._from_row(row)
 
-    def deactivate(self, tenant: str, *, connection: Connection | None = None) -> MaintenanceState | None:
-        """Switch maintenance off for ``tenant``; returns the new state, or None if it had none."""
+    def _deactivate(
+        self, tenant: str, owner: Owner | None, event: str, connection: Connection | None
+    ) -> MaintenanceState | None:
         check_tenant(tenant)
         t = self._state
+        now = utcnow()
         with self._begin(connection) as conn:
             conn.execute(
                 update(t)
                 .where(t.c.tenant == tenant)
-                .values(active=False, error=None, ends_at=None, updated_at=utcnow())
+                .values(active=False, error=None, ends_at=None, updated_at=now, **_owner_values(None))
             )
+            self._log(conn, tenant, event, now, owner=owner)
             row = conn.execute(select(t).where(t.c.tenant == tenant)).first()
         return None if row is None else self._from_row(row)
+
+    def _release(self, tenant: str, owner: Owner, event: str, connection: Connection) -> None:
+        """End a window's ownership but leave maintenance as it is (an operator had it on)."""
+        t = self._state
+        now = utcnow()
+        connection.execute(
+            update(t).where(t.c.tenant == tenant).values(updated_at=now, **_owner_values(None))
+        )
+        self._log(connection, tenant, event, now, owner=owner)
+
+    def _record_failure(
+        self, tenant: str, error: str, owner: Owner | None, connection: Connection | None
+    ) -> None:
+        """Keep maintenance on, say why, and end the window's ownership, in a transaction of its own."""
+        t = self._state
+        now = utcnow()
+        with self._begin(connection) as conn:
+            self._ensure_row(conn, tenant)
+            conn.execute(
+                update(t)
+                .where(t.c.tenant == tenant)
+                .values(
+                    active=True,
+                    error=error,
+                    started_at=case((t.c.active == true(), t.c.started_at), else_=now),
+                    updated_at=now,
+                    **_owner_values(None),
+                )
+            )
+            self._log(conn, tenant, "window_failed", now, error=error, owner=owner)
+
+    def _log(
+        self,
+        conn: Connection,
+        tenant: str,
+        event: str,
+        at: datetime,
+        *,
+        message: str | None = None,
+        error: str | None = None,
+        owner: Owner | None = None,
+    ) -> None:
+        conn.execute(
+            self.tables.history.insert().values(
+                tenant=tenant, event=event, at=at, message=message, error=error, **_owner_values(owner)
+            )
+        )
 
     def _ensure_row(self, conn: Connection, tenant: str) -> None:
         """Insert an inactive row for ``tenant`` unless one exists, race-free where the dialect can."""
@@ -217,4 +318,5 @@ class MaintenanceStore:
             ends_at=_aware(m["ends_at"]),
             started_at=_aware(m["started_at"]),
             updated_at=_aware(m["updated_at"]),
+            owner=_owner(m),
         )

@@ -1,0 +1,312 @@
+"""The migration window on a real SQLite file and a real PostgreSQL server: order, atomicity, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+
+import pytest
+from sqlalchemy import create_engine, event, inspect, text
+
+from maintgate import (
+    MaintenanceStore,
+    MaintgateError,
+    WindowBusy,
+    async_maintenance_window,
+    maintenance_window,
+    owner_alive,
+)
+from maintgate.core.store import make_sqlite_transactional
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.fixture
+def contacts(store: MaintenanceStore) -> str:
+    """A tenant table with the seed's column, named uniquely for this test."""
+    name = f"contacts_{uuid.uuid4().hex[:8]}"
+    with store.engine.begin() as conn:
+        conn.execute(text(f'CREATE TABLE {name} (id INTEGER PRIMARY KEY, "primary-email" VARCHAR(200))'))
+        conn.execute(text(f"INSERT INTO {name} (id, \"primary-email\") VALUES (1, 'a@example.com')"))
+    yield name
+    with store.engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
+
+
+def columns(store: MaintenanceStore, table: str) -> set[str]:
+    return {c["name"] for c in inspect(store.engine).get_columns(table)}
+
+
+def rename(conn, table: str) -> None:
+    conn.execute(text(f'ALTER TABLE {table} RENAME COLUMN "primary-email" TO "main-email-contact"'))
+
+
+def events(store: MaintenanceStore, tenant: str = "demo") -> list[str]:
+    return [e.event for e in store.history(tenant)]
+
+
+def assert_migrated_and_off(store, table):
+    assert columns(store, table) == {"id", "main-email-contact"}
+    state = store.get("demo")
+    assert state is not None and not state.active and state.owner is None and state.error is None
+    assert store.effective("demo") is None
+
+
+def assert_not_migrated_on_and_error(store, table, error_fragment):
+    assert columns(store, table) == {"id", "primary-email"}
+    state = store.get("demo")
+    assert state is not None and state.active and state.owner is None
+    assert error_fragment.lower() in (state.error or "").lower()
+    assert events(store)[-1] == "window_failed"
+
+
+def test_success_commits_the_migration_and_the_switch_off_together(store, contacts):
+    with maintenance_window(store, "demo", message="Renaming primary-email", retry_after=300) as conn:
+        seen = store.effective("demo")
+        assert seen is not None and seen.active and seen.message == "Renaming primary-email"
+        assert seen.owner is not None and owner_alive(store, store.get("demo")) is True
+        rename(conn, contacts)
+        conn.execute(text(f"UPDATE {contacts} SET \"main-email-contact\" = 'b@example.com'"))
+    assert_migrated_and_off(store, contacts)
+    assert events(store) == ["window_opened", "window_committed"]
+    assert store.history("demo")[0].owner is not None
+
+
+def test_failure_rolls_back_ddl_first_migrations_and_records_the_error(store, contacts):
+    error = Boom("the second step failed")
+    with pytest.raises(Boom) as info, maintenance_window(store, "demo", message="Renaming") as conn:
+        rename(conn, contacts)  # DDL before any DML: the pysqlite trap
+        raise error
+    assert info.value is error, "the original exception propagates unchanged"
+    assert_not_migrated_on_and_error(store, contacts, "Boom: the second step failed")
+    assert store.get("demo").message == "Renaming"
+
+
+def test_failure_on_a_users_plain_sqlite_engine_rolls_back_too(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path / 'plain.db'}")  # no recipe: default pysqlite
+    store = MaintenanceStore(engine)
+    store.create_tables()
+    with engine.begin() as conn:
+        conn.execute(text('CREATE TABLE contacts (id INTEGER PRIMARY KEY, "primary-email" TEXT)'))
+    with pytest.raises(Boom), maintenance_window(store, "demo") as conn:
+        rename(conn, "contacts")
+        raise Boom
+    assert_not_migrated_on_and_error(store, "contacts", "Boom")
+    engine.dispose()
+
+
+def reject_switch_off(store: MaintenanceStore) -> None:
+    """A trigger that refuses to switch maintenance off: the deactivation itself fails."""
+    table = store.tables.state.name
+    with store.engine.begin() as conn:
+        if store.engine.dialect.name == "sqlite":
+            conn.execute(
+                text(
+                    f"CREATE TRIGGER {table}_no_off BEFORE UPDATE ON {table} "
+                    "WHEN OLD.active = 1 AND NEW.active = 0 "
+                    "BEGIN SELECT RAISE(ABORT, 'switch-off rejected'); END"
+                )
+            )
+        else:
+            conn.execute(
+                text(
+                    f"CREATE FUNCTION {table}_no_off() RETURNS trigger AS $$ BEGIN "
+                    "IF OLD.active AND NOT NEW.active THEN RAISE EXCEPTION 'switch-off rejected'; END IF; "
+                    "RETURN NEW; END $$ LANGUAGE plpgsql"
+                )
+            )
+            conn.execute(
+                text(
+                    f"CREATE TRIGGER {table}_no_off BEFORE UPDATE ON {table} "
+                    f"FOR EACH ROW EXECUTE FUNCTION {table}_no_off()"
+                )
+            )
+
+
+def test_failure_in_the_switch_off_rolls_back_the_migration(store, contacts):
+    reject_switch_off(store)
+    with pytest.raises(Exception, match="switch-off rejected"), maintenance_window(store, "demo") as conn:
+        rename(conn, contacts)
+    assert_not_migrated_on_and_error(store, contacts, "switch-off rejected")
+
+
+def test_failure_at_commit_rolls_back_everything(database_url, tmp_path):
+    """A deferred constraint fails only at COMMIT, after the switch-off already ran."""
+    engine = create_engine(database_url)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", lambda dbapi, rec: dbapi.execute("PRAGMA foreign_keys = ON"))
+        make_sqlite_transactional(engine)
+    store = MaintenanceStore(engine, table_prefix=f"mg{uuid.uuid4().hex[:8]}_")
+    store.create_tables()
+    parent, child = f"parent_{uuid.uuid4().hex[:6]}", f"child_{uuid.uuid4().hex[:6]}"
+    with engine.begin() as conn:
+        conn.execute(text(f'CREATE TABLE {parent} (id INTEGER PRIMARY KEY, "primary-email" VARCHAR(200))'))
+        conn.execute(
+            text(
+                f"CREATE TABLE {child} (id INTEGER PRIMARY KEY, parent_id INTEGER "
+                f"REFERENCES {parent}(id) DEFERRABLE INITIALLY DEFERRED)"
+            )
+        )
+    try:
+        with pytest.raises(Exception, match=r"(?i)foreign key"), maintenance_window(store, "demo") as conn:
+            rename(conn, parent)
+            conn.execute(text(f"INSERT INTO {child} (id, parent_id) VALUES (1, 999)"))
+        assert_not_migrated_on_and_error(store, parent, "foreign key")
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE {child}"))
+            conn.execute(text(f"DROP TABLE {parent}"))
+        store.drop_tables()
+        engine.dispose()
+
+
+def test_when_recording_the_failure_fails_the_original_error_still_propagates(store, contacts, caplog):
+    table = store.tables.state.name
+    with store.engine.begin() as conn:
+        if store.engine.dialect.name == "sqlite":
+            conn.execute(
+                text(
+                    f"CREATE TRIGGER {table}_no_err BEFORE UPDATE ON {table} "
+                    "WHEN NEW.error IS NOT NULL BEGIN SELECT RAISE(ABORT, 'cannot record'); END"
+                )
+            )
+        else:
+            conn.execute(
+                text(
+                    f"CREATE FUNCTION {table}_no_err() RETURNS trigger AS $$ BEGIN "
+                    "IF NEW.error IS NOT NULL THEN RAISE EXCEPTION 'cannot record'; END IF; "
+                    "RETURN NEW; END $$ LANGUAGE plpgsql"
+                )
+            )
+            conn.execute(
+                text(
+                    f"CREATE TRIGGER {table}_no_err BEFORE UPDATE ON {table} "
+                    f"FOR EACH ROW EXECUTE FUNCTION {table}_no_err()"
+                )
+            )
+    error = Boom("original")
+    with (
+        caplog.at_level(logging.ERROR, logger="maintgate"),
+        pytest.raises(Boom) as info,
+        maintenance_window(store, "demo") as conn,
+    ):
+        rename(conn, contacts)
+        raise error
+    assert info.value is error
+    assert columns(store, contacts) == {"id", "primary-email"}
+    assert store.get("demo").active, "maintenance stays on"
+    assert any("could not record" in r.getMessage() and "original" in r.getMessage() for r in caplog.records)
+
+
+def test_joined_connection_is_never_committed_by_the_library(store, contacts):
+    with store.engine.connect() as conn:
+        tx = conn.begin()
+        with maintenance_window(store, "demo", connection=conn) as joined:
+            assert joined is conn
+            rename(conn, contacts)
+        assert store.get("demo").active, "the switch-off waits for the caller's commit"
+        assert columns(store, contacts) == {"id", "primary-email"} or store.engine.dialect.name == "sqlite"
+        tx.commit()
+    assert_migrated_and_off(store, contacts)
+
+
+def test_joined_connection_failure_records_and_propagates(store, contacts):
+    with (
+        pytest.raises(Boom),
+        store.engine.begin() as conn,
+        maintenance_window(store, "demo", connection=conn),
+    ):
+        rename(conn, contacts)
+        raise Boom("joined")
+    assert_not_migrated_on_and_error(store, contacts, "Boom: joined")
+
+
+def test_joined_connection_must_be_in_a_transaction(store):
+    with (
+        store.engine.connect() as conn,
+        pytest.raises(MaintgateError, match="inside a transaction"),
+        maintenance_window(store, "demo", connection=conn),
+    ):
+        pass
+    assert store.get("demo") is None
+
+
+def test_autocommit_connections_are_refused_before_anything_changes(store):
+    with store.engine.connect() as conn:
+        auto = conn.execution_options(isolation_level="AUTOCOMMIT")
+        auto.begin()
+        with (
+            pytest.raises(MaintgateError, match="AUTOCOMMIT"),
+            maintenance_window(store, "demo", connection=auto),
+        ):
+            pass
+    assert store.get("demo") is None
+
+
+def test_a_second_window_for_the_tenant_is_refused_and_changes_nothing(store, contacts):
+    with maintenance_window(store, "demo", message="first") as conn:
+        before = store.get("demo")
+        with (
+            pytest.raises(WindowBusy, match="already open"),
+            maintenance_window(store, "demo", message="second"),
+        ):
+            pass
+        assert store.get("demo") == before
+        rename(conn, contacts)
+    assert_migrated_and_off(store, contacts)
+    with maintenance_window(store, "other"), maintenance_window(store, "third"):
+        pass
+
+
+def test_an_operators_maintenance_stays_on_after_the_window(store, contacts):
+    store.activate("demo", message="operator")
+    with maintenance_window(store, "demo", message="window") as conn:
+        rename(conn, contacts)
+    state = store.get("demo")
+    assert state.active and state.owner is None
+    assert columns(store, contacts) == {"id", "main-email-contact"}
+
+
+def test_history_is_append_only_and_complete(store, contacts):
+    store.activate("demo", message="by hand")
+    store.deactivate("demo")
+    with pytest.raises(Boom), maintenance_window(store, "demo", message="try 1"):
+        raise Boom("no")
+    with maintenance_window(store, "demo", message="try 2") as conn:
+        rename(conn, contacts)
+    history = store.history("demo")
+    assert [e.event for e in history] == [
+        "activated",
+        "deactivated",
+        "window_opened",
+        "window_failed",
+        "window_opened",
+        "window_committed",
+    ]
+    assert history[3].error == "Boom: no" and history[2].message == "try 1"
+    assert all(a.at <= b.at for a, b in itertools.pairwise(history))
+    assert [e.event for e in store.history("demo", limit=2)] == ["window_opened", "window_committed"]
+
+
+def test_async_window_success_and_failure(store, contacts):
+    async def main():
+        async with async_maintenance_window(store, "demo", message="async") as conn:
+            assert store.effective("demo").message == "async"
+            await conn.execute(text(f'ALTER TABLE {contacts} RENAME COLUMN "primary-email" TO "tmp-email"'))
+        assert columns(store, contacts) == {"id", "tmp-email"}
+        assert not store.get("demo").active
+        with pytest.raises(Boom):
+            async with async_maintenance_window(store, "demo") as conn:
+                await conn.execute(
+                    text(f'ALTER TABLE {contacts} RENAME COLUMN "tmp-email" TO "main-email-contact"')
+                )
+                raise Boom("async failure")
+
+    asyncio.run(main())
+    assert columns(store, contacts) == {"id", "tmp-email"}
+    state = store.get("demo")
+    assert state.active and state.error == "Boom: async failure"
