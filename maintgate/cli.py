@@ -1,0 +1,193 @@
+"""The ``maintgate`` command: switch tenants in and out of maintenance, and see what is going on."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from .core.errors import MaintgateError
+from .core.state import ALL_TENANTS, HistoryEntry, MaintenanceState
+from .core.store import MaintenanceStore
+from .migration import owner_alive
+
+DEFAULT_URL = "sqlite:///maintgate.db"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maintgate", description=__doc__)
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("MAINTGATE_DATABASE_URL", DEFAULT_URL),
+        help="SQLAlchemy URL (default: $MAINTGATE_DATABASE_URL or %(default)s)",
+    )
+    parser.add_argument("--table-prefix", default="maintgate_", help="prefix of maintgate's tables")
+    parser.add_argument("--schema", default=None, help="schema of maintgate's tables")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("init", help="create maintgate's tables (idempotent)")
+
+    status = sub.add_parser("status", help="show who is in maintenance, and whether window owners live")
+    status.add_argument("tenant", nargs="?", help="one tenant (default: every recorded one)")
+    status.add_argument("--json", action="store_true", help="print a JSON array")
+
+    on = sub.add_parser("on", help="switch maintenance on")
+    _target(on)
+    on.add_argument("--message", help="shown to clients")
+    on.add_argument("--retry-after", type=_seconds, metavar="SECONDS", help="Retry-After for clients")
+
+    off = sub.add_parser("off", help="switch maintenance off")
+    _target(off)
+
+    history = sub.add_parser("history", help="a tenant's switches, windows and failures, oldest first")
+    history.add_argument("tenant", help="the tenant, or '*' for the global switch")
+    history.add_argument("--limit", type=int, default=50, help="latest N events (default %(default)s)")
+    history.add_argument("--json", action="store_true", help="print a JSON array")
+
+    sub.add_parser("demo", help="replay the seed incident end to end on SQLite, with a real server")
+    return parser
+
+
+def _target(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("tenant", nargs="?", help="the tenant")
+    group.add_argument("--all", action="store_true", help="the global switch: every tenant")
+
+
+def _seconds(value: str) -> int:
+    try:
+        seconds = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {value!r}") from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {value!r}")
+    return seconds
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def state_json(store: MaintenanceStore, state: MaintenanceState) -> dict[str, Any]:
+    """A state as the JSON object ``status --json`` prints."""
+    owner = state.owner
+    return {
+        "tenant": state.tenant,
+        "active": state.active,
+        "message": state.message,
+        "error": state.error,
+        "retry_after": state.retry_after,
+        "ends_at": _iso(state.ends_at),
+        "started_at": _iso(state.started_at),
+        "updated_at": _iso(state.updated_at),
+        "owner": None
+        if owner is None
+        else {"host": owner.host, "pid": owner.pid, "backend_pid": owner.backend_pid},
+        "owner_alive": owner_alive(store, state),
+    }
+
+
+def _history_json(entry: HistoryEntry) -> dict[str, Any]:
+    owner = entry.owner
+    return {
+        "id": entry.id,
+        "tenant": entry.tenant,
+        "event": entry.event,
+        "at": _iso(entry.at),
+        "message": entry.message,
+        "error": entry.error,
+        "owner": None
+        if owner is None
+        else {"host": owner.host, "pid": owner.pid, "backend_pid": owner.backend_pid},
+    }
+
+
+def _status_line(data: dict[str, Any]) -> str:
+    name = "ALL TENANTS" if data["tenant"] == ALL_TENANTS else data["tenant"]
+    parts = [f"{name}: {'IN MAINTENANCE' if data['active'] else 'serving'}"]
+    if data["active"] and data["message"]:
+        parts.append(f"message={data['message']!r}")
+    if data["active"] and data["started_at"]:
+        parts.append(f"since {data['started_at']}")
+    if data["owner"]:
+        alive = {True: "running", False: "GONE (crashed?)", None: "unknown"}[data["owner_alive"]]
+        parts.append(f"window owner {data['owner']['host']} pid {data['owner']['pid']}: {alive}")
+    if data["error"]:
+        parts.append(f"error={data['error']!r}")
+    return "  ".join(parts)
+
+
+def run(args: argparse.Namespace, out: Any) -> int:
+    """Carry out one parsed command, printing to ``out``; returns the exit code."""
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(out)
+    store = MaintenanceStore(args.database_url, table_prefix=args.table_prefix, schema=args.schema)
+    try:
+        if args.command == "init":
+            store.create_tables()
+            print(
+                f"maintgate tables ready in {store.engine.url.render_as_string(hide_password=True)}", file=out
+            )
+        elif args.command == "status":
+            if args.tenant:
+                states = [store.get(args.tenant) or MaintenanceState(tenant=args.tenant, active=False)]
+            else:
+                states = store.all()
+            rows = [state_json(store, s) for s in states]
+            if args.json:
+                print(json.dumps(rows, indent=2), file=out)
+            else:
+                for row in rows:
+                    print(_status_line(row), file=out)
+                if not rows:
+                    print("no tenant has ever been in maintenance", file=out)
+        elif args.command == "on":
+            tenant = ALL_TENANTS if args.all else args.tenant
+            state = store.activate(tenant, message=args.message, retry_after=args.retry_after)
+            print(_status_line(state_json(store, state)), file=out)
+        elif args.command == "off":
+            tenant = ALL_TENANTS if args.all else args.tenant
+            state = store.deactivate(tenant)
+            print(
+                _status_line(state_json(store, state)) if state else f"{tenant}: was not in maintenance",
+                file=out,
+            )
+        elif args.command == "history":
+            entries = store.history(args.tenant, limit=args.limit)
+            if args.json:
+                print(json.dumps([_history_json(e) for e in entries], indent=2), file=out)
+            for e in [] if args.json else entries:
+                detail = e.error or e.message or ""
+                who = f" by {e.owner.host}:{e.owner.pid}" if e.owner else ""
+                print(f"{e.at.isoformat()}  {e.event:<17}{who}  {detail}".rstrip(), file=out)
+        return 0
+    finally:
+        store.engine.dispose()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``maintgate`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return run(args, sys.stdout)
+    except (MaintgateError, ValueError) as exc:
+        print(f"maintgate: error: {exc}", file=sys.stderr)
+    except SQLAlchemyError as exc:
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        print(f"maintgate: database error: {first}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("maintgate: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

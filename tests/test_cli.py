@@ -1,0 +1,96 @@
+"""The ``maintgate`` command, run as a real process against a SQLite file and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from maintgate import MaintenanceStore, maintenance_window
+
+
+def cli(store: MaintenanceStore, *args: str, env_url: bool = False) -> subprocess.CompletedProcess[str]:
+    url = store.engine.url.render_as_string(hide_password=False)
+    prefix = ["--table-prefix", store.tables.state.name.removesuffix("state")]
+    cmd = [sys.executable, "-m", "maintgate", *([] if env_url else ["--database-url", url]), *prefix, *args]
+    env = {"MAINTGATE_DATABASE_URL": url, "PATH": "/usr/bin:/bin"} if env_url else None
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_on_status_off_history(store):
+    done = cli(store, "on", "demo", "--message", "Renaming", "--retry-after", "600")
+    assert done.returncode == 0, done.stderr
+    state = store.get("demo")
+    assert state.active and state.message == "Renaming" and state.retry_after == 600
+
+    rows = json.loads(cli(store, "status", "--json").stdout)
+    assert rows == [
+        {
+            **rows[0],
+            "tenant": "demo",
+            "active": True,
+            "message": "Renaming",
+            "error": None,
+            "owner": None,
+            "owner_alive": None,
+        }
+    ]
+    assert "demo: IN MAINTENANCE" in cli(store, "status", "demo").stdout
+
+    assert cli(store, "off", "demo").returncode == 0
+    assert not store.get("demo").active
+    assert cli(store, "on", "--all", "--message", "upgrade").returncode == 0
+    assert store.get("*").active
+    assert cli(store, "off", "--all", env_url=True).returncode == 0
+    assert not store.get("*").active
+
+    history = json.loads(cli(store, "history", "demo", "--json").stdout)
+    assert [h["event"] for h in history] == ["activated", "deactivated"]
+    assert "activated" in cli(store, "history", "demo").stdout
+
+
+def test_status_reports_the_error_and_a_live_window_owner(store):
+    with pytest.raises(RuntimeError), maintenance_window(store, "demo", message="Renaming"):
+        raise RuntimeError("column already exists")
+    (row,) = json.loads(cli(store, "status", "demo", "--json").stdout)
+    assert row["active"] and row["error"] == "RuntimeError: column already exists"
+    assert row["owner"] is None and row["owner_alive"] is None
+    with maintenance_window(store, "other"):
+        (row,) = json.loads(cli(store, "status", "other", "--json").stdout)
+        assert row["owner"]["pid"] > 0 and row["owner_alive"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["on", "bad id"], "invalid tenant id"),
+        (["on", "demo", "--retry-after", "soon"], "not a whole number"),
+        (["on"], "required"),
+        (["explode"], "invalid choice"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(store, args, fragment):
+    done = cli(store, *args)
+    assert done.returncode != 0
+    assert fragment in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_unreachable_database_is_one_clear_line():
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "maintgate",
+            "--database-url",
+            "postgresql+psycopg://postgres@127.0.0.1:9/x",
+            "status",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("maintgate: database error:") and done.stderr.count("\n") == 1
