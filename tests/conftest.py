@@ -16,21 +16,42 @@ POSTGRES_URL = os.environ.get(
     "MAINTGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 REQUIRE_POSTGRES = os.environ.get("MAINTGATE_REQUIRE_POSTGRES") == "1"
+MYSQL_URL = os.environ.get("MAINTGATE_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+REQUIRE_MYSQL = os.environ.get("MAINTGATE_REQUIRE_MYSQL") == "1"
 _pg_checked: list[str | None] = []
+_mysql_checked: list[str | None] = []
+
+
+def _unreachable(url: str, memo: list[str | None]) -> str | None:
+    if not memo:
+        try:
+            engine = create_engine(url, connect_args={"connect_timeout": 3})
+            with engine.connect() as conn:
+                conn.execute(text("select 1"))
+            engine.dispose()
+            memo.append(None)
+        except Exception as exc:
+            memo.append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+    return memo[0]
+
+
+def require_mysql() -> None:
+    """Skip (or, with MAINTGATE_REQUIRE_MYSQL=1 as in CI, fail) when MariaDB/MySQL is down."""
+    why = _unreachable(MYSQL_URL, _mysql_checked)
+    if why is None:
+        return
+    message = (
+        f"MariaDB/MySQL not reachable at {MYSQL_URL} ({why}). Start it, or point "
+        "MAINTGATE_TEST_MYSQL_URL at a server; CI sets MAINTGATE_REQUIRE_MYSQL=1 to fail instead."
+    )
+    if REQUIRE_MYSQL:
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def postgres_unavailable() -> str | None:
     """Why PostgreSQL tests cannot run here, or None when the server answers."""
-    if not _pg_checked:
-        try:
-            engine = create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
-            with engine.connect() as conn:
-                conn.execute(text("select 1"))
-            engine.dispose()
-            _pg_checked.append(None)
-        except Exception as exc:
-            _pg_checked.append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
-    return _pg_checked[0]
+    return _unreachable(POSTGRES_URL, _pg_checked)
 
 
 def require_postgres() -> None:

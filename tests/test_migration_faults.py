@@ -1,0 +1,95 @@
+"""Faults a migration cannot catch: the migrating process killed, its connection killed."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+from sqlalchemy import inspect, text
+
+from maintgate import MaintenanceStore, maintenance_window, owner_alive
+
+MIGRATOR = textwrap.dedent(
+    """
+    import sys, time
+    from sqlalchemy import text
+    from maintgate import MaintenanceStore, maintenance_window
+    url, prefix, table = sys.argv[1:4]
+    store = MaintenanceStore(url, table_prefix=prefix)
+    with maintenance_window(store, "demo", message="Renaming") as conn:
+        conn.execute(text(f'ALTER TABLE {table} RENAME COLUMN "primary-email" TO "main-email-contact"'))
+        print("renamed", flush=True)
+        time.sleep(120)
+    """
+)
+
+
+@pytest.fixture
+def contacts(store: MaintenanceStore) -> str:
+    name = f"contacts_{uuid.uuid4().hex[:8]}"
+    with store.engine.begin() as conn:
+        conn.execute(text(f'CREATE TABLE {name} (id INTEGER PRIMARY KEY, "primary-email" VARCHAR(200))'))
+    yield name
+    with store.engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
+
+
+def columns(store, table):
+    return {c["name"] for c in inspect(store.engine).get_columns(table)}
+
+
+def eventually(predicate, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def test_sigkill_mid_work_leaves_maintenance_on_and_the_owner_gone(store, contacts):
+    url = store.engine.url.render_as_string(hide_password=False)
+    prefix = store.tables.state.name.removesuffix("state")
+    child = subprocess.Popen(
+        [sys.executable, "-c", MIGRATOR, url, prefix, contacts], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline().strip() == "renamed"
+        state = store.get("demo")
+        assert state.active and state.owner.pid == child.pid
+        assert owner_alive(store, state) is True, "still migrating"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        child.stdout.close()
+    state = store.get("demo")
+    assert state.active and state.owner.pid == child.pid, "a crash leaves maintenance on"
+    assert eventually(lambda: owner_alive(store, state) is False, 5), "the status says the owner is gone"
+    assert eventually(lambda: columns(store, contacts) == {"id", "primary-email"}), "not migrated"
+    with maintenance_window(store, "demo") as conn:  # the crashed window does not block the next one
+        conn.execute(text(f'ALTER TABLE {contacts} RENAME COLUMN "primary-email" TO "main-email-contact"'))
+    assert not store.get("demo").active and store.get("demo").owner is None
+    assert columns(store, contacts) == {"id", "main-email-contact"}
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_connection_killed_mid_work(store, contacts):
+    """PostgreSQL only: a SQLite connection lives in the process and cannot be killed from outside."""
+    with (
+        pytest.raises(Exception, match=r"(?i)terminat|closed|connection"),
+        maintenance_window(store, "demo") as conn,
+    ):
+        conn.execute(text(f'ALTER TABLE {contacts} RENAME COLUMN "primary-email" TO "main-email-contact"'))
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        with store.engine.connect() as killer:
+            assert killer.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+        conn.execute(text("SELECT 1"))
+    assert columns(store, contacts) == {"id", "primary-email"}
+    state = store.get("demo")
+    assert state.active and state.error and state.owner is None
+    assert [e.event for e in store.history("demo")] == ["window_opened", "window_failed"]
