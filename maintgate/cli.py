@@ -119,7 +119,7 @@ def _status_line(data: dict[str, Any]) -> str:
         alive = {True: "running", False: "GONE (crashed?)", None: "unknown"}[data["owner_alive"]]
         parts.append(f"window owner {data['owner']['host']} pid {data['owner']['pid']}: {alive}")
     if data["error"]:
-        parts.append(f"error={data['error']!r}")
+        parts.append(f"error={data['error'].splitlines()[0]!r}")
     return "  ".join(parts)
 
 

@@ -86,7 +86,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:ERROR_MAX_LENGTH]
+    """``Type: message`` for the record, without SQLAlchemy's link to its error docs."""
+    lines = [line for line in str(exc).splitlines() if not line.startswith("(Background on this error")]
+    return f"{type(exc).__name__}: {chr(10).join(lines)}"[:ERROR_MAX_LENGTH]
 
 
 class _Window:
