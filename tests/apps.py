@@ -8,9 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import django
-from django.conf import settings
-
 lifespan_events: list[str] = []
 
 
@@ -86,19 +83,10 @@ urlpatterns: list = []
 
 
 def django_app() -> Any:
-    if not settings.configured:
-        settings.configure(
-            DEBUG=False,
-            SECRET_KEY="maintgate-tests",
-            ROOT_URLCONF=__name__,
-            ALLOWED_HOSTS=["*"],
-            MIDDLEWARE=[],
-            INSTALLED_APPS=[],
-            DATABASES={},
-            USE_TZ=True,
-        )
-        django.setup()
-        urlpatterns[:] = _urlpatterns()
+    from tests.django_setup import setup
+
+    setup()
+    urlpatterns[:] = _urlpatterns()
     from django.core.wsgi import get_wsgi_application
 
     return get_wsgi_application()

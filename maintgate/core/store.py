@@ -169,7 +169,10 @@ class MaintenanceStore:
 
     def deactivate(self, tenant: str, *, connection: Connection | None = None) -> MaintenanceState | None:
         """Switch maintenance off for ``tenant``; returns the new state, or None if it had none."""
-        return self._deactivate(tenant, None, "deactivated", connection)
+        with self._begin(connection) as conn:
+            self._deactivate(tenant, None, "deactivated", conn)
+            row = conn.execute(select(self._state).where(self._state.c.tenant == tenant)).first()
+        return None if row is None else self._from_row(row)
 
     def history(self, tenant: str, *, limit: int = 100) -> list[HistoryEntry]:
         """The latest ``limit`` events of ``tenant`` (switches, windows, failures), oldest first."""
@@ -227,21 +230,17 @@ class MaintenanceStore:
             row = conn.execute(select(t).where(t.c.tenant == tenant)).one()
         return self._from_row(row)
 
-    def _deactivate(
-        self, tenant: str, owner: Owner | None, event: str, connection: Connection | None
-    ) -> MaintenanceState | None:
+    def _deactivate(self, tenant: str, owner: Owner | None, event: str, conn: Connection) -> None:
+        """Switch off and log it on ``conn``; writes only, so that it also runs on a lent connection."""
         check_tenant(tenant)
         t = self._state
         now = utcnow()
-        with self._begin(connection) as conn:
-            conn.execute(
-                update(t)
-                .where(t.c.tenant == tenant)
-                .values(active=False, error=None, ends_at=None, updated_at=now, **_owner_values(None))
-            )
-            self._log(conn, tenant, event, now, owner=owner)
-            row = conn.execute(select(t).where(t.c.tenant == tenant)).first()
-        return None if row is None else self._from_row(row)
+        conn.execute(
+            update(t)
+            .where(t.c.tenant == tenant)
+            .values(active=False, error=None, ends_at=None, updated_at=now, **_owner_values(None))
+        )
+        self._log(conn, tenant, event, now, owner=owner)
 
     def _release(self, tenant: str, owner: Owner, event: str, connection: Connection) -> None:
         """End a window's ownership but leave maintenance as it is (an operator had it on)."""
