@@ -93,3 +93,48 @@ def test_connection_killed_mid_work(store, contacts):
     state = store.get("demo")
     assert state.active and state.error and state.owner is None
     assert [e.event for e in store.history("demo")] == ["window_opened", "window_failed"]
+
+
+BUSY_MIGRATOR = textwrap.dedent(
+    """
+    import sys
+    from sqlalchemy import text
+    from maintgate import MaintenanceStore, maintenance_window
+    url, prefix, table = sys.argv[1:4]
+    store = MaintenanceStore(url, table_prefix=prefix)
+    with maintenance_window(store, "demo") as conn:
+        conn.execute(text(f'ALTER TABLE {table} RENAME COLUMN "primary-email" TO "main-email-contact"'))
+        print(conn.execute(text("SELECT pg_backend_pid()")).scalar(), flush=True)
+        conn.execute(text("SELECT pg_sleep(60)"))
+    """
+)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_killed_migrator_busy_in_a_statement_frees_its_locks_within_seconds(store, contacts):
+    """client_connection_check_interval: the server notices the dead client mid-statement."""
+    url = store.engine.url.render_as_string(hide_password=False)
+    prefix = store.tables.state.name.removesuffix("state")
+    child = subprocess.Popen(
+        [sys.executable, "-c", BUSY_MIGRATOR, url, prefix, contacts], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        backend = int(child.stdout.readline())
+        time.sleep(0.3)  # let pg_sleep start
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        child.stdout.close()
+    killed = time.monotonic()
+
+    def backend_gone():
+        with store.engine.connect() as conn:
+            return not conn.execute(
+                text("SELECT 1 FROM pg_stat_activity WHERE pid = :p"), {"p": backend}
+            ).first()
+
+    assert eventually(backend_gone, 10)
+    elapsed = time.monotonic() - killed
+    assert elapsed < 3, f"the busy backend took {elapsed:.1f}s to notice its client died"
+    assert columns(store, contacts) == {"id", "primary-email"}
+    assert owner_alive(store, store.get("demo")) is False

@@ -1,0 +1,107 @@
+"""A real Alembic migration run by maintgate.alembic.upgrade inside a window, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import textwrap
+import uuid
+from pathlib import Path
+
+import pytest
+from alembic.config import Config
+from sqlalchemy import inspect, text
+
+from maintgate import MaintenanceStore
+from maintgate.alembic import upgrade
+
+ENV_PY = textwrap.dedent(
+    """
+    from alembic import context
+    config = context.config
+
+    def run_migrations_online():
+        connection = config.attributes["connection"]
+        context.configure(connection=connection, version_table=config.get_main_option("version_table"))
+        with context.begin_transaction():
+            context.run_migrations()
+
+    run_migrations_online()
+    """
+)
+
+RENAME = textwrap.dedent(
+    """
+    from alembic import op
+    revision = "0001"
+    down_revision = None
+
+    def upgrade():
+        with op.batch_alter_table("{table}") as batch:
+            batch.alter_column("primary-email", new_column_name="main-email-contact")
+    """
+)
+
+FAILING = textwrap.dedent(
+    """
+    from alembic import op
+    revision = "0002"
+    down_revision = "0001"
+
+    def upgrade():
+        op.add_column("{table}", __import__("sqlalchemy").Column("phone", __import__("sqlalchemy").Text()))
+        raise RuntimeError("0002 found dirty data")
+    """
+)
+
+
+@pytest.fixture
+def project(store: MaintenanceStore, tmp_path: Path):
+    """An Alembic script directory migrating a per-test contacts table; yields (config, table)."""
+    table = f"contacts_{uuid.uuid4().hex[:8]}"
+    version_table = f"alembic_version_{uuid.uuid4().hex[:8]}"
+    with store.engine.begin() as conn:
+        conn.execute(text(f'CREATE TABLE {table} (id INTEGER PRIMARY KEY, "primary-email" VARCHAR(200))'))
+    root = tmp_path / "migrations"
+    (root / "versions").mkdir(parents=True)
+    (root / "env.py").write_text(ENV_PY)
+    (root / "versions" / "0001_rename.py").write_text(RENAME.format(table=table))
+    config = Config()
+    config.set_main_option("script_location", str(root))
+    config.set_main_option("version_table", version_table)
+    yield config, table, root, version_table
+    with store.engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
+        conn.execute(text(f"DROP TABLE IF EXISTS {version_table}"))
+
+
+def columns(store, table):
+    return {c["name"] for c in inspect(store.engine).get_columns(table)}
+
+
+def version(store, version_table):
+    with store.engine.connect() as conn:
+        if version_table not in inspect(conn).get_table_names():
+            return None
+        return conn.execute(text(f"SELECT version_num FROM {version_table}")).scalar()
+
+
+def test_upgrade_commits_with_the_switch_off(store, project):
+    config, table, _, version_table = project
+    upgrade(store, "demo", config, message="alembic upgrade head")
+    assert columns(store, table) == {"id", "main-email-contact"}
+    assert version(store, version_table) == "0001"
+    state = store.get("demo")
+    assert not state.active and state.error is None
+    assert [e.event for e in store.history("demo")] == ["window_opened", "window_committed"]
+    assert store.history("demo")[0].message == "alembic upgrade head"
+    assert "connection" not in config.attributes
+
+
+def test_a_failing_migration_rolls_back_every_step_and_the_version(store, project):
+    config, table, root, version_table = project
+    (root / "versions" / "0002_phone.py").write_text(FAILING.format(table=table))
+    with pytest.raises(RuntimeError, match="dirty data"):
+        upgrade(store, "demo", config)
+    assert columns(store, table) == {"id", "primary-email"}, "0001's rename rolled back too"
+    assert version(store, version_table) is None
+    state = store.get("demo")
+    assert state.active and state.error == "RuntimeError: 0002 found dirty data"
