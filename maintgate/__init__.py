@@ -6,7 +6,7 @@ maintenance off in the same transaction as the migration.
 """
 
 from .asgi import MaintenanceMiddleware
-from .core.errors import InvalidTenant, MaintgateError
+from .core.errors import InvalidArgument, InvalidTenant, MaintgateError
 from .core.gate import Gate
 from .core.render import Renderer
 from .core.schema import metadata
@@ -21,6 +21,7 @@ __all__ = [
     "ALL_TENANTS",
     "Gate",
     "HistoryEntry",
+    "InvalidArgument",
     "InvalidTenant",
     "MaintenanceMiddleware",
     "MaintenanceState",

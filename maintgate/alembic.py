@@ -17,6 +17,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from .core.errors import InvalidArgument
 from .core.store import MaintenanceStore
 from .migration import maintenance_window
 
@@ -40,7 +41,7 @@ def upgrade(
     from alembic import command
 
     if sql:
-        raise ValueError(
+        raise InvalidArgument(
             "offline (--sql) mode writes a script and touches no database: run it without a window"
         )
     with maintenance_window(

@@ -94,3 +94,19 @@ def test_unreachable_database_is_one_clear_line():
     )
     assert done.returncode == 1
     assert done.stderr.startswith("maintgate: database error:") and done.stderr.count("\n") == 1
+
+
+def test_init_creates_the_tables_where_the_environment_points(tmp_path):
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    for _ in range(2):  # idempotent
+        done = subprocess.run(
+            [sys.executable, "-m", "maintgate", "init"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"MAINTGATE_DATABASE_URL": url, "PATH": "/usr/bin:/bin"},
+        )
+        assert done.returncode == 0, done.stderr
+    store = MaintenanceStore(url)
+    assert store.all() == [] and store.history("demo") == []
+    store.engine.dispose()

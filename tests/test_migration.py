@@ -310,3 +310,96 @@ def test_async_window_success_and_failure(store, contacts):
     assert columns(store, contacts) == {"id", "tmp-email"}
     state = store.get("demo")
     assert state.active and state.error == "Boom: async failure"
+
+
+def test_autocommit_engines_are_refused_before_anything_changes(database_url, store):
+    engine = create_engine(database_url, isolation_level="AUTOCOMMIT")
+    auto_store = MaintenanceStore(engine, table_prefix=store.tables.state.name.removesuffix("state"))
+    try:
+        with pytest.raises(MaintgateError, match="AUTOCOMMIT"), maintenance_window(auto_store, "demo"):
+            pytest.fail("the body must not run")
+    finally:
+        engine.dispose()
+    assert store.get("demo") is None
+
+
+def test_sqlite_connection_lost_mid_work(tmp_path):
+    """SQLite's counterpart of pg_terminate_backend: the driver connection closes under the migration."""
+    store = MaintenanceStore(f"sqlite:///{tmp_path / 'lost.db'}")
+    store.create_tables()
+    with store.engine.begin() as conn:
+        conn.execute(text('CREATE TABLE contacts (id INTEGER PRIMARY KEY, "primary-email" TEXT)'))
+    with pytest.raises(Exception, match="closed"), maintenance_window(store, "demo") as conn:
+        rename(conn, "contacts")
+        conn.connection.dbapi_connection.close()
+        conn.execute(text("SELECT 1"))
+    assert_not_migrated_on_and_error(store, "contacts", "closed")
+    store.engine.dispose()
+
+
+def test_a_live_gate_sees_the_window_and_never_a_half_migrated_schema(store, contacts):
+    """Requests during the window get 503; after the commit they get 200 and the new column."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from maintgate import MaintenanceMiddleware
+    from maintgate.tenants import from_header
+
+    from .conftest import ManualClock
+
+    def read_columns(request):
+        return JSONResponse(sorted(columns(store, contacts)))
+
+    clock = ManualClock()
+    app = MaintenanceMiddleware(
+        Starlette(routes=[Route("/", read_columns)]), store, tenant=from_header("X-Tenant-ID"), clock=clock
+    )
+    headers = {"X-Tenant-ID": "demo"}
+    with TestClient(app) as client:
+        assert client.get("/", headers=headers).json() == ["id", "primary-email"]
+        with maintenance_window(store, "demo") as conn:
+            clock.advance(1.1)
+            assert client.get("/", headers=headers).status_code == 503
+            rename(conn, contacts)
+            assert client.get("/", headers=headers).status_code == 503
+        assert client.get("/", headers=headers).status_code == 503, "cached until the TTL passes"
+        clock.advance(1.1)
+        assert client.get("/", headers=headers).json() == ["id", "main-email-contact"]
+    app.gate.close()
+
+
+def test_bad_arguments_are_maintgate_errors(store):
+    from maintgate import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="retry_after") as info:
+        store.activate("demo", retry_after=-1)
+    assert isinstance(info.value, MaintgateError) and isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_the_advisory_lock_is_released_for_other_sessions(store):
+    """A pool reset would not release a session lock; the window must, or drop the connection."""
+    from maintgate.migration import advisory_key
+
+    key = advisory_key(store, "demo")
+    other = create_engine(store.engine.url)
+    try:
+        for fails in (False, True):
+            with pytest.raises(Boom) if fails else _nothing(), maintenance_window(store, "demo"):
+                with other.connect() as conn:
+                    assert conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar() is False
+                if fails:
+                    raise Boom
+            with other.connect() as conn:
+                assert conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar() is True
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+    finally:
+        other.dispose()
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()

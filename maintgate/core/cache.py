@@ -11,6 +11,8 @@ from typing import Any, Generic, TypeVar
 
 from cachetools import LRUCache, TTLCache
 
+from .errors import InvalidArgument
+
 V = TypeVar("V")
 
 
@@ -67,9 +69,9 @@ class StateCache(Generic[V]):
         max_workers: int = 4,
     ) -> None:
         if not ttl > 0:
-            raise ValueError(f"cache ttl must be > 0 seconds, got {ttl!r}")
+            raise InvalidArgument(f"cache ttl must be > 0 seconds, got {ttl!r}")
         if not isinstance(maxsize, int) or maxsize < 1:
-            raise ValueError(f"cache maxsize must be a positive int, got {maxsize!r}")
+            raise InvalidArgument(f"cache maxsize must be a positive int, got {maxsize!r}")
         self.ttl = float(ttl)
         self.maxsize = maxsize
         self._loader = loader

@@ -7,3 +7,7 @@ class MaintgateError(Exception):
 
 class InvalidTenant(MaintgateError, ValueError):
     """A tenant id that is empty, too long or uses characters outside the allowed set."""
+
+
+class InvalidArgument(MaintgateError, ValueError):
+    """A bad argument or setting, named in the message; raised when the object is built."""

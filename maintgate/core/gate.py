@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from .cache import MISS, StateCache
+from .errors import InvalidArgument
 from .negotiation import negotiate
 from .render import Renderer
 from .request import RequestView
@@ -55,7 +56,7 @@ class ExemptPaths:
                 else:
                     exact.add(path)
             else:
-                raise ValueError(
+                raise InvalidArgument(
                     f"exempt path {path!r} must be a string starting with '/' or a compiled regex"
                 )
         self.exact = frozenset(exact)
@@ -99,7 +100,7 @@ class Gate:
         if tenant is not None and not callable(tenant):
             raise TypeError(f"tenant must be a resolver callable or None, got {tenant!r}")
         if not isinstance(default_retry_after, int) or default_retry_after < 1:
-            raise ValueError(f"default_retry_after must be a positive int, got {default_retry_after!r}")
+            raise InvalidArgument(f"default_retry_after must be a positive int, got {default_retry_after!r}")
         self.store = store
         self.tenant = tenant
         self.exempt = ExemptPaths(exempt_paths)

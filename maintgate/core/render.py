@@ -8,6 +8,7 @@ from collections.abc import Callable
 from string import Template
 from typing import Any
 
+from .errors import InvalidArgument
 from .negotiation import HTML, PROBLEM_JSON
 from .state import MaintenanceState
 
@@ -70,7 +71,7 @@ class Renderer:
         self.template = Template(html_template)
         unknown = set(self.template.get_identifiers()) - TEMPLATE_FIELDS
         if unknown or not self.template.is_valid():
-            raise ValueError(
+            raise InvalidArgument(
                 f"html_template uses unknown or malformed placeholders {sorted(unknown)}; "
                 f"allowed: {sorted(TEMPLATE_FIELDS)}"
             )
@@ -81,7 +82,7 @@ class Renderer:
             try:
                 text.format(**fields)
             except (KeyError, IndexError, ValueError) as exc:
-                raise ValueError(f"{name} {text!r} is not a valid format string: {exc}") from None
+                raise InvalidArgument(f"{name} {text!r} is not a valid format string: {exc}") from None
         self.title = title
         self.default_message = default_message
         self.tenant_text = tenant_text

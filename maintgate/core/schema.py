@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, Integer, MetaData, String, Table, Text
 
+from .errors import InvalidArgument
 from .state import TENANT_MAX_LENGTH
 
 DEFAULT_PREFIX = "maintgate_"
@@ -23,7 +24,7 @@ class Tables:
 def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tables:
     """Build maintgate's tables on a fresh MetaData, named ``{prefix}state`` and so on."""
     if not prefix or not prefix.replace("_", "a").isalnum():
-        raise ValueError(f"table_prefix must be letters, digits and underscores, got {prefix!r}")
+        raise InvalidArgument(f"table_prefix must be letters, digits and underscores, got {prefix!r}")
     md = MetaData(schema=schema)
     state = Table(
         f"{prefix}state",

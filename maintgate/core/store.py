@@ -22,6 +22,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from .errors import InvalidArgument
 from .schema import DEFAULT_PREFIX, Tables, build_tables
 from .state import ALL_TENANTS, HistoryEntry, MaintenanceState, Owner, check_tenant, utcnow
 
@@ -70,7 +71,7 @@ def _to_db(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     if value.tzinfo is None:
-        raise ValueError(f"datetimes must be timezone-aware, got {value!r}")
+        raise InvalidArgument(f"datetimes must be timezone-aware, got {value!r}")
     return value.astimezone(UTC)
 
 
@@ -87,7 +88,7 @@ class MaintenanceStore:
     ) -> None:
         if isinstance(database, Engine):
             if engine_options:
-                raise ValueError("engine_options only apply when the store builds the engine")
+                raise InvalidArgument("engine_options only apply when the store builds the engine")
             self.engine = database
         elif isinstance(database, str):
             self.engine = create_engine(database, **dict(engine_options or {}))
@@ -207,7 +208,7 @@ class MaintenanceStore:
     ) -> MaintenanceState:
         check_tenant(tenant)
         if retry_after is not None and (not isinstance(retry_after, int) or retry_after < 0):
-            raise ValueError(f"retry_after must be a non-negative int of seconds, got {retry_after!r}")
+            raise InvalidArgument(f"retry_after must be a non-negative int of seconds, got {retry_after!r}")
         now = utcnow()
         t = self._state
         with self._begin(connection) as conn:

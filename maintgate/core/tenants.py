@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .errors import InvalidArgument
 from .request import RequestView
 
 TenantResolver = Callable[[RequestView], "str | None"]
@@ -21,7 +22,7 @@ class HeaderTenant:
 
     def __init__(self, name: str) -> None:
         if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"from_header needs a header name, got {name!r}")
+            raise InvalidArgument(f"from_header needs a header name, got {name!r}")
         self.name = name.strip().lower()
 
     def __call__(self, request: RequestView) -> str | None:
@@ -38,7 +39,7 @@ class SubdomainTenant:
 
     def __init__(self, base_domain: str, exclude: tuple[str, ...] = ("www",)) -> None:
         if not isinstance(base_domain, str) or not base_domain.strip(". "):
-            raise ValueError(f"from_subdomain needs a base domain, got {base_domain!r}")
+            raise InvalidArgument(f"from_subdomain needs a base domain, got {base_domain!r}")
         self.base_domain = base_domain.strip(". ").lower()
         self.suffix = "." + self.base_domain
         self.excluded = frozenset(label.lower() for label in exclude)
@@ -69,7 +70,7 @@ class PathPrefixTenant:
 
     def __init__(self, prefix: str) -> None:
         if not isinstance(prefix, str) or not prefix.startswith("/"):
-            raise ValueError(f"from_path_prefix needs a prefix starting with '/', got {prefix!r}")
+            raise InvalidArgument(f"from_path_prefix needs a prefix starting with '/', got {prefix!r}")
         self.prefix = prefix
         self.start = prefix.rstrip("/") + "/"
         self.offset = len(self.start)
