@@ -36,25 +36,8 @@ def uvicorn_server(app: Any) -> Iterator[str]:
         sock.close()
 
 
-@contextmanager
-def wsgi_server(app: Any) -> Iterator[str]:
+def wsgi_server(app: Any):
     """Serve a WSGI app with the standard library's threaded wsgiref server; yields its base URL."""
-    from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+    from maintgate.demo import serve
 
-    class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-        daemon_threads = True
-
-    class QuietHandler(WSGIRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = make_server("127.0.0.1", 0, app, server_class=ThreadingWSGIServer, handler_class=QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+    return serve(app)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import socket
 import logging
 import uuid
 
@@ -69,6 +71,9 @@ def test_success_commits_the_migration_and_the_switch_off_together(store, contac
         seen = store.effective("demo")
         assert seen is not None and seen.active and seen.message == "Renaming primary-email"
         assert seen.owner is not None and owner_alive(store, store.get("demo")) is True
+        assert seen.owner.pid == os.getpid() and seen.owner.host == socket.gethostname()
+        if store.engine.dialect.name == "postgresql":
+            assert isinstance(seen.owner.backend_pid, int)
         rename(conn, contacts)
         conn.execute(text(f"UPDATE {contacts} SET \"main-email-contact\" = 'b@example.com'"))
     assert_migrated_and_off(store, contacts)

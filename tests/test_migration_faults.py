@@ -135,6 +135,7 @@ def test_a_killed_migrator_busy_in_a_statement_frees_its_locks_within_seconds(st
 
     assert eventually(backend_gone, 10)
     elapsed = time.monotonic() - killed
+    print(f"busy backend gone {elapsed:.2f}s after SIGKILL")
     assert elapsed < 3, f"the busy backend took {elapsed:.1f}s to notice its client died"
     assert columns(store, contacts) == {"id", "primary-email"}
     assert owner_alive(store, store.get("demo")) is False

@@ -167,8 +167,11 @@ class Gate:
     def respond(
         self, request: RequestView, tenant: str | None, state: MaintenanceState | None
     ) -> Response | None:
-        """The negotiated 503 for ``state``, or None when it does not block ``request``."""
-        if state is None or not state.active or request.path in self.exempt:
+        """The negotiated 503 for ``state``, or None when there is no active state.
+
+        Exempt paths are already let through by :meth:`check_uncommon`, before any load.
+        """
+        if state is None or not state.active:
             return None
         media_type = negotiate(request.header("accept"))
         retry_after = state.seconds_to_retry(self._now(), self.default_retry_after)
