@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import socket
-import logging
 import uuid
 
 import pytest
