@@ -32,6 +32,7 @@ def upgrade(
     retry_after: int | None = None,
     ends_at: datetime | None = None,
     sql: bool = False,
+    mode: str = "full",
 ) -> None:
     """Run ``alembic upgrade revision`` for ``tenant`` inside a migration window, on one connection.
 
@@ -50,6 +51,7 @@ def upgrade(
         message=message or f"Upgrading the database to {revision}",
         retry_after=retry_after,
         ends_at=ends_at,
+        mode=mode,
     ) as connection:
         previous = config.attributes.get("connection")
         config.attributes["connection"] = connection

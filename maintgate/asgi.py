@@ -41,6 +41,10 @@ class ASGIRequest:
         return self.scope.get("scheme", "http")
 
     @property
+    def query(self) -> str:
+        return self.scope.get("query_string", b"").decode("latin-1")
+
+    @property
     def host(self) -> str | None:
         return self.header("host")
 

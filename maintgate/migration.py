@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Engine, text
 
 from .core.errors import MaintgateError
-from .core.state import MaintenanceState, Owner, check_tenant
-from .core.store import MaintenanceStore, make_sqlite_transactional
+from .core.state import FULL, MaintenanceState, Owner, check_tenant
+from .core.store import MaintenanceStore, announce, make_sqlite_transactional
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -103,6 +103,7 @@ class _Window:
         ends_at: datetime | None,
         allow_non_transactional_ddl: bool,
         dialect_name: str,
+        mode: str = FULL,
     ) -> None:
         check_tenant(tenant)
         if dialect_name not in TRANSACTIONAL_DDL and not allow_non_transactional_ddl:
@@ -116,6 +117,7 @@ class _Window:
         self.message = message
         self.retry_after = retry_after
         self.ends_at = ends_at
+        self.mode = mode
         self.atomic = dialect_name in TRANSACTIONAL_DDL
         self.postgres = store.engine.dialect.name == "postgresql"
         self.owner = Owner(socket.gethostname(), os.getpid())
@@ -203,10 +205,17 @@ class _Window:
         else:
             self.store._deactivate(self.tenant, self.owner, "window_committed", conn)
 
+    def committed(self) -> None:
+        """Log that the migration and the switch-off are committed."""
+        announce("window_committed", self.tenant, owner=self.owner, kept_on=self.operator_had_it_on or None)
+
     def fail(self, exc: BaseException) -> None:
         """Record the error in a new transaction; if even that fails, log it and carry on."""
         try:
             self.store._record_failure(self.tenant, _describe(exc), self.owner, None)
+            announce(
+                "window_failed", self.tenant, owner=self.owner, error=_describe(exc), level=logging.WARNING
+            )
         except Exception as record_exc:
             logger.error(
                 "maintgate: could not record the failure of tenant %r's window (%s); "
@@ -251,6 +260,7 @@ def maintenance_window(
     ends_at: datetime | None = None,
     connection: Connection | None = None,
     allow_non_transactional_ddl: bool = False,
+    mode: str = FULL,
 ) -> Iterator[Connection]:
     """Open a migration window for ``tenant`` and yield the connection to migrate on.
 
@@ -261,7 +271,7 @@ def maintenance_window(
     transaction back before recording the error.
     """
     dialect = (connection or store.engine).dialect.name
-    window = _Window(store, tenant, message, retry_after, ends_at, allow_non_transactional_ddl, dialect)
+    window = _Window(store, tenant, message, retry_after, ends_at, allow_non_transactional_ddl, dialect, mode)
     if connection is not None and not connection.in_transaction():
         raise MaintgateError("pass a connection inside a transaction (conn.begin()); the caller commits it")
     window.lock()
@@ -289,6 +299,7 @@ def _owned(window: _Window, conn: Connection) -> Iterator[Connection]:
         else:
             conn.commit()  # degraded mode: the work first, then the switch-off on its own
             _succeed_alone(window)
+        window.committed()
     except BaseException as exc:
         _discard(conn)
         window.fail(exc)
@@ -334,6 +345,7 @@ async def async_maintenance_window(
     retry_after: int | None = None,
     ends_at: datetime | None = None,
     allow_non_transactional_ddl: bool = False,
+    mode: str = FULL,
 ) -> AsyncIterator[AsyncConnection]:
     """:func:`maintenance_window` for SQLAlchemy's asyncio engines; yields an ``AsyncConnection``.
 
@@ -349,7 +361,7 @@ async def async_maintenance_window(
         if engine.dialect.name == "sqlite":
             make_sqlite_transactional(engine.sync_engine)
     dialect = (connection or engine).dialect.name  # type: ignore[union-attr]
-    window = _Window(store, tenant, message, retry_after, ends_at, allow_non_transactional_ddl, dialect)
+    window = _Window(store, tenant, message, retry_after, ends_at, allow_non_transactional_ddl, dialect, mode)
     if connection is not None and not connection.in_transaction():
         raise MaintgateError("pass a connection inside a transaction (conn.begin()); the caller commits it")
     await asyncio.to_thread(window.lock)
@@ -377,6 +389,7 @@ async def async_maintenance_window(
                     else:
                         await conn.commit()
                         await asyncio.to_thread(_succeed_alone, window)
+                    window.committed()
                 except BaseException as exc:
                     await conn.run_sync(_discard)
                     await asyncio.to_thread(window.fail, exc)

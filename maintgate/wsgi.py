@@ -38,6 +38,10 @@ class WSGIRequest:
         return self.environ.get("wsgi.url_scheme", "http")
 
     @property
+    def query(self) -> str:
+        return self.environ.get("QUERY_STRING", "")
+
+    @property
     def host(self) -> str | None:
         return self.environ.get("HTTP_HOST") or self.environ.get("SERVER_NAME")
 

@@ -27,7 +27,7 @@ class Loader:
         self.release.wait(5)
         if self.fail:
             raise ConnectionError("database is down")
-        return self.value
+        return self.value, None
 
 
 def test_values_expire_after_ttl(clock: ManualClock):
@@ -55,7 +55,7 @@ def test_none_is_cached_too(clock: ManualClock):
 
 
 def test_cache_is_bounded(clock: ManualClock):
-    cache = StateCache(lambda key: key, ttl=60, maxsize=100, timer=clock)
+    cache = StateCache(lambda key: (key, None), ttl=60, maxsize=100, timer=clock)
     for i in range(10_000):
         cache.load(f"t{i}")
     assert len(cache) == 100
@@ -65,7 +65,7 @@ def test_cache_is_bounded(clock: ManualClock):
 
 
 def test_expired_entries_leave_the_index(clock: ManualClock):
-    cache = StateCache(lambda key: key, ttl=1, maxsize=100, timer=clock)
+    cache = StateCache(lambda key: (key, None), ttl=1, maxsize=100, timer=clock)
     for i in range(50):
         cache.load(f"t{i}")
     clock.advance(2)
@@ -164,6 +164,15 @@ def test_failed_load_falls_back_to_last_known_then_default(clock: ManualClock):
 
 def test_configuration_is_validated():
     with pytest.raises(ValueError, match="ttl"):
-        StateCache(lambda k: None, ttl=0)
+        StateCache(lambda k: (None, None), ttl=0)
     with pytest.raises(ValueError, match="maxsize"):
-        StateCache(lambda k: None, maxsize=0)
+        StateCache(lambda k: (None, None), maxsize=0)
+
+
+def test_max_age_shortens_an_entry(clock: ManualClock):
+    cache = StateCache(lambda key: ("soon", 0.25), ttl=1.0, timer=clock)
+    cache.load("a")
+    clock.advance(0.2)
+    assert cache.peek("a") == "soon"
+    clock.advance(0.1)
+    assert cache.peek("a") is MISS

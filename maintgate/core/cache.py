@@ -51,15 +51,17 @@ class _IndexedTTLCache(TTLCache):  # type: ignore[type-arg]
 
 
 class StateCache(Generic[V]):
-    """Caches ``loader(key)`` for ``ttl`` seconds, at most ``maxsize`` keys, one load per key at a time.
+    """Caches loaded values for ``ttl`` seconds, at most ``maxsize`` keys, one load per key at a time.
 
+    ``loader(key)`` returns ``(value, max_age)``: ``max_age`` (seconds, or None) shortens the
+    entry's life when the value is known to change sooner, at a schedule boundary say.
     A failing load falls back to the last value loaded for that key (or ``default``)
     and caches that too, so an outage costs one failing query per key per TTL.
     """
 
     def __init__(
         self,
-        loader: Callable[[Hashable], V],
+        loader: Callable[[Hashable], tuple[V, float | None]],
         *,
         ttl: float = 1.0,
         maxsize: int = 10_000,
@@ -145,18 +147,19 @@ class StateCache(Generic[V]):
     def _fill(self, key: Hashable, fut: Future[V]) -> None:
         try:
             try:
-                value = self._loader(key)
+                value, max_age = self._loader(key)
             except Exception as exc:
                 if self._on_error is not None:
                     self._on_error(key, exc)
                 with self._lock:
-                    value = self._last_known.get(key, self._default)  # type: ignore[arg-type]
+                    value, max_age = self._last_known.get(key, self._default), None  # type: ignore[arg-type]
             else:
                 with self._lock:
                     self._last_known[key] = value
+            life = self.ttl if max_age is None else max(0.0, min(self.ttl, max_age))
             with self._lock:
                 self._store[key] = value
-                self._index[key] = (self._timer() + self.ttl, value)
+                self._index[key] = (self._timer() + life, value)
                 del self._inflight[key]
         except BaseException as exc:
             with self._lock:

@@ -9,22 +9,25 @@ from collections.abc import Callable, Hashable, Iterable
 from datetime import datetime
 from typing import Any, Protocol
 
+from .bypass import Bypass, SecretSource
 from .cache import MISS, StateCache
 from .errors import InvalidArgument
 from .negotiation import negotiate
 from .render import Renderer
 from .request import RequestView
 from .response import Response
-from .state import ALL_TENANTS, MaintenanceState, is_valid_tenant, utcnow
+from .state import ALL_TENANTS, Lookup, MaintenanceState, is_valid_tenant, utcnow
 from .tenants import TenantResolver
 
 logger = logging.getLogger("maintgate")
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
 
 class StateSource(Protocol):
-    """What the gate reads: anything with ``effective(tenant)``, a MaintenanceStore above all."""
+    """What the gate reads: anything with ``lookup(tenant, now)``, a MaintenanceStore above all."""
 
-    def effective(self, tenant: str | None) -> MaintenanceState | None: ...
+    def lookup(self, tenant: str | None, now: datetime | None = None) -> Lookup: ...
 
 
 class Pending:
@@ -89,14 +92,21 @@ class Gate:
         cache_ttl: float = 1.0,
         cache_size: int = 10_000,
         exempt_paths: Iterable[str | re.Pattern[str]] = (),
+        allow_ips: Iterable[str] = (),
+        trusted_proxies: Iterable[str] = (),
+        bypass_secret: SecretSource | None = None,
+        bypass_cookie_max_age: int = 12 * 3600,
+        bypass: Callable[[RequestView], bool] | None = None,
+        on_block: Callable[[RequestView, MaintenanceState], None] | None = None,
+        log_blocked_every: int = 100,
         renderer: Renderer | None = None,
         default_retry_after: int = 60,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = utcnow,
         log_interval: float = 30.0,
     ) -> None:
-        if not callable(getattr(store, "effective", None)):
-            raise TypeError(f"store must be a MaintenanceStore (or have .effective()), got {store!r}")
+        if not callable(getattr(store, "lookup", None)):
+            raise TypeError(f"store must be a MaintenanceStore (or have .lookup()), got {store!r}")
         if tenant is not None and not callable(tenant):
             raise TypeError(f"tenant must be a resolver callable or None, got {tenant!r}")
         if not isinstance(default_retry_after, int) or default_retry_after < 1:
@@ -104,6 +114,21 @@ class Gate:
         self.store = store
         self.tenant = tenant
         self.exempt = ExemptPaths(exempt_paths)
+        self.bypass = Bypass(
+            allow_ips=allow_ips,
+            trusted_proxies=trusted_proxies,
+            secret=bypass_secret,
+            cookie_max_age=bypass_cookie_max_age,
+            predicate=bypass,
+            now=now,
+        )
+        if on_block is not None and not callable(on_block):
+            raise InvalidArgument(f"on_block must be a callable (request, state), got {on_block!r}")
+        if not isinstance(log_blocked_every, int) or log_blocked_every < 1:
+            raise InvalidArgument(f"log_blocked_every must be a positive int, got {log_blocked_every!r}")
+        self.on_block = on_block
+        self.log_blocked_every = log_blocked_every
+        self._blocked = 0
         self.renderer = renderer if renderer is not None else Renderer()
         self.default_retry_after = default_retry_after
         self._now = now
@@ -167,12 +192,25 @@ class Gate:
     def respond(
         self, request: RequestView, tenant: str | None, state: MaintenanceState | None
     ) -> Response | None:
-        """The negotiated 503 for ``state``, or None when there is no active state.
+        """The negotiated 503 for ``state``, a bypass redirect, or None when ``request`` may pass.
 
         Exempt paths are already let through by :meth:`check_uncommon`, before any load.
         """
         if state is None or not state.active:
             return None
+        if state.read_only and request.method in SAFE_METHODS and request.scheme not in ("ws", "wss"):
+            return None
+        if self.bypass:
+            admitted = self.bypass.check(request, tenant)
+            if admitted is True:
+                return None
+            if isinstance(admitted, Response):
+                return admitted
+        return self._blocked_response(request, tenant, state)
+
+    def _blocked_response(
+        self, request: RequestView, tenant: str | None, state: MaintenanceState
+    ) -> Response:
         media_type = negotiate(request.header("accept"))
         retry_after = state.seconds_to_retry(self._now(), self.default_retry_after)
         body = self.renderer.render(media_type, state, tenant, retry_after)
@@ -183,7 +221,34 @@ class Gate:
             ("cache-control", "no-store"),
             ("vary", "Accept"),
         ]
+        self._note_block(request, tenant, state)
         return Response(503, headers, b"" if request.method == "HEAD" else body)
+
+    def _note_block(self, request: RequestView, tenant: str | None, state: MaintenanceState) -> None:
+        self._blocked += 1
+        count = self._blocked
+        if count == 1 or count % self.log_blocked_every == 0:
+            logger.info(
+                "maintgate: blocked %s %s for tenant %r (%d blocked so far; 1 in %d logged)",
+                request.method,
+                request.path[:200],
+                tenant,
+                count,
+                self.log_blocked_every,
+                extra={
+                    "maintgate_event": "blocked",
+                    "tenant": tenant,
+                    "method": request.method,
+                    "path": request.path[:200],
+                    "mode": state.mode,
+                    "blocked_count": count,
+                },
+            )
+        if self.on_block is not None:
+            try:
+                self.on_block(request, state)
+            except Exception:
+                logger.exception("maintgate: on_block hook %r failed", self.on_block)
 
     def invalidate(self, tenant: str | None = None) -> None:
         """Drop the cached state of ``tenant``, or of everyone (for the global switch or None)."""
@@ -193,8 +258,11 @@ class Gate:
         """Release the worker threads used for asynchronous loads."""
         self.cache.close()
 
-    def _load(self, key: Hashable) -> MaintenanceState | None:
-        return self.store.effective(None if key == ALL_TENANTS else str(key))
+    def _load(self, key: Hashable) -> tuple[MaintenanceState | None, float | None]:
+        now = self._now()
+        found = self.store.lookup(None if key == ALL_TENANTS else str(key), now)
+        max_age = None if found.changes_at is None else (found.changes_at - now).total_seconds()
+        return found.state, max_age
 
     def _store_error(self, key: Hashable, exc: BaseException) -> None:
         now = self._clock()

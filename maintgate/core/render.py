@@ -63,6 +63,7 @@ class Renderer:
         default_message: str = "This service is undergoing maintenance. Please try again shortly.",
         tenant_text: str = "Tenant: {tenant}",
         retry_text: str = "This page reloads in {seconds} seconds.",
+        read_only_text: str = "You can still read; changes cannot be saved until maintenance ends.",
         lang: str = "en",
         problem_type: str = "about:blank",
         problem: ProblemBuilder | None = None,
@@ -87,6 +88,7 @@ class Renderer:
         self.default_message = default_message
         self.tenant_text = tenant_text
         self.retry_text = retry_text
+        self.read_only_text = read_only_text
         self.lang = lang
         self.problem_type = problem_type
         self.problem = problem
@@ -117,6 +119,9 @@ class Renderer:
                 "tenant": tenant,
                 "retry_after": retry_after,
             }
+            if state.read_only:
+                body["read_only"] = True
+                body["detail"] = f"{body['detail']} {self.read_only_text}"
             if self.expose_error and state.error:
                 body["error"] = state.error
         return json.dumps(body, ensure_ascii=True, default=str).encode("ascii")
@@ -125,6 +130,8 @@ class Renderer:
         """The maintenance page, every substituted value escaped."""
         esc = html.escape
         details = []
+        if state.read_only:
+            details.append(f"<p>{esc(self.read_only_text)}</p>")
         if tenant:
             details.append(f"<p>{esc(self.tenant_text.format(tenant=tenant))}</p>")
         error = state.error if self.expose_error and state.error else ""
@@ -145,6 +152,8 @@ class Renderer:
     def render_text(self, state: MaintenanceState, tenant: str | None, retry_after: int) -> bytes:
         """A short plain-text notice."""
         lines = [self.title, self.message(state)]
+        if state.read_only:
+            lines.append(self.read_only_text)
         if tenant:
             lines.append(self.tenant_text.format(tenant=tenant))
         lines.append(f"Retry after {retry_after} seconds.")

@@ -24,6 +24,11 @@ class RequestView(Protocol):
         ...
 
     @property
+    def query(self) -> str:
+        """The raw query string (latin-1 decoded), without the ``?``."""
+        ...
+
+    @property
     def host(self) -> str | None:
         """The Host header as sent (port included), or None."""
         ...

@@ -19,6 +19,7 @@ class Tables:
     metadata: MetaData
     state: Table
     history: Table
+    schedule: Table
 
 
 def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tables:
@@ -37,6 +38,7 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         Column("ends_at", DateTime(timezone=True)),
         Column("started_at", DateTime(timezone=True)),
         Column("updated_at", DateTime(timezone=True)),
+        Column("mode", String(16), nullable=False, default="full", server_default="full"),
         # Who holds the tenant's migration window (NULL outside windows): host, pid, backend pid.
         Column("owner_host", String(255)),
         Column("owner_pid", Integer),
@@ -56,7 +58,20 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         Column("owner_backend_pid", Integer),
         Index(f"ix_{prefix}history_tenant_id", "tenant", "id"),
     )
-    return Tables(md, state, history)
+    schedule = Table(
+        f"{prefix}schedule",
+        md,
+        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+        Column("tenant", String(TENANT_MAX_LENGTH), nullable=False),
+        Column("starts_at", DateTime(timezone=True), nullable=False),
+        Column("ends_at", DateTime(timezone=True)),
+        Column("message", Text),
+        Column("mode", String(16), nullable=False, default="full", server_default="full"),
+        Column("retry_after", Integer),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Index(f"ix_{prefix}schedule_tenant_ends", "tenant", "ends_at"),
+    )
+    return Tables(md, state, history, schedule)
 
 
 _DEFAULT = build_tables()

@@ -12,6 +12,12 @@ from .errors import InvalidTenant
 ALL_TENANTS = "*"
 """Tenant id of the global switch: it covers every tenant and requests with no tenant."""
 
+FULL = "full"
+"""Maintenance mode that answers every request with a 503."""
+READ_ONLY = "read_only"
+"""Maintenance mode that lets GET, HEAD and OPTIONS through and answers writes with a 503."""
+MODES = (FULL, READ_ONLY)
+
 TENANT_MAX_LENGTH = 128
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
@@ -76,6 +82,13 @@ class MaintenanceState:
     started_at: datetime | None = None
     updated_at: datetime | None = None
     owner: Owner | None = None
+    mode: str = FULL
+    schedule_id: int | None = None
+
+    @property
+    def read_only(self) -> bool:
+        """Whether only writes are blocked (reads pass)."""
+        return self.mode == READ_ONLY
 
     @property
     def is_global(self) -> bool:
@@ -91,3 +104,43 @@ class MaintenanceState:
         if self.retry_after is not None and self.retry_after > 0:
             return self.retry_after
         return default
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """A planned maintenance window: the gate switches it on at ``starts_at`` and off at ``ends_at``."""
+
+    id: int
+    tenant: str
+    starts_at: datetime
+    ends_at: datetime | None
+    message: str | None = None
+    mode: str = FULL
+    retry_after: int | None = None
+    created_at: datetime | None = None
+
+    def active_at(self, now: datetime) -> bool:
+        """Whether the window is on at ``now``."""
+        return self.starts_at <= now and (self.ends_at is None or now < self.ends_at)
+
+    def as_state(self) -> MaintenanceState:
+        """The maintenance state this window means while it is on."""
+        return MaintenanceState(
+            tenant=self.tenant,
+            active=True,
+            message=self.message,
+            retry_after=self.retry_after,
+            ends_at=self.ends_at,
+            started_at=self.starts_at,
+            updated_at=self.created_at,
+            mode=self.mode,
+            schedule_id=self.id,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What applies to a tenant now, and when that may change by itself (a schedule boundary)."""
+
+    state: MaintenanceState | None
+    changes_at: datetime | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -10,12 +11,20 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Engine,
+    Integer,
     Row,
+    String,
     case,
+    cast,
     create_engine,
+    delete,
     event,
+    literal,
+    null,
+    or_,
     select,
     true,
+    union_all,
     update,
 )
 from sqlalchemy import exc as sa_exc
@@ -24,7 +33,20 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from .errors import InvalidArgument
 from .schema import DEFAULT_PREFIX, Tables, build_tables
-from .state import ALL_TENANTS, HistoryEntry, MaintenanceState, Owner, check_tenant, utcnow
+from .state import (
+    ALL_TENANTS,
+    FULL,
+    MODES,
+    HistoryEntry,
+    Lookup,
+    MaintenanceState,
+    Owner,
+    Schedule,
+    check_tenant,
+    utcnow,
+)
+
+logger = logging.getLogger("maintgate")
 
 _UPSERT_INSERTS = {"postgresql": pg_insert, "sqlite": sqlite_insert}
 
@@ -64,6 +86,46 @@ def _owner_values(owner: Owner | None) -> dict[str, Any]:
     if owner is None:
         return {"owner_host": None, "owner_pid": None, "owner_backend_pid": None}
     return {"owner_host": owner.host, "owner_pid": owner.pid, "owner_backend_pid": owner.backend_pid}
+
+
+def announce(event: str, tenant: str, *, level: int = logging.INFO, **details: Any) -> None:
+    """Log a state change under the ``maintgate`` logger, with the details as structured ``extra``."""
+    shown = ", ".join(f"{k}={v!r}" for k, v in details.items() if v is not None)
+    logger.log(
+        level,
+        "maintgate: %s tenant %r%s",
+        event,
+        tenant,
+        f" ({shown})" if shown else "",
+        extra={
+            "maintgate_event": event,
+            "tenant": tenant,
+            **{f"maintgate_{k}": v for k, v in details.items()},
+        },
+    )
+
+
+def _schedule(m: Mapping[str, Any]) -> Schedule:
+    return Schedule(
+        id=m["id"],
+        tenant=m["tenant"],
+        starts_at=_aware(m["starts_at"]),  # type: ignore[arg-type]
+        ends_at=_aware(m["ends_at"]),
+        message=m["message"],
+        mode=m["mode"],
+        retry_after=m["retry_after"],
+        created_at=_aware(m["created_at"]),
+    )
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise InvalidArgument(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _check_retry_after(retry_after: int | None) -> None:
+    if retry_after is not None and (not isinstance(retry_after, int) or retry_after < 0):
+        raise InvalidArgument(f"retry_after must be a non-negative int of seconds, got {retry_after!r}")
 
 
 def _to_db(value: datetime | None) -> datetime | None:
@@ -128,21 +190,147 @@ class MaintenanceStore:
             row = conn.execute(select(self._state).where(self._state.c.tenant == tenant)).first()
         return None if row is None else self._from_row(row)
 
-    def effective(self, tenant: str | None) -> MaintenanceState | None:
-        """The active state that applies to ``tenant``: its own, else the global switch, else None.
+    def effective(self, tenant: str | None, now: datetime | None = None) -> MaintenanceState | None:
+        """The active state that applies to ``tenant`` (its own or the global switch, manual or scheduled)."""
+        return self.lookup(tenant, now).state
 
-        One query serves both rows, so a gate's cache miss costs exactly one round trip.
+    def lookup(self, tenant: str | None, now: datetime | None = None) -> Lookup:
+        """What applies to ``tenant`` at ``now``, and when a schedule will change that by itself.
+
+        The tenant's rows and the global switch's, manual and scheduled, come back in one
+        query, so a gate's cache miss costs one round trip. Of several active states the
+        strictest wins (full over read-only), then the tenant's own over the global one.
         """
+        now = now or utcnow()
         wanted = [ALL_TENANTS] if tenant is None or tenant == ALL_TENANTS else [tenant, ALL_TENANTS]
-        t = self._state
+        t, sc = self._state, self.tables.schedule
+        manual = select(
+            literal("state").label("kind"),
+            cast(null(), Integer).label("id"),
+            t.c.tenant,
+            t.c.mode,
+            t.c.message,
+            t.c.error,
+            t.c.retry_after,
+            t.c.ends_at,
+            t.c.started_at,
+            t.c.updated_at,
+            t.c.owner_host,
+            t.c.owner_pid,
+            t.c.owner_backend_pid,
+        ).where(t.c.tenant.in_(wanted), t.c.active)
+        planned = select(
+            literal("schedule").label("kind"),
+            sc.c.id,
+            sc.c.tenant,
+            sc.c.mode,
+            sc.c.message,
+            cast(null(), String).label("error"),
+            sc.c.retry_after,
+            sc.c.ends_at,
+            sc.c.starts_at.label("started_at"),
+            sc.c.created_at.label("updated_at"),
+            cast(null(), String).label("owner_host"),
+            cast(null(), Integer).label("owner_pid"),
+            cast(null(), Integer).label("owner_backend_pid"),
+        ).where(sc.c.tenant.in_(wanted), or_(sc.c.ends_at.is_(None), sc.c.ends_at > _to_db(now)))
         with self.engine.connect() as conn:
-            rows = conn.execute(select(t).where(t.c.tenant.in_(wanted), t.c.active)).all()
-        found: MaintenanceState | None = None
+            rows = conn.execute(union_all(manual, planned)).all()
+        active: list[MaintenanceState] = []
+        changes_at: datetime | None = None
         for row in rows:
-            state = self._from_row(row)
-            if found is None or not state.is_global:
-                found = state
-        return found
+            m = row._mapping
+            state = MaintenanceState(
+                tenant=m["tenant"],
+                active=True,
+                message=m["message"],
+                error=m["error"],
+                retry_after=m["retry_after"],
+                ends_at=_aware(m["ends_at"]),
+                started_at=_aware(m["started_at"]),
+                updated_at=_aware(m["updated_at"]),
+                owner=_owner(m),
+                mode=m["mode"] or FULL,
+                schedule_id=m["id"],
+            )
+            if m["kind"] == "schedule":
+                starts_at = state.started_at
+                if starts_at is not None and starts_at > now:
+                    changes_at = starts_at if changes_at is None else min(changes_at, starts_at)
+                    continue
+                if state.ends_at is not None:
+                    changes_at = state.ends_at if changes_at is None else min(changes_at, state.ends_at)
+            active.append(state)
+        if not active:
+            return Lookup(None, changes_at)
+        active.sort(key=lambda s: (s.mode != FULL, s.is_global, s.schedule_id is not None))
+        return Lookup(active[0], changes_at)
+
+    def schedule(
+        self,
+        tenant: str,
+        starts_at: datetime,
+        ends_at: datetime | None = None,
+        *,
+        message: str | None = None,
+        mode: str = FULL,
+        retry_after: int | None = None,
+        connection: Connection | None = None,
+    ) -> Schedule:
+        """Plan maintenance for ``tenant`` from ``starts_at`` to ``ends_at`` (open-ended if None).
+
+        Gates switch it on and off by themselves at those times, with no write to the database.
+        """
+        check_tenant(tenant)
+        _check_mode(mode)
+        _check_retry_after(retry_after)
+        start, end = _to_db(starts_at), _to_db(ends_at)
+        if start is None:
+            raise InvalidArgument("schedule needs starts_at")
+        if end is not None and end <= start:
+            raise InvalidArgument(
+                f"ends_at ({end.isoformat()}) must come after starts_at ({start.isoformat()})"
+            )
+        now = utcnow()
+        sc = self.tables.schedule
+        values = {
+            "tenant": tenant,
+            "starts_at": start,
+            "ends_at": end,
+            "message": message,
+            "mode": mode,
+            "retry_after": retry_after,
+            "created_at": now,
+        }
+        with self._begin(connection) as conn:
+            new_id = conn.execute(sc.insert().values(values)).inserted_primary_key[0]  # type: ignore[index]
+            until = end.isoformat() if end else "until switched off"
+            self._log(
+                conn, tenant, "scheduled", now, message=f"{start.isoformat()} to {until}: {message or ''}"
+            )
+        return Schedule(id=new_id, **{**values, "starts_at": start, "ends_at": end})  # type: ignore[arg-type]
+
+    def schedules(self, tenant: str | None = None) -> list[Schedule]:
+        """Planned windows that are on now or still to come, soonest first (of one tenant, or all)."""
+        sc = self.tables.schedule
+        query = select(sc).where(or_(sc.c.ends_at.is_(None), sc.c.ends_at > _to_db(utcnow())))
+        if tenant is not None:
+            query = query.where(sc.c.tenant == check_tenant(tenant))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(sc.c.starts_at, sc.c.id)).all()
+        return [_schedule(r._mapping) for r in rows]
+
+    def unschedule(self, schedule_id: int, *, connection: Connection | None = None) -> bool:
+        """Cancel a planned window; False if there was none with that id."""
+        sc = self.tables.schedule
+        with self._begin(connection) as conn:
+            row = conn.execute(select(sc).where(sc.c.id == schedule_id)).first()
+            if row is None:
+                return False
+            conn.execute(delete(sc).where(sc.c.id == schedule_id))
+            self._log(conn, row.tenant, "unscheduled", utcnow(), message=f"schedule {schedule_id}")
+        announce("unscheduled", row.tenant, schedule_id=schedule_id)
+        return True
 
     def all(self) -> list[MaintenanceState]:
         """Every recorded state, the global switch first."""
@@ -160,19 +348,25 @@ class MaintenanceStore:
         message: str | None = None,
         retry_after: int | None = None,
         ends_at: datetime | None = None,
+        mode: str = FULL,
         connection: Connection | None = None,
     ) -> MaintenanceState:
         """Switch maintenance on for ``tenant`` (or ``ALL_TENANTS``) and return the new state.
 
+        ``mode="read_only"`` lets reads through and blocks writes. ``ends_at`` is an estimate
+        that sets Retry-After; to have maintenance end by itself, use :meth:`schedule`.
         Re-activating an active tenant updates its message but keeps its ``started_at``.
         """
-        return self._activate(tenant, message, retry_after, ends_at, None, "activated", connection)
+        state = self._activate(tenant, message, retry_after, ends_at, None, "activated", connection, mode)
+        announce("activated", tenant, message=message, mode=mode, retry_after=retry_after)
+        return state
 
     def deactivate(self, tenant: str, *, connection: Connection | None = None) -> MaintenanceState | None:
         """Switch maintenance off for ``tenant``; returns the new state, or None if it had none."""
         with self._begin(connection) as conn:
             self._deactivate(tenant, None, "deactivated", conn)
             row = conn.execute(select(self._state).where(self._state.c.tenant == tenant)).first()
+        announce("deactivated", tenant)
         return None if row is None else self._from_row(row)
 
     def history(self, tenant: str, *, limit: int = 100) -> list[HistoryEntry]:
@@ -205,10 +399,11 @@ class MaintenanceStore:
         owner: Owner | None,
         event: str,
         connection: Connection | None,
+        mode: str = FULL,
     ) -> MaintenanceState:
         check_tenant(tenant)
-        if retry_after is not None and (not isinstance(retry_after, int) or retry_after < 0):
-            raise InvalidArgument(f"retry_after must be a non-negative int of seconds, got {retry_after!r}")
+        _check_retry_after(retry_after)
+        _check_mode(mode)
         now = utcnow()
         t = self._state
         with self._begin(connection) as conn:
@@ -224,6 +419,7 @@ class MaintenanceStore:
                     retry_after=retry_after,
                     ends_at=_to_db(ends_at),
                     updated_at=now,
+                    mode=mode,
                     **_owner_values(owner),
                 )
             )
@@ -241,6 +437,15 @@ class MaintenanceStore:
             .where(t.c.tenant == tenant)
             .values(active=False, error=None, ends_at=None, updated_at=now, **_owner_values(None))
         )
+        if owner is None:  # an operator's "off" also ends planned windows that are on now
+            sc = self.tables.schedule
+            conn.execute(
+                delete(sc).where(
+                    sc.c.tenant == tenant,
+                    sc.c.starts_at <= _to_db(now),
+                    or_(sc.c.ends_at.is_(None), sc.c.ends_at > _to_db(now)),
+                )
+            )
         self._log(conn, tenant, event, now, owner=owner)
 
     def _release(self, tenant: str, owner: Owner, event: str, connection: Connection) -> None:
@@ -319,4 +524,5 @@ class MaintenanceStore:
             started_at=_aware(m["started_at"]),
             updated_at=_aware(m["updated_at"]),
             owner=_owner(m),
+            mode=m["mode"] or FULL,
         )

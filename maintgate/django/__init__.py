@@ -15,6 +15,7 @@ from sqlalchemy import URL, create_engine
 from sqlalchemy.pool import StaticPool
 
 from ..core.errors import MaintgateError
+from ..core.state import FULL
 from ..core.store import MaintenanceStore
 from ..migration import _Window
 
@@ -110,6 +111,7 @@ def maintenance_window(
     retry_after: int | None = None,
     ends_at: datetime | None = None,
     store: MaintenanceStore | None = None,
+    mode: str = FULL,
 ) -> Iterator[Any]:
     """A migration window on Django's connection ``using``; yields that connection.
 
@@ -126,7 +128,7 @@ def maintenance_window(
         raise MaintgateError(
             "open the maintenance window outside transaction.atomic(): it owns the transaction"
         )
-    window = _Window(store, tenant, message, retry_after, ends_at, False, store.engine.dialect.name)
+    window = _Window(store, tenant, message, retry_after, ends_at, False, store.engine.dialect.name, mode)
     # Like Django's migrate on SQLite: foreign keys cannot be switched off inside a transaction,
     # and schema_editor needs them off, so switch them off around it and check before commit.
     sqlite = connection.vendor == "sqlite"
@@ -142,6 +144,7 @@ def maintenance_window(
                     connection.check_constraints()
                 with _sqlalchemy_connection(connection, store) as conn:
                     window.succeed(conn)
+            window.committed()
         except BaseException as exc:
             window.fail(exc)
             raise

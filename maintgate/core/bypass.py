@@ -1,0 +1,226 @@
+"""Who may pass while a tenant is in maintenance: IP/CIDR allowlist, a signed secret cookie, a predicate.
+
+Each rule is off unless configured, and they compose: any one that admits a request lets it pass.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
+from urllib.parse import parse_qsl, quote, urlencode
+
+from .errors import InvalidArgument
+from .request import RequestView
+from .response import Response
+from .state import ALL_TENANTS, utcnow
+
+logger = logging.getLogger("maintgate")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+SecretSource = str | Mapping[str, str] | Callable[[str | None], "str | None"]
+
+COOKIE = "maintgate_bypass"
+QUERY = "maintgate_bypass"
+HEADER = "x-maintgate-bypass"
+MAX_FORWARDED_LENGTH = 2048
+
+
+def _networks(name: str, values: Iterable[str]) -> tuple[IPNetwork, ...]:
+    if isinstance(values, str):
+        values = [values]
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(str(value).strip(), strict=False))
+        except ValueError:
+            raise InvalidArgument(f"{name}: {value!r} is not an IP address or CIDR network") from None
+    return tuple(networks)
+
+
+def _address(text: str | None) -> IPAddress | None:
+    """An IP address from a peer or forwarded value ("1.2.3.4", "[::1]:80", '"[::1]"'), or None."""
+    if not text:
+        return None
+    value = text.strip().strip('"')
+    if value.startswith("["):
+        value = value[1:].partition("]")[0]
+    elif value.count(":") == 1:  # IPv4 with a port
+        value = value.partition(":")[0]
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+def _within(address: IPAddress, networks: tuple[IPNetwork, ...]) -> bool:
+    return any(address.version == n.version and address in n for n in networks)
+
+
+class Bypass:
+    """The bypass rules of one gate; built once, consulted only for requests under maintenance."""
+
+    def __init__(
+        self,
+        *,
+        allow_ips: Iterable[str] = (),
+        trusted_proxies: Iterable[str] = (),
+        secret: SecretSource | None = None,
+        cookie_max_age: int = 12 * 3600,
+        predicate: Callable[[RequestView], bool] | None = None,
+        now: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.allow_ips = _networks("allow_ips", allow_ips)
+        self.trusted_proxies = _networks("trusted_proxies", trusted_proxies)
+        if secret is not None and not (isinstance(secret, str | Mapping) or callable(secret)):
+            raise InvalidArgument(
+                "bypass_secret must be a string, a mapping of tenant to secret, or a callable"
+            )
+        if isinstance(secret, str) and len(secret) < 16:
+            raise InvalidArgument("bypass_secret must be at least 16 characters long")
+        if not isinstance(cookie_max_age, int) or cookie_max_age < 1:
+            raise InvalidArgument(f"bypass_cookie_max_age must be a positive int, got {cookie_max_age!r}")
+        if predicate is not None and not callable(predicate):
+            raise InvalidArgument(f"bypass must be a callable taking the request view, got {predicate!r}")
+        self.secret = secret
+        self.cookie_max_age = cookie_max_age
+        self.predicate = predicate
+        self._now = now
+
+    def __bool__(self) -> bool:
+        return bool(self.allow_ips or self.secret is not None or self.predicate is not None)
+
+    def client_ip(self, request: RequestView) -> IPAddress | None:
+        """The client's address: the peer's, or behind trusted proxies the right-most untrusted one."""
+        peer = _address(request.client)
+        if peer is None or not self.trusted_proxies or not _within(peer, self.trusted_proxies):
+            return peer
+        chain = self._forwarded_chain(request)
+        for address in reversed(chain):
+            if not _within(address, self.trusted_proxies):
+                return address
+        return chain[0] if chain else peer
+
+    @staticmethod
+    def _forwarded_chain(request: RequestView) -> list[IPAddress]:
+        forwarded = request.header("forwarded")
+        chain: list[IPAddress | None] = []
+        if forwarded:
+            for element in forwarded[:MAX_FORWARDED_LENGTH].split(","):
+                for pair in element.split(";"):
+                    name, _, value = pair.partition("=")
+                    if name.strip().lower() == "for":
+                        chain.append(_address(value))
+        else:
+            xff = request.header("x-forwarded-for") or ""
+            chain = [_address(part) for part in xff[:MAX_FORWARDED_LENGTH].split(",") if part.strip()]
+        if any(a is None for a in chain):
+            # An unparsable hop (garbage, "unknown", an obfuscated id): trust nothing left of it.
+            last_bad = max(i for i, a in enumerate(chain) if a is None)
+            chain = chain[last_bad + 1 :]
+        return [a for a in chain if a is not None]
+
+    def secret_for(self, tenant: str | None) -> str | None:
+        """The bypass secret that applies to ``tenant`` (None: no secret bypass for it)."""
+        source = self.secret
+        if source is None:
+            return None
+        if isinstance(source, str):
+            return source
+        if isinstance(source, Mapping):
+            return source.get(tenant or ALL_TENANTS) or source.get(ALL_TENANTS)
+        try:
+            return source(tenant)
+        except Exception:
+            logger.exception("maintgate: bypass secret callable failed for tenant %r", tenant)
+            return None
+
+    def check(self, request: RequestView, tenant: str | None) -> Response | bool:
+        """True to let the request pass, a redirect that sets the bypass cookie, or False."""
+        if self.predicate is not None:
+            try:
+                if self.predicate(request):
+                    return True
+            except Exception:
+                logger.exception("maintgate: bypass predicate %r failed; not bypassing", self.predicate)
+        if self.allow_ips:
+            address = self.client_ip(request)
+            if address is not None and _within(address, self.allow_ips):
+                return True
+        secret = self.secret_for(tenant) if self.secret is not None else None
+        if not secret:
+            return False
+        given = request.header(HEADER)
+        if given is not None:
+            return hmac.compare_digest(given.encode("latin-1"), secret.encode("utf-8"))
+        cookie = _cookie(request.header("cookie"), COOKIE)
+        if cookie is not None and self._valid_cookie(cookie, tenant, secret):
+            return True
+        query = request.query
+        if QUERY in query:
+            return self._redeem(request, tenant, secret)
+        return False
+
+    def _sign(self, secret: str, payload: str) -> str:
+        digest = hmac.new(secret.encode("utf-8"), payload.encode("ascii"), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+    def cookie_value(self, tenant: str | None, secret: str) -> str:
+        """A signed, expiring bypass cookie value for ``tenant``."""
+        expires = int(self._now().timestamp()) + self.cookie_max_age
+        payload = f"{tenant or ALL_TENANTS}:{expires}"
+        return f"{payload}:{self._sign(secret, payload)}"
+
+    def _valid_cookie(self, value: str, tenant: str | None, secret: str) -> bool:
+        parts = value.rsplit(":", 2)
+        if len(parts) != 3:
+            return False
+        cookie_tenant, expires, signature = parts
+        expected = self._sign(secret, f"{cookie_tenant}:{expires}")
+        if not hmac.compare_digest(signature.encode("latin-1"), expected.encode("ascii")):
+            return False
+        if cookie_tenant != (tenant or ALL_TENANTS):
+            return False
+        try:
+            return int(expires) > self._now().timestamp()
+        except ValueError:
+            return False
+
+    def _redeem(self, request: RequestView, tenant: str | None, secret: str) -> Response | bool:
+        pairs = parse_qsl(request.query, keep_blank_values=True, max_num_fields=100)
+        given = next((v for k, v in pairs if k == QUERY), None)
+        if given is None or not hmac.compare_digest(given.encode("utf-8"), secret.encode("utf-8")):
+            return False
+        if request.method not in ("GET", "HEAD"):
+            return True
+        rest = urlencode([(k, v) for k, v in pairs if k != QUERY])
+        # Quoted, so that a decoded path can never carry CR/LF or spaces into the header.
+        location = quote(request.path, safe="/:@!$&'()*+,;=-._~%") + (f"?{rest}" if rest else "")
+        secure = "; Secure" if request.scheme in ("https", "wss") else ""
+        cookie = (
+            f"{COOKIE}={self.cookie_value(tenant, secret)}; Max-Age={self.cookie_max_age}; Path=/; "
+            f"HttpOnly; SameSite=Lax{secure}"
+        )
+        headers = [
+            ("location", location),
+            ("set-cookie", cookie),
+            ("cache-control", "no-store"),
+            ("content-length", "0"),
+        ]
+        return Response(302, headers, b"")
+
+
+def _cookie(header: str | None, name: str) -> str | None:
+    """The value of cookie ``name`` in a Cookie header, without parsing the rest."""
+    if not header or name not in header:
+        return None
+    for part in header.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value.strip().strip('"')
+    return None
