@@ -179,8 +179,16 @@ class _Window:
                 )
             self.operator_had_it_on = bool(current and current.active and current.owner is None)
             store._activate(
-                tenant, self.message, self.retry_after, self.ends_at, self.owner, "window_opened", conn
+                tenant,
+                self.message,
+                self.retry_after,
+                self.ends_at,
+                self.owner,
+                "window_opened",
+                conn,
+                self.mode,
             )
+        announce("window_opened", tenant, owner=self.owner, message=self.message, mode=self.mode)
 
     def prepare(self, conn: Connection) -> None:
         """Refuse AUTOCOMMIT; make sure the driver really is in a transaction (pysqlite defers BEGIN)."""

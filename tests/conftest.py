@@ -6,6 +6,7 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import create_engine, event, text
@@ -110,13 +111,18 @@ def queries(store: MaintenanceStore) -> QueryCounter:
 
 
 class ManualClock:
-    """A monotonic clock the test moves by hand, so TTL tests never sleep."""
+    """A monotonic clock, and a wall clock moving with it, that the test moves by hand: no sleeping."""
 
     def __init__(self, start: float = 1000.0) -> None:
         self.now = start
+        self._start = start
+        self.wall_start = datetime.now(UTC)
 
     def __call__(self) -> float:
         return self.now
+
+    def wall(self) -> datetime:
+        return self.wall_start + timedelta(seconds=self.now - self._start)
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
@@ -125,3 +131,45 @@ class ManualClock:
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock()
+
+
+def asgi_call(
+    app,
+    path: str = "/",
+    *,
+    headers: dict[str, str] | None = None,
+    method: str = "GET",
+    client: tuple[str, int] | None = ("203.0.113.9", 40000),
+    query: str = "",
+    scheme: str = "http",
+) -> tuple[int, dict[str, str], bytes]:
+    """Call an ASGI app once with a hand-built scope; (status, headers, body)."""
+    import asyncio
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "scheme": scheme,
+        "query_string": query.encode("latin-1"),
+        "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()],
+        "client": client,
+    }
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start = sent[0]
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
+
+
+async def ok_app(scope, receive, send):
+    """The smallest ASGI app: 200 "ok"."""
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": b"ok"})
