@@ -7,13 +7,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from .core.errors import MaintgateError
-from .core.state import ALL_TENANTS, HistoryEntry, MaintenanceState
+from .core.state import ALL_TENANTS, FULL, MODES, HistoryEntry, MaintenanceState, Schedule, utcnow
 from .core.store import MaintenanceStore
 from .migration import owner_alive
 
@@ -37,10 +37,23 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("tenant", nargs="?", help="one tenant (default: every recorded one)")
     status.add_argument("--json", action="store_true", help="print a JSON array")
 
-    on = sub.add_parser("on", help="switch maintenance on")
+    on = sub.add_parser("on", help="switch maintenance on, now or on a schedule")
     _target(on)
     on.add_argument("--message", help="shown to clients")
     on.add_argument("--retry-after", type=_seconds, metavar="SECONDS", help="Retry-After for clients")
+    on.add_argument(
+        "--mode", choices=MODES, default=FULL, help="read_only lets reads through (default %(default)s)"
+    )
+    on.add_argument(
+        "--at",
+        type=_when,
+        metavar="TIME",
+        help="start then instead of now: ISO 8601 (UTC if no offset) or +30m",
+    )
+    on.add_argument("--until", type=_when, metavar="TIME", help="end by itself then: ISO 8601 or +2h")
+
+    unschedule = sub.add_parser("unschedule", help="cancel a planned window (ids are in status)")
+    unschedule.add_argument("id", type=int, help="the schedule id")
 
     off = sub.add_parser("off", help="switch maintenance off")
     _target(off)
@@ -70,16 +83,45 @@ def _seconds(value: str) -> int:
     return seconds
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _when(value: str) -> datetime:
+    """An aware datetime from ISO 8601 (naive means UTC), or now plus ``+90s``, ``+30m``, ``+2h``, ``+1d``."""
+    text = value.strip()
+    if text.startswith("+") and text[-1:] in _UNITS and text[1:-1].isdigit():
+        return utcnow() + timedelta(seconds=int(text[1:-1]) * _UNITS[text[-1]])
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time or +N[smhd]: {value!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def state_json(store: MaintenanceStore, state: MaintenanceState) -> dict[str, Any]:
+def schedule_json(schedule: Schedule) -> dict[str, Any]:
+    """A planned window as ``status --json`` prints it."""
+    return {
+        "id": schedule.id,
+        "starts_at": _iso(schedule.starts_at),
+        "ends_at": _iso(schedule.ends_at),
+        "mode": schedule.mode,
+        "message": schedule.message,
+    }
+
+
+def state_json(
+    store: MaintenanceStore, state: MaintenanceState, schedules: list[Schedule] | None = None
+) -> dict[str, Any]:
     """A state as the JSON object ``status --json`` prints."""
     owner = state.owner
     return {
         "tenant": state.tenant,
         "active": state.active,
+        "mode": state.mode,
         "message": state.message,
         "error": state.error,
         "retry_after": state.retry_after,
@@ -90,6 +132,7 @@ def state_json(store: MaintenanceStore, state: MaintenanceState) -> dict[str, An
         if owner is None
         else {"host": owner.host, "pid": owner.pid, "backend_pid": owner.backend_pid},
         "owner_alive": owner_alive(store, state),
+        "scheduled": [schedule_json(s) for s in schedules or []],
     }
 
 
@@ -118,9 +161,18 @@ def _status_line(data: dict[str, Any]) -> str:
     if data["owner"]:
         alive = {True: "running", False: "GONE (crashed?)", None: "unknown"}[data["owner_alive"]]
         parts.append(f"window owner {data['owner']['host']} pid {data['owner']['pid']}: {alive}")
+    if data["active"] and data.get("mode") == "read_only":
+        parts.append("read-only")
     if data["error"]:
         parts.append(f"error={data['error'].splitlines()[0]!r}")
-    return "  ".join(parts)
+    lines = ["  ".join(parts)]
+    for planned in data.get("scheduled", []):
+        until = planned["ends_at"] or "until switched off"
+        what = f" {planned['message']!r}" if planned["message"] else ""
+        lines.append(
+            f"    scheduled #{planned['id']}: {planned['starts_at']} to {until} ({planned['mode']}){what}"
+        )
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace, out: Any) -> int:
@@ -137,11 +189,18 @@ def run(args: argparse.Namespace, out: Any) -> int:
                 f"maintgate tables ready in {store.engine.url.render_as_string(hide_password=True)}", file=out
             )
         elif args.command == "status":
+            planned: dict[str, list[Schedule]] = {}
+            for item in store.schedules(args.tenant):
+                planned.setdefault(item.tenant, []).append(item)
             if args.tenant:
                 states = [store.get(args.tenant) or MaintenanceState(tenant=args.tenant, active=False)]
             else:
                 states = store.all()
-            rows = [state_json(store, s) for s in states]
+                known = {s.tenant for s in states}
+                states += [
+                    MaintenanceState(tenant=t, active=False) for t in sorted(planned) if t not in known
+                ]
+            rows = [state_json(store, s, planned.get(s.tenant)) for s in states]
             if args.json:
                 print(json.dumps(rows, indent=2), file=out)
             else:
@@ -151,8 +210,29 @@ def run(args: argparse.Namespace, out: Any) -> int:
                     print("no tenant has ever been in maintenance", file=out)
         elif args.command == "on":
             tenant = ALL_TENANTS if args.all else args.tenant
-            state = store.activate(tenant, message=args.message, retry_after=args.retry_after)
-            print(_status_line(state_json(store, state)), file=out)
+            if args.at is not None or args.until is not None:
+                window = store.schedule(
+                    tenant,
+                    args.at or utcnow(),
+                    args.until,
+                    message=args.message,
+                    mode=args.mode,
+                    retry_after=args.retry_after,
+                )
+                until = window.ends_at.isoformat() if window.ends_at else "until switched off"
+                print(
+                    f"{tenant}: scheduled #{window.id} from {window.starts_at.isoformat()} to {until}",
+                    file=out,
+                )
+            else:
+                state = store.activate(
+                    tenant, message=args.message, retry_after=args.retry_after, mode=args.mode
+                )
+                print(_status_line(state_json(store, state)), file=out)
+        elif args.command == "unschedule":
+            if not store.unschedule(args.id):
+                raise MaintgateError(f"no planned window #{args.id}")
+            print(f"cancelled planned window #{args.id}", file=out)
         elif args.command == "off":
             tenant = ALL_TENANTS if args.all else args.tenant
             state = store.deactivate(tenant)

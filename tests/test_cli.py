@@ -110,3 +110,33 @@ def test_init_creates_the_tables_where_the_environment_points(tmp_path):
     store = MaintenanceStore(url)
     assert store.all() == [] and store.history("demo") == []
     store.engine.dispose()
+
+
+def test_on_at_until_schedules_and_status_lists_upcoming_windows(store):
+    done = cli(
+        store, "on", "demo", "--at", "+1h", "--until", "+2h", "--message", "Planned", "--mode", "read_only"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "scheduled #" in done.stdout
+    (planned,) = store.schedules("demo")
+    assert planned.mode == "read_only" and planned.message == "Planned"
+    assert (planned.ends_at - planned.starts_at).total_seconds() == pytest.approx(3600, abs=5)
+    (row,) = json.loads(cli(store, "status", "--json").stdout)
+    assert row["tenant"] == "demo" and not row["active"]
+    assert row["scheduled"] == [
+        {
+            "id": planned.id,
+            "starts_at": planned.starts_at.isoformat(),
+            "ends_at": planned.ends_at.isoformat(),
+            "mode": "read_only",
+            "message": "Planned",
+        }
+    ]
+    assert f"scheduled #{planned.id}" in cli(store, "status").stdout
+    assert cli(store, "on", "demo", "--until", "2099-01-01T00:00:00").returncode == 0
+    assert store.effective("demo") is not None, "--until alone starts now"
+    assert cli(store, "unschedule", str(planned.id)).returncode == 0
+    missing = cli(store, "unschedule", str(planned.id))
+    assert missing.returncode == 1 and "no planned window" in missing.stderr
+    bad = cli(store, "on", "demo", "--at", "tomorrow")
+    assert bad.returncode == 2 and "ISO 8601" in bad.stderr
