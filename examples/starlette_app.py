@@ -1,10 +1,10 @@
 """A Starlette app behind maintgate, on SQLite: ``python examples/starlette_app.py``.
 
-Then, from another shell::
+Then, from another shell in the same folder::
 
     curl -i -H 'X-Tenant-ID: demo' http://127.0.0.1:8000/
     maintgate --database-url sqlite:///example.db on demo --message "Renaming a field"
-    curl -i -H 'X-Tenant-ID: demo' http://127.0.0.1:8000/            # JSON 503
+    curl -i -H 'X-Tenant-ID: demo' http://127.0.0.1:8000/                         # JSON 503
     curl -i -H 'X-Tenant-ID: demo' -H 'Accept: text/html' http://127.0.0.1:8000/   # HTML 503
 """
 

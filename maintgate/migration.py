@@ -24,11 +24,11 @@ from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, event, text
 
 from .core.errors import MaintgateError
 from .core.state import FULL, MaintenanceState, Owner, check_tenant
-from .core.store import MaintenanceStore, announce, make_sqlite_transactional
+from .core.store import OPERATOR, MaintenanceStore, announce, make_sqlite_transactional
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -86,8 +86,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    """``Type: message`` for the record, without SQLAlchemy's link to its error docs."""
-    lines = [line for line in str(exc).splitlines() if not line.startswith("(Background on this error")]
+    """``Type: message`` for the record, without SQLAlchemy's docs link or bound parameters (data)."""
+    lines = [
+        line
+        for line in str(exc).splitlines()
+        if not line.startswith(("(Background on this error", "[parameters:"))
+    ]
     return f"{type(exc).__name__}: {chr(10).join(lines)}"[:ERROR_MAX_LENGTH]
 
 
@@ -122,31 +126,57 @@ class _Window:
         self.postgres = store.engine.dialect.name == "postgresql"
         self.owner = Owner(socket.gethostname(), os.getpid())
         self.operator_had_it_on = False
+        self.previous: MaintenanceState | None = None
+        self.opened = False
+        self.finished = False
         self._lock_conn: Connection | None = None
+        self._check_interval = False
 
-    def lock(self) -> None:
-        """PostgreSQL: hold the tenant's session advisory lock on a connection of our own."""
+    def lock(self, joined: Connection | None = None) -> None:
+        """PostgreSQL: take the tenant's advisory lock, or raise WindowBusy having changed nothing.
+
+        On a connection of our own it is a session lock, held until :meth:`unlock`. In a
+        caller's transaction (``joined``) it is a transaction lock on that connection, so that it
+        lasts exactly until the caller commits or rolls back.
+        """
         if not self.postgres:
             return
+        key = advisory_key(self.store, self.tenant)
+        if joined is not None:
+            got, backend_pid = joined.execute(
+                text("SELECT pg_try_advisory_xact_lock(:key), pg_backend_pid()"), {"key": key}
+            ).one()
+            if not got:
+                raise WindowBusy(f"a maintenance window for tenant {self.tenant!r} is already open")
+            self.owner = Owner(self.owner.host, self.owner.pid, backend_pid)
+            return
         conn = self.store.engine.connect()
+        check_interval = (conn.dialect.server_version_info or (0,)) >= (14,)
         try:
-            conn.exec_driver_sql("SET client_connection_check_interval = '1s'")
+            if check_interval:
+                conn.exec_driver_sql("SET client_connection_check_interval = '1s'")
             got, backend_pid = conn.execute(
-                text("SELECT pg_try_advisory_lock(:key), pg_backend_pid()"),
-                {"key": advisory_key(self.store, self.tenant)},
+                text("SELECT pg_try_advisory_lock(:key), pg_backend_pid()"), {"key": key}
             ).one()
             conn.commit()
+            if not got:
+                if check_interval:
+                    conn.exec_driver_sql("RESET client_connection_check_interval")
+                    conn.commit()
+                conn.close()
+                raise WindowBusy(f"a maintenance window for tenant {self.tenant!r} is already open")
+        except WindowBusy:
+            raise
         except BaseException:
             conn.invalidate()
             conn.close()
             raise
-        if not got:
-            conn.close()
-            raise WindowBusy(f"a maintenance window for tenant {self.tenant!r} is already open")
         self._lock_conn = conn
+        self._check_interval = check_interval
         self.owner = Owner(self.owner.host, self.owner.pid, backend_pid)
 
     def unlock(self) -> None:
+        """Release the session lock; if that fails, drop the connection rather than pool it."""
         conn, self._lock_conn = self._lock_conn, None
         if conn is None:
             return
@@ -154,7 +184,8 @@ class _Window:
             conn.execute(
                 text("SELECT pg_advisory_unlock(:key)"), {"key": advisory_key(self.store, self.tenant)}
             )
-            conn.exec_driver_sql("RESET client_connection_check_interval")
+            if self._check_interval:
+                conn.exec_driver_sql("RESET client_connection_check_interval")
             conn.commit()
         except Exception:
             # A pool reset would not release a session lock: never return this connection to the pool.
@@ -177,7 +208,8 @@ class _Window:
                     f"a maintenance window for tenant {tenant!r} is already open "
                     f"(host {current.owner.host}, pid {current.owner.pid})"  # type: ignore[union-attr]
                 )
-            self.operator_had_it_on = bool(current and current.active and current.owner is None)
+            self.previous = current
+            self.operator_had_it_on = bool(current and current.active and current.source == OPERATOR)
             store._activate(
                 tenant,
                 self.message,
@@ -188,6 +220,7 @@ class _Window:
                 conn,
                 self.mode,
             )
+        self.opened = True
         announce("window_opened", tenant, owner=self.owner, message=self.message, mode=self.mode)
 
     def prepare(self, conn: Connection) -> None:
@@ -203,22 +236,30 @@ class _Window:
                 raise MaintgateError("the migration window needs a transaction, not an AUTOCOMMIT connection")
             # Without this BEGIN, pysqlite would autocommit DDL that comes before any DML.
             conn.exec_driver_sql("BEGIN")
-        if name == "postgresql" and self._lock_conn is not None and conn is not self._lock_conn:
+        if name == "postgresql" and (conn.dialect.server_version_info or (0,)) >= (14,):
             conn.exec_driver_sql("SET LOCAL client_connection_check_interval = '1s'")
 
     def succeed(self, conn: Connection) -> None:
-        """Switch maintenance off (or leave an operator's on) inside the migration's transaction."""
+        """Switch maintenance off inside the migration's transaction, unless an operator wants it on.
+
+        An operator's maintenance from before the window is put back as it was; one switched on
+        while the window ran stays as the operator set it.
+        """
         if self.operator_had_it_on:
-            self.store._release(self.tenant, self.owner, "window_committed", conn)
+            self.store._release(self.tenant, self.owner, self.previous, "window_committed", conn)
+        elif self.store._source(self.tenant, conn) == OPERATOR:
+            self.store._release(self.tenant, self.owner, None, "window_committed", conn)
         else:
             self.store._deactivate(self.tenant, self.owner, "window_committed", conn)
 
     def committed(self) -> None:
         """Log that the migration and the switch-off are committed."""
+        self.finished = True
         announce("window_committed", self.tenant, owner=self.owner, kept_on=self.operator_had_it_on or None)
 
     def fail(self, exc: BaseException) -> None:
         """Record the error in a new transaction; if even that fails, log it and carry on."""
+        self.finished = True
         try:
             self.store._record_failure(self.tenant, _describe(exc), self.owner, None)
             announce(
@@ -282,10 +323,13 @@ def maintenance_window(
     window = _Window(store, tenant, message, retry_after, ends_at, allow_non_transactional_ddl, dialect, mode)
     if connection is not None and not connection.in_transaction():
         raise MaintgateError("pass a connection inside a transaction (conn.begin()); the caller commits it")
-    window.lock()
+    if connection is not None:
+        window.prepare(connection)
+        window.lock(joined=connection)
+    else:
+        window.lock()
     try:
         if connection is not None:
-            window.prepare(connection)
             window.open()
             yield from _joined(window, connection)
         else:
@@ -294,6 +338,10 @@ def maintenance_window(
                 window.prepare(conn)
                 window.open()
                 yield from _owned(window, conn)
+    except BaseException as exc:
+        if window.opened and not window.finished:
+            window.fail(exc)
+        raise
     finally:
         window.unlock()
 
@@ -318,12 +366,33 @@ def _joined(window: _Window, conn: Connection) -> Iterator[Connection]:
     try:
         yield conn
         window.succeed(conn)
+        _warn_on_caller_rollback(window, conn)
     except BaseException as exc:
         # Roll the caller's transaction back (never commit it): the error record must not wait
         # behind its locks, and SQLite would refuse the record while it holds the file's write lock.
         _rollback_caller(conn)
         window.fail(exc)
         raise
+
+
+def _warn_on_caller_rollback(window: _Window, conn: Connection) -> None:
+    """The caller may still roll back the switch-off: say so in the log if it does."""
+
+    def rolled_back(_conn: Connection) -> None:
+        event.remove(conn, "commit", committed)
+        logger.warning(
+            "maintgate: the caller rolled back the transaction of tenant %r's window after it closed; "
+            "maintenance stays on and status shows the owner gone",
+            window.tenant,
+            extra={"maintgate_event": "window_rolled_back_by_caller", "tenant": window.tenant},
+        )
+
+    def committed(_conn: Connection) -> None:
+        event.remove(conn, "rollback", rolled_back)
+        window.committed()
+
+    event.listen(conn, "rollback", rolled_back, once=True)
+    event.listen(conn, "commit", committed, once=True)
 
 
 def _rollback_caller(conn: Connection) -> None:
@@ -372,23 +441,24 @@ async def async_maintenance_window(
     window = _Window(store, tenant, message, retry_after, ends_at, allow_non_transactional_ddl, dialect, mode)
     if connection is not None and not connection.in_transaction():
         raise MaintgateError("pass a connection inside a transaction (conn.begin()); the caller commits it")
-    await asyncio.to_thread(window.lock)
     try:
         if connection is not None:
             await connection.run_sync(window.prepare)
-            await asyncio.to_thread(window.open)
+            await connection.run_sync(window.lock)
+            await _to_the_end(window.open)
             try:
                 yield connection
                 await connection.run_sync(window.succeed)
             except BaseException as exc:
                 await connection.run_sync(_rollback_caller)
-                await asyncio.to_thread(window.fail, exc)
+                await _to_the_end(window.fail, exc)
                 raise
         else:
+            await _to_the_end(window.lock)
             async with engine.connect() as conn:  # type: ignore[union-attr]
                 await conn.begin()
                 await conn.run_sync(window.prepare)
-                await asyncio.to_thread(window.open)
+                await _to_the_end(window.open)
                 try:
                     yield conn
                     if window.atomic:
@@ -396,16 +466,41 @@ async def async_maintenance_window(
                         await conn.commit()
                     else:
                         await conn.commit()
-                        await asyncio.to_thread(_succeed_alone, window)
+                        await _to_the_end(_succeed_alone, window)
                     window.committed()
                 except BaseException as exc:
                     await conn.run_sync(_discard)
-                    await asyncio.to_thread(window.fail, exc)
+                    await _to_the_end(window.fail, exc)
                     raise
+    except BaseException as exc:
+        if window.opened and not window.finished:  # cancelled between the switch-on and the block
+            await _to_the_end(window.fail, exc)
+        raise
     finally:
-        await asyncio.to_thread(window.unlock)
+        await _to_the_end(window.unlock)
         if owned_engine is not None:
             await owned_engine.dispose()
+
+
+async def _to_the_end(func: Any, *args: Any) -> Any:
+    """Run a blocking step in a worker thread to its end even if the task is cancelled meanwhile.
+
+    A lock taken or a switch-on committed by a thread must be known to the window, or it
+    could not be undone; the cancellation is re-raised once the step is over.
+    """
+    task = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 def _succeed_alone(window: _Window) -> None:

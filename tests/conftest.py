@@ -156,9 +156,13 @@ def asgi_call(
         "client": client,
     }
     sent: list[dict] = []
+    received = []
 
     async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
+        if not received:
+            received.append(True)
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # like a server: nothing more until the client goes away
 
     async def send(message):
         sent.append(message)

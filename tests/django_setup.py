@@ -26,7 +26,7 @@ def setup() -> None:
         ROOT_URLCONF="tests.apps",
         ALLOWED_HOSTS=["*"],
         MIDDLEWARE=[],
-        INSTALLED_APPS=["tests.djapp"],
+        INSTALLED_APPS=["maintgate.django", "tests.djapp"],
         USE_TZ=True,
         DEFAULT_AUTO_FIELD="django.db.models.AutoField",
         DATABASES={

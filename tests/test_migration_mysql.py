@@ -67,3 +67,12 @@ def test_degraded_mode_failure_leaves_a_partial_schema_and_maintenance_on(mysql_
     assert columns(store, table) == {"id", "main-email-contact"}, "DDL committed implicitly: partial schema"
     state = store.get("demo")
     assert state.active and state.error == "RuntimeError: second step failed"
+
+
+def test_started_at_is_recorded_and_kept(mysql_store):
+    """MySQL evaluates SET left to right: started_at must be computed from the old `active`."""
+    store, _ = mysql_store
+    first = store.activate("demo", message="one")
+    assert first.started_at is not None
+    second = store.activate("demo", message="two")
+    assert second.started_at == first.started_at

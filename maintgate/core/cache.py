@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Generic, TypeVar
 
 from cachetools import LRUCache, TTLCache
@@ -69,6 +70,7 @@ class StateCache(Generic[V]):
         default: V | None = None,
         on_error: Callable[[Hashable, BaseException], None] | None = None,
         max_workers: int = 4,
+        load_timeout: float | None = 5.0,
     ) -> None:
         if not ttl > 0:
             raise InvalidArgument(f"cache ttl must be > 0 seconds, got {ttl!r}")
@@ -81,6 +83,8 @@ class StateCache(Generic[V]):
         self._default = default
         self._on_error = on_error
         self._max_workers = max_workers
+        self.load_timeout = load_timeout
+        self._generation = 0
         self._index: dict[Hashable, tuple[float, V]] = {}
         self._store = _IndexedTTLCache(maxsize, self.ttl, timer, self._index)
         self._last_known: LRUCache[Hashable, V] = LRUCache(maxsize)
@@ -99,28 +103,43 @@ class StateCache(Generic[V]):
         return MISS
 
     def load(self, key: Hashable) -> V:
-        """The value for ``key``, loading it in this thread unless another thread already is."""
-        fut, owner = self._claim(key)
-        if owner:
-            self._fill(key, fut)
-        return fut.result()
+        """The value for ``key``, loading it in this thread unless another thread already is.
+
+        A wait longer than ``load_timeout`` gives up with the fallback value (not cached).
+        """
+        fut, generation = self._claim(key)
+        if generation is not None:
+            self._fill(key, fut, generation)
+        try:
+            return fut.result(timeout=self.load_timeout)
+        except FutureTimeout:
+            return self._gave_up(key)
 
     async def load_async(self, key: Hashable) -> V:
         """The value for ``key``; a load runs in a worker thread, once however many tasks wait."""
-        fut, owner = self._claim(key)
-        if owner:
-            self._pool().submit(self._fill, key, fut)
-        return await asyncio.wrap_future(fut)
+        fut, generation = self._claim(key)
+        if generation is not None:
+            try:
+                self._pool().submit(self._fill, key, fut, generation)
+            except BaseException as exc:  # the pool is shut down: never leave the claim dangling
+                self._settle(key, fut, generation, None, exc)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), self.load_timeout)
+        except TimeoutError:
+            return self._gave_up(key)
 
     def invalidate(self, key: Hashable | None = None) -> None:
-        """Forget ``key``, or every key, so that the next request reloads it."""
+        """Forget ``key``, or every key; loads already running are not cached when they end."""
         with self._lock:
+            self._generation += 1
             if key is None:
                 self._store.clear()
                 self._index.clear()
+                self._inflight.clear()
             else:
                 self._store.pop(key, None)
                 self._index.pop(key, None)
+                self._inflight.pop(key, None)
 
     def close(self) -> None:
         """Stop the worker threads used by :meth:`load_async`."""
@@ -129,44 +148,66 @@ class StateCache(Generic[V]):
         if executor is not None:
             executor.shutdown(wait=False)
 
-    def _claim(self, key: Hashable) -> tuple[Future[V], bool]:
+    def _claim(self, key: Hashable) -> tuple[Future[V], int | None]:
+        """The future to wait on, and the cache generation when this caller must run the load."""
         with self._lock:
             value = self.peek(key)
             if value is not MISS:
                 done: Future[V] = Future()
                 done.set_result(value)
-                return done, False
+                return done, None
             fut = self._inflight.get(key)
             if fut is not None:
-                return fut, False
+                return fut, None
             fut = self._inflight[key] = Future()
             # A running future cannot be cancelled, so one waiter giving up cannot fail the others.
             fut.set_running_or_notify_cancel()
-            return fut, True
+            return fut, self._generation
 
-    def _fill(self, key: Hashable, fut: Future[V]) -> None:
+    def _fill(self, key: Hashable, fut: Future[V], generation: int) -> None:
         try:
-            try:
-                value, max_age = self._loader(key)
-            except Exception as exc:
-                if self._on_error is not None:
-                    self._on_error(key, exc)
-                with self._lock:
-                    value, max_age = self._last_known.get(key, self._default), None  # type: ignore[arg-type]
-            else:
-                with self._lock:
-                    self._last_known[key] = value
-            life = self.ttl if max_age is None else max(0.0, min(self.ttl, max_age))
-            with self._lock:
-                self._store[key] = value
-                self._index[key] = (self._timer() + life, value)
-                del self._inflight[key]
+            loaded = self._loader(key)
+        except Exception as exc:
+            self._settle(key, fut, generation, None, exc)
         except BaseException as exc:
             with self._lock:
-                self._inflight.pop(key, None)
+                if self._inflight.get(key) is fut:
+                    del self._inflight[key]
             fut.set_exception(exc)
             raise
+        else:
+            self._settle(key, fut, generation, loaded, None)
+
+    def _settle(
+        self,
+        key: Hashable,
+        fut: Future[V],
+        generation: int,
+        loaded: tuple[V, float | None] | None,
+        error: BaseException | None,
+    ) -> None:
+        """Cache a load's result (or the fallback after ``error``) unless invalidated meanwhile."""
+        if error is not None and self._on_error is not None:
+            self._on_error(key, error)
+        with self._lock:
+            if loaded is None:
+                value, max_age = self._last_known.get(key, self._default), None  # type: ignore[arg-type]
+            else:
+                value, max_age = loaded
+                self._last_known[key] = value
+            if generation == self._generation:
+                life = self.ttl if max_age is None else max(0.0, min(self.ttl, max_age))
+                self._store[key] = value
+                self._index[key] = (self._timer() + life, value)
+            if self._inflight.get(key) is fut:
+                del self._inflight[key]
         fut.set_result(value)
+
+    def _gave_up(self, key: Hashable) -> V:
+        if self._on_error is not None:
+            self._on_error(key, TimeoutError(f"loading the state took longer than {self.load_timeout}s"))
+        with self._lock:
+            return self._last_known.get(key, self._default)  # type: ignore[arg-type]
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:

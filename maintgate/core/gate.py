@@ -168,10 +168,11 @@ class Gate:
         if self.tenant is None:
             return None
         try:
-            return self.tenant(request)
+            tenant = self.tenant(request)
         except Exception:
             logger.exception("maintgate: tenant resolver %r failed; treating as no tenant", self.tenant)
             return None
+        return tenant if isinstance(tenant, str) else None
 
     def resolve(self, pending: Pending) -> Response | None:
         """Finish a Pending check by loading the state in this thread."""

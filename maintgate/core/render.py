@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 from collections.abc import Callable
 from string import Template
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 from .errors import InvalidArgument
 from .negotiation import HTML, PROBLEM_JSON
 from .state import MaintenanceState
+
+logger = logging.getLogger("maintgate")
 
 ProblemBuilder = Callable[[MaintenanceState, "str | None", int], dict[str, Any]]
 
@@ -109,21 +112,26 @@ class Renderer:
     def render_json(self, state: MaintenanceState, tenant: str | None, retry_after: int) -> bytes:
         """An RFC 9457 problem-details document, with ``tenant`` and ``retry_after`` members."""
         if self.problem is not None:
-            body = self.problem(state, tenant, retry_after)
-        else:
-            body = {
-                "type": self.problem_type,
-                "title": "Service Unavailable",
-                "status": 503,
-                "detail": self.message(state),
-                "tenant": tenant,
-                "retry_after": retry_after,
-            }
-            if state.read_only:
-                body["read_only"] = True
-                body["detail"] = f"{body['detail']} {self.read_only_text}"
-            if self.expose_error and state.error:
-                body["error"] = state.error
+            try:
+                custom = self.problem(state, tenant, retry_after)
+                return json.dumps(custom, ensure_ascii=True, default=str).encode("ascii")
+            except Exception:
+                logger.exception(
+                    "maintgate: custom problem builder %r failed; using the default", self.problem
+                )
+        body: dict[str, Any] = {
+            "type": self.problem_type,
+            "title": "Service Unavailable",
+            "status": 503,
+            "detail": self.message(state),
+            "tenant": tenant,
+            "retry_after": retry_after,
+        }
+        if state.read_only:
+            body["read_only"] = True
+            body["detail"] = f"{body['detail']} {self.read_only_text}"
+        if self.expose_error and state.error:
+            body["error"] = state.error
         return json.dumps(body, ensure_ascii=True, default=str).encode("ascii")
 
     def render_html(self, state: MaintenanceState, tenant: str | None, retry_after: int) -> bytes:

@@ -39,6 +39,8 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         Column("started_at", DateTime(timezone=True)),
         Column("updated_at", DateTime(timezone=True)),
         Column("mode", String(16), nullable=False, default="full", server_default="full"),
+        # Who switched it on: "operator" (activate, the CLI) or "window" (a migration window).
+        Column("source", String(16)),
         # Who holds the tenant's migration window (NULL outside windows): host, pid, backend pid.
         Column("owner_host", String(255)),
         Column("owner_pid", Integer),

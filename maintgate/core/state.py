@@ -84,6 +84,7 @@ class MaintenanceState:
     owner: Owner | None = None
     mode: str = FULL
     schedule_id: int | None = None
+    source: str | None = None
 
     @property
     def read_only(self) -> bool:

@@ -48,6 +48,9 @@ from .state import (
 
 logger = logging.getLogger("maintgate")
 
+OPERATOR = "operator"
+WINDOW = "window"
+
 _UPSERT_INSERTS = {"postgresql": pg_insert, "sqlite": sqlite_insert}
 
 
@@ -364,14 +367,17 @@ class MaintenanceStore:
     def deactivate(self, tenant: str, *, connection: Connection | None = None) -> MaintenanceState | None:
         """Switch maintenance off for ``tenant``; returns the new state, or None if it had none."""
         with self._begin(connection) as conn:
-            self._deactivate(tenant, None, "deactivated", conn)
+            changed = self._deactivate(tenant, None, "deactivated", conn)
             row = conn.execute(select(self._state).where(self._state.c.tenant == tenant)).first()
-        announce("deactivated", tenant)
+        if changed:
+            announce("deactivated", tenant)
         return None if row is None else self._from_row(row)
 
     def history(self, tenant: str, *, limit: int = 100) -> list[HistoryEntry]:
         """The latest ``limit`` events of ``tenant`` (switches, windows, failures), oldest first."""
         check_tenant(tenant)
+        if not isinstance(limit, int) or limit < 1:
+            raise InvalidArgument(f"limit must be a positive int, got {limit!r}")
         h = self.tables.history
         with self.engine.connect() as conn:
             rows = conn.execute(
@@ -401,60 +407,85 @@ class MaintenanceStore:
         connection: Connection | None,
         mode: str = FULL,
     ) -> MaintenanceState:
+        """Switch on: by an operator (``owner`` None, window ownership untouched) or by a window."""
         check_tenant(tenant)
         _check_retry_after(retry_after)
         _check_mode(mode)
         now = utcnow()
         t = self._state
+        values: list[tuple[Any, Any]] = [
+            # First: MySQL evaluates SET left to right, and this must see the old `active`.
+            (t.c.started_at, case((t.c.active == true(), t.c.started_at), else_=now)),
+            (t.c.active, True),
+            (t.c.message, message),
+            (t.c.error, None),
+            (t.c.retry_after, retry_after),
+            (t.c.ends_at, _to_db(ends_at)),
+            (t.c.updated_at, now),
+            (t.c.mode, mode),
+            (t.c.source, OPERATOR if owner is None else WINDOW),
+        ]
+        if owner is not None:
+            values += [(getattr(t.c, k), v) for k, v in _owner_values(owner).items()]
         with self._begin(connection) as conn:
             self._ensure_row(conn, tenant)
-            conn.execute(
-                update(t)
-                .where(t.c.tenant == tenant)
-                .values(
-                    started_at=case((t.c.active == true(), t.c.started_at), else_=now),
-                    active=True,
-                    message=message,
-                    error=None,
-                    retry_after=retry_after,
-                    ends_at=_to_db(ends_at),
-                    updated_at=now,
-                    mode=mode,
-                    **_owner_values(owner),
-                )
-            )
+            conn.execute(update(t).where(t.c.tenant == tenant).ordered_values(*values))
             self._log(conn, tenant, event, now, message=message, owner=owner)
             row = conn.execute(select(t).where(t.c.tenant == tenant)).one()
         return self._from_row(row)
 
-    def _deactivate(self, tenant: str, owner: Owner | None, event: str, conn: Connection) -> None:
-        """Switch off and log it on ``conn``; writes only, so that it also runs on a lent connection."""
+    def _deactivate(self, tenant: str, owner: Owner | None, event: str, conn: Connection) -> bool:
+        """Switch off and log it on ``conn``; writes only, so that it also runs on a lent connection.
+
+        An operator's "off" (``owner`` None) leaves a running window's ownership alone and also
+        ends planned windows that are on now. Returns whether there was anything to switch off.
+        """
         check_tenant(tenant)
         t = self._state
         now = utcnow()
-        conn.execute(
-            update(t)
-            .where(t.c.tenant == tenant)
-            .values(active=False, error=None, ends_at=None, updated_at=now, **_owner_values(None))
-        )
-        if owner is None:  # an operator's "off" also ends planned windows that are on now
+        values: dict[str, Any] = {
+            "active": False,
+            "error": None,
+            "ends_at": None,
+            "updated_at": now,
+            "source": None,
+        }
+        if owner is not None:
+            values.update(_owner_values(None))
+        changed = conn.execute(update(t).where(t.c.tenant == tenant).values(**values)).rowcount
+        if owner is None:
             sc = self.tables.schedule
-            conn.execute(
+            changed += conn.execute(
                 delete(sc).where(
                     sc.c.tenant == tenant,
                     sc.c.starts_at <= _to_db(now),
                     or_(sc.c.ends_at.is_(None), sc.c.ends_at > _to_db(now)),
                 )
-            )
-        self._log(conn, tenant, event, now, owner=owner)
+            ).rowcount
+        if changed or owner is not None:
+            self._log(conn, tenant, event, now, owner=owner)
+        return bool(changed)
 
-    def _release(self, tenant: str, owner: Owner, event: str, connection: Connection) -> None:
-        """End a window's ownership but leave maintenance as it is (an operator had it on)."""
+    def _source(self, tenant: str, conn: Connection) -> str | None:
+        """Who switched ``tenant`` on: ``"operator"``, ``"window"``, or None when it is off."""
+        t = self._state
+        return conn.execute(select(t.c.source).where(t.c.tenant == tenant, t.c.active)).scalar()
+
+    def _release(
+        self, tenant: str, owner: Owner, restore: MaintenanceState | None, event: str, connection: Connection
+    ) -> None:
+        """End a window's ownership but leave maintenance on, as the operator had it (``restore``)."""
         t = self._state
         now = utcnow()
-        connection.execute(
-            update(t).where(t.c.tenant == tenant).values(updated_at=now, **_owner_values(None))
-        )
+        values: dict[str, Any] = {"updated_at": now, "source": OPERATOR, **_owner_values(None)}
+        if restore is not None:
+            values.update(
+                message=restore.message,
+                retry_after=restore.retry_after,
+                ends_at=_to_db(restore.ends_at),
+                mode=restore.mode,
+            )
+        connection.execute(update(t).where(t.c.tenant == tenant).values(**values))
         self._log(connection, tenant, event, now, owner=owner)
 
     def _record_failure(
@@ -468,12 +499,13 @@ class MaintenanceStore:
             conn.execute(
                 update(t)
                 .where(t.c.tenant == tenant)
-                .values(
-                    active=True,
-                    error=error,
-                    started_at=case((t.c.active == true(), t.c.started_at), else_=now),
-                    updated_at=now,
-                    **_owner_values(None),
+                .ordered_values(
+                    (t.c.started_at, case((t.c.active == true(), t.c.started_at), else_=now)),
+                    (t.c.active, True),
+                    (t.c.error, error),
+                    (t.c.updated_at, now),
+                    (t.c.source, WINDOW),
+                    *((getattr(t.c, k), v) for k, v in _owner_values(None).items()),
                 )
             )
             self._log(conn, tenant, "window_failed", now, error=error, owner=owner)
@@ -525,4 +557,5 @@ class MaintenanceStore:
             updated_at=_aware(m["updated_at"]),
             owner=_owner(m),
             mode=m["mode"] or FULL,
+            source=m["source"],
         )

@@ -19,7 +19,7 @@ from ..core.state import FULL
 from ..core.store import MaintenanceStore
 from ..migration import _Window
 
-_stores: dict[str, MaintenanceStore] = {}
+_stores: dict[tuple[str, str, str, str | None], MaintenanceStore] = {}
 
 _URL_SCHEMES = {
     "django.db.backends.sqlite3": "sqlite",
@@ -49,21 +49,18 @@ def database_url(using: str = "default") -> URL:
 
 
 def get_store(using: str = "default") -> MaintenanceStore:
-    """The store for Django's database ``using`` (one per alias; settings read on first use).
+    """The store for Django's database ``using``, built from the settings as they are now.
 
-    ``settings.MAINTGATE`` may give ``DATABASE_URL``, ``TABLE_PREFIX`` and ``SCHEMA``.
+    ``settings.MAINTGATE`` may give ``DATABASE_URL``, ``TABLE_PREFIX`` and ``SCHEMA``. Stores
+    are kept per configuration, so each keeps its connection pool.
     """
-    store = _stores.get(using)
-    if store is None:
-        from django.conf import settings
+    from . import conf
 
-        options: dict[str, Any] = getattr(settings, "MAINTGATE", {}) or {}
-        url = options.get("DATABASE_URL") or database_url(using)
-        store = _stores[using] = MaintenanceStore(
-            url if isinstance(url, str) else url.render_as_string(hide_password=False),
-            table_prefix=options.get("TABLE_PREFIX", "maintgate_"),
-            schema=options.get("SCHEMA"),
-        )
+    url = conf.get("DATABASE_URL") or database_url(using).render_as_string(hide_password=False)
+    key = (using, url, conf.get("TABLE_PREFIX", "maintgate_"), conf.get("SCHEMA"))
+    store = _stores.get(key)
+    if store is None:
+        store = _stores[key] = MaintenanceStore(url, table_prefix=key[2], schema=key[3])
     return store
 
 
@@ -140,6 +137,12 @@ def maintenance_window(
         try:
             with transaction.atomic(using=using):
                 yield connection
+                if transaction.get_rollback(using=using):
+                    # Something inside marked the transaction for rollback: Django would roll
+                    # back silently at the end, taking the switch-off with it.
+                    raise MaintgateError(
+                        "the window's transaction was marked for rollback; nothing was migrated"
+                    )
                 if sqlite:
                     connection.check_constraints()
                 with _sqlalchemy_connection(connection, store) as conn:

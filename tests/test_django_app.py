@@ -1,0 +1,149 @@
+"""The Django app: middleware (sync and async) in a real Django stack, settings, checks, the command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import asgi_call
+from tests.django_setup import setup
+
+setup()
+
+from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.core.handlers.wsgi import WSGIHandler  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.core.management.base import CommandError  # noqa: E402
+from django.test import override_settings  # noqa: E402
+
+from maintgate import ALL_TENANTS, MaintenanceStore  # noqa: E402
+from maintgate.django import checks, get_store  # noqa: E402
+
+MIDDLEWARE = ["maintgate.django.middleware.MaintenanceMiddleware"]
+BROWSER = "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8"
+
+
+@pytest.fixture
+def configured(store: MaintenanceStore):
+    """Django settings pointing maintgate at the test's store, with the middleware installed."""
+    url = store.engine.url.render_as_string(hide_password=False)
+    prefix = store.tables.state.name.removesuffix("state")
+    maintgate = {
+        "DATABASE_URL": url,
+        "TABLE_PREFIX": prefix,
+        "TENANT": "header:X-Tenant-ID",
+        "EXEMPT_PATHS": ["/healthz"],
+        "CACHE_TTL": 0.01,
+    }
+    with override_settings(MAINTGATE=maintgate, MIDDLEWARE=MIDDLEWARE, ROOT_URLCONF="tests.apps"):
+        from tests import apps
+
+        apps.django_app()  # installs the URL patterns
+        yield store
+    get_store("default").engine.dispose()
+
+
+def wsgi_get(handler, path="/", headers=None, method="GET"):
+    import io
+
+    environ = {
+        "REQUEST_METHOD": method,
+        "PATH_INFO": path,
+        "SERVER_NAME": "testserver",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(),
+        "wsgi.errors": io.StringIO(),
+    }
+    for name, value in (headers or {}).items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    seen = {}
+
+    def start_response(status, response_headers, exc_info=None):
+        seen["status"] = int(status[:3])
+        seen["headers"] = {k.lower(): v for k, v in response_headers}
+
+    body = b"".join(handler(environ, start_response))
+    return seen["status"], seen["headers"], body
+
+
+def test_sync_middleware_in_a_django_wsgi_stack(configured):
+    store = configured
+    handler = WSGIHandler()
+    assert wsgi_get(handler, headers={"X-Tenant-ID": "demo"})[0] == 200
+    store.activate("demo", message="Renaming", retry_after=120)
+    import time
+
+    time.sleep(0.02)
+    status, headers, body = wsgi_get(handler, headers={"X-Tenant-ID": "demo"})
+    assert status == 503 and headers["retry-after"] == "120" and headers["vary"] == "Accept"
+    assert headers["content-type"].startswith("application/problem+json")
+    assert json.loads(body)["detail"] == "Renaming"
+    status, headers, body = wsgi_get(handler, headers={"X-Tenant-ID": "demo", "Accept": BROWSER})
+    assert status == 503 and b"Renaming" in body and headers["content-type"].startswith("text/html")
+    assert wsgi_get(handler, "/healthz", headers={"X-Tenant-ID": "demo"})[0] == 200
+    assert wsgi_get(handler, headers={"X-Tenant-ID": "other"})[0] == 200
+
+
+def test_async_middleware_in_a_django_asgi_stack(configured):
+    store = configured
+    handler = ASGIHandler()
+    demo = {"X-Tenant-ID": "demo", "Host": "testserver"}
+    assert asgi_call(handler, headers=demo)[0] == 200
+    store.activate(ALL_TENANTS, message="Upgrade")
+    import time
+
+    time.sleep(0.02)
+    status, _headers, body = asgi_call(handler, headers=demo)
+    assert status == 503 and json.loads(body)["detail"] == "Upgrade"
+    assert asgi_call(handler, "/healthz", headers=demo)[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("maintgate", "check_id"),
+    [
+        ("nope", "maintgate.E001"),
+        ({"TENNANT": "header:X"}, "maintgate.E002"),
+        ({"TENANT": "cookie:tenant"}, "maintgate.E003"),
+        ({"TENANT": "no.such.module.resolver"}, "maintgate.E003"),
+        ({"CACHE_TTL": 0}, "maintgate.E004"),
+        ({"EXEMPT_PATHS": ["healthz"]}, "maintgate.E005"),
+        ({"ALLOW_IPS": ["10.0.0.999"]}, "maintgate.E006"),
+        ({"BYPASS_SECRET": "short"}, "maintgate.E007"),
+        ({"DATABASE": "missing"}, "maintgate.E008"),
+        ({"RENDERER": {"html_template": "$oops"}}, "maintgate.E009"),
+    ],
+)
+def test_system_checks_report_bad_settings_with_stable_ids(maintgate, check_id):
+    with override_settings(MAINTGATE=maintgate):
+        errors = checks.check_settings()
+    assert [e.id for e in errors] == [check_id], errors
+
+
+def test_good_settings_pass_the_checks():
+    with override_settings(MAINTGATE={"TENANT": "subdomain:example.com", "EXEMPT_PATHS": ["re:^/static/"]}):
+        assert checks.check_settings() == []
+    with override_settings(MAINTGATE=None):
+        assert checks.check_settings() == []
+
+
+def test_settings_are_read_lazily(configured):
+    from maintgate.django import conf
+
+    assert conf.gate_options()["cache_ttl"] == 0.01
+    with override_settings(MAINTGATE={**conf.raw(), "CACHE_TTL": 5}):
+        assert conf.gate_options()["cache_ttl"] == 5
+
+
+def test_management_command_uses_the_cli(configured):
+    store = configured
+    call_command("maintgate", "on", "demo", "--message", "From manage.py", "--retry-after", "60")
+    assert store.get("demo").message == "From manage.py"
+    (row,) = json.loads(call_command("maintgate", "status", "--json"))
+    assert row["tenant"] == "demo" and row["active"] and row["owner_alive"] is None
+    assert "activated" in call_command("maintgate", "history", "demo")
+    call_command("maintgate", "off", "demo")
+    assert not store.get("demo").active
+    with pytest.raises(CommandError, match="invalid tenant id"):
+        call_command("maintgate", "on", "bad id")
