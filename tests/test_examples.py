@@ -1,0 +1,88 @@
+"""Every example runs with its one command on SQLite and serves the gate through a real server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+
+from maintgate import MaintenanceStore
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+BROWSER = "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize(
+    ("name", "command", "path"),
+    [
+        ("starlette", ["examples/starlette_app.py"], "/"),
+        ("fastapi", ["examples/fastapi_app.py"], "/contacts"),
+        ("flask", ["examples/flask_app.py"], "/contacts"),
+        ("django", ["examples/django_project/manage.py", "runserver", "--noreload", "{addr}"], "/contacts"),
+    ],
+)
+def test_example_serves_the_gate(name, command, path, tmp_path):
+    db = tmp_path / "example.db"
+    port = free_port()
+    env = {
+        **os.environ,
+        "MAINTGATE_DATABASE_URL": f"sqlite:///{db}",
+        "EXAMPLE_SQLITE_PATH": str(db),
+        "PORT": str(port),
+    }
+    args = [sys.executable, *(part.format(addr=f"127.0.0.1:{port}") for part in command)]
+    server = subprocess.Popen(
+        args, cwd=EXAMPLES.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=5) as client:
+            demo = {"X-Tenant-ID": "demo"}
+            assert wait_until(lambda: client.get(path, headers=demo).status_code == 200, 30), name
+            assert client.get("/healthz").status_code == 200
+            store = MaintenanceStore(f"sqlite:///{db}")
+            store.activate("demo", message=f"{name} maintenance", retry_after=60)
+            assert wait_until(lambda: client.get(path, headers=demo).status_code == 503, 5)
+            api = client.get(path, headers=demo)
+            assert api.headers["content-type"].startswith("application/problem+json")
+            assert api.json()["detail"] == f"{name} maintenance" and api.headers["retry-after"] == "60"
+            page = client.get(path, headers={**demo, "Accept": BROWSER})
+            assert page.status_code == 503 and f"{name} maintenance" in page.text
+            assert client.get("/healthz", headers=demo).status_code == 200
+            assert client.get(path, headers={"X-Tenant-ID": "other"}).status_code == 200
+            store.engine.dispose()
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(5)
+        output = server.stdout.read()
+        server.stdout.close()
+    assert "Traceback" not in output, output
