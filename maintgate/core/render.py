@@ -24,6 +24,7 @@ DEFAULT_HTML = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark">
 <meta http-equiv="refresh" content="$retry_after">
+<link rel="icon" href="data:,">
 <title>$title</title>
 <style>
 :root{color-scheme:light dark;--fg:#1f2328;--bg:#fff;--muted:#59636e}
