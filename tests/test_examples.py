@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -86,3 +87,25 @@ def test_example_serves_the_gate(name, command, path, tmp_path):
         output = server.stdout.read()
         server.stdout.close()
     assert "Traceback" not in output, output
+
+
+def test_django_manage_py_maintgate_command(tmp_path):
+    """``manage.py maintgate …`` hands its arguments to the maintgate CLI, on Django's database."""
+    env = {**os.environ, "EXAMPLE_SQLITE_PATH": str(tmp_path / "example.db")}
+    manage = [sys.executable, "examples/django_project/manage.py", "maintgate"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*manage, *args], cwd=EXAMPLES.parent, env=env, capture_output=True, text=True, timeout=60
+        )
+
+    assert run("on", "demo", "--message", "via manage.py").returncode == 0
+    done = run("status", "--json")
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)
+    assert row["tenant"] == "demo" and row["active"] and row["message"] == "via manage.py"
+    assert "usage: maintgate" in run("--help").stdout
+    bad = run("on", "bad id")
+    assert bad.returncode == 1 and "invalid tenant id" in bad.stderr and "Traceback" not in bad.stderr
+    assert run("off", "demo").returncode == 0
+    assert "deactivated" in run("history", "demo").stdout
