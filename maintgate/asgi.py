@@ -81,10 +81,16 @@ class MaintenanceMiddleware:
         self.gate = gate if gate is not None else Gate(store, **options)  # type: ignore[arg-type]
         self._tenant = _scope_tenant(self.gate)
         self._peek = self.gate.cache.peek
+        if self.gate.start_listening is None:
+            from .notify import listen_in_loop
+
+            self.gate.start_listening = listen_in_loop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind != "http" and kind != "websocket":
+            if kind == "lifespan" and self.gate.notifications:
+                receive = _on_shutdown(receive)
             await self.app(scope, receive, send)
             return
         raw = self._tenant(scope) if self._tenant is not None else None
@@ -101,6 +107,20 @@ class MaintenanceMiddleware:
             await _send_http(send, result)  # type: ignore[arg-type]
         else:
             await _deny_websocket(scope, send, result)  # type: ignore[arg-type]
+
+
+def _on_shutdown(receive: Receive) -> Receive:
+    """Stop this loop's notification listeners when the server announces its shutdown."""
+
+    async def watched() -> Message:
+        message = await receive()
+        if message.get("type") == "lifespan.shutdown":
+            from .notify import stop_loop_listeners
+
+            await stop_loop_listeners()
+        return message
+
+    return watched
 
 
 def _scope_tenant(gate: Gate) -> Callable[[Scope], str | None] | None:

@@ -69,6 +69,14 @@ def require_postgres() -> None:
     pytest.skip(message)
 
 
+@pytest.fixture(autouse=True)
+def _no_listener_outlives_its_test() -> Iterator[None]:
+    yield
+    from maintgate.notify import stop_thread_listeners
+
+    stop_thread_listeners(timeout=0)  # daemon threads: they notice within half a second
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path) -> str:
     """A database URL: a fresh SQLite file, or the shared PostgreSQL test database."""

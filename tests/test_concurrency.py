@@ -27,7 +27,9 @@ def call_wsgi(app, tenant: str) -> int:
 
 def test_wsgi_threads_share_one_query_per_tenant_and_see_toggles(store, clock):
     store.activate("t0")
-    app = WSGIMaintenanceMiddleware(apps.flask_app(), store, tenant=from_header("X-Tenant-ID"), clock=clock)
+    app = WSGIMaintenanceMiddleware(
+        apps.flask_app(), store, tenant=from_header("X-Tenant-ID"), clock=clock, notifications=False
+    )
     queries = QueryCounter(store.engine)
     errors: list[BaseException] = []
     barrier = threading.Barrier(32)

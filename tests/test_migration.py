@@ -359,7 +359,11 @@ def test_a_live_gate_sees_the_window_and_never_a_half_migrated_schema(store, con
 
     clock = ManualClock()
     app = MaintenanceMiddleware(
-        Starlette(routes=[Route("/", read_columns)]), store, tenant=from_header("X-Tenant-ID"), clock=clock
+        Starlette(routes=[Route("/", read_columns)]),
+        store,
+        tenant=from_header("X-Tenant-ID"),
+        clock=clock,
+        notifications=False,
     )
     headers = {"X-Tenant-ID": "demo"}
     with TestClient(app) as client:

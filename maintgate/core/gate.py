@@ -104,6 +104,7 @@ class Gate:
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = utcnow,
         log_interval: float = 30.0,
+        notifications: bool | None = None,
     ) -> None:
         if not callable(getattr(store, "lookup", None)):
             raise TypeError(f"store must be a MaintenanceStore (or have .lookup()), got {store!r}")
@@ -136,6 +137,14 @@ class Gate:
         self._log_interval = log_interval
         self._last_warning = float("-inf")
         self._suppressed = 0
+        dialect = getattr(getattr(getattr(store, "engine", None), "dialect", None), "name", None)
+        self.notifications = dialect == "postgresql" if notifications is None else bool(notifications)
+        """Whether this gate subscribes to the store's PostgreSQL notifications (default: on PostgreSQL)."""
+        self.notifications_live = False
+        """Whether a listener is connected right now (else the TTL alone bounds staleness)."""
+        self.start_listening: Callable[[Gate], object] | None = None
+        """Set by an adapter: starts the notification listener on the first cache miss."""
+        self._listening = False
         self.cache: StateCache[MaintenanceState | None] = StateCache(
             self._load, ttl=cache_ttl, maxsize=cache_size, timer=clock, on_error=self._store_error
         )
@@ -160,6 +169,12 @@ class Gate:
         if tenant != raw:
             state = self.cache.peek(ALL_TENANTS)  # an invalid id is not a tenant: global only
         if state is MISS:
+            if not self._listening and self.notifications and self.start_listening is not None:
+                self._listening = True  # every process's first request misses: no cost on the hot path
+                try:
+                    self.start_listening(self)
+                except Exception:
+                    logger.exception("maintgate: could not start the notification listener; using the TTL")
             return Pending(request, tenant, ALL_TENANTS if tenant is None else tenant)
         return self.respond(request, tenant, state)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     literal,
     null,
     or_,
@@ -163,6 +165,9 @@ class MaintenanceStore:
             raise TypeError(f"database must be a SQLAlchemy URL or Engine, got {database!r}")
         self.tables: Tables = build_tables(table_prefix, schema)
         self._state = self.tables.state
+        name = f"{schema or ''}.{self._state.name}".encode()
+        self.channel = "maintgate_" + hashlib.blake2b(name, digest_size=8).hexdigest()
+        """The PostgreSQL NOTIFY channel on which this store announces every committed change."""
 
     def __repr__(self) -> str:
         return f"MaintenanceStore({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -510,6 +515,11 @@ class MaintenanceStore:
             )
             self._log(conn, tenant, "window_failed", now, error=error, owner=owner)
 
+    def _notify(self, conn: Connection, tenant: str) -> None:
+        """PostgreSQL: announce a change of ``tenant`` in the writing transaction (sent on commit only)."""
+        if conn.dialect.name == "postgresql":
+            conn.execute(select(func.pg_notify(self.channel, tenant)))
+
     def _log(
         self,
         conn: Connection,
@@ -526,6 +536,7 @@ class MaintenanceStore:
                 tenant=tenant, event=event, at=at, message=message, error=error, **_owner_values(owner)
             )
         )
+        self._notify(conn, tenant)
 
     def _ensure_row(self, conn: Connection, tenant: str) -> None:
         """Insert an inactive row for ``tenant`` unless one exists, race-free where the dialect can."""

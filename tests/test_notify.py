@@ -1,0 +1,147 @@
+"""PostgreSQL LISTEN/NOTIFY: sent on commit only, heard by thread and asyncio listeners, reconnecting."""
+
+from __future__ import annotations
+
+import time
+
+import httpx2 as httpx
+import psycopg
+import pytest
+from sqlalchemy import text
+
+from maintgate import (
+    ALL_TENANTS,
+    MaintenanceMiddleware,
+    WSGIMaintenanceMiddleware,
+    maintenance_window,
+    notify,
+)
+from maintgate.tenants import from_header
+from tests import apps
+from tests.conftest import POSTGRES_URL, ok_app
+from tests.servers import uvicorn_server
+
+pytestmark = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+
+
+class Inbox:
+    """A raw psycopg connection listening on the store's channel."""
+
+    def __init__(self, store):
+        url = store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self.conn = psycopg.connect(url, autocommit=True)
+        self.conn.execute(f'LISTEN "{store.channel}"')
+
+    def drain(self, wait: float = 0.3) -> list[str]:
+        return [n.payload for n in self.conn.notifies(timeout=wait)]
+
+    def close(self):
+        self.conn.close()
+
+
+def eventually(predicate, timeout=3.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_every_committed_change_notifies_and_a_rollback_does_not(store):
+    inbox = Inbox(store)
+    try:
+        store.activate("demo")
+        store.deactivate("demo")
+        store.activate(ALL_TENANTS)
+        assert inbox.drain() == ["demo", "demo", "*"]
+        with store.engine.connect() as conn:
+            tx = conn.begin()
+            store.activate("rolled", connection=conn)
+            tx.rollback()
+        assert inbox.drain() == []
+        with maintenance_window(store, "demo"):
+            assert inbox.drain() == ["demo"], "the switch-on commits on its own"
+        assert inbox.drain() == ["demo"], "the switch-off is announced with the migration's commit"
+        with pytest.raises(RuntimeError), maintenance_window(store, "demo"):
+            raise RuntimeError("fail")
+        assert inbox.drain() == ["demo", "demo"], (
+            "switch-on and failure record; the rolled-back off is never sent"
+        )
+        sched = store.schedule("demo", store.get("demo").updated_at)
+        store.unschedule(sched.id)
+        assert inbox.drain() == ["demo", "demo"]
+    finally:
+        inbox.close()
+
+
+def call(app, tenant):
+    import io
+
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/",
+        "SERVER_NAME": "t",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(),
+        "HTTP_X_TENANT_ID": tenant,
+    }
+    status = []
+    b"".join(app(environ, lambda s, h, e=None: status.append(int(s[:3]))))
+    return status[0]
+
+
+def test_thread_listener_invalidates_at_once_and_survives_a_lost_connection(store):
+    app = WSGIMaintenanceMiddleware(apps.flask_app(), store, tenant=from_header("X-Tenant-ID"), cache_ttl=60)
+    assert app.gate.notifications
+    assert call(app, "demo") == 200  # first miss starts the listener
+    assert eventually(lambda: app.gate.notifications_live)
+    started = time.monotonic()
+    store.activate("demo")
+    assert eventually(lambda: call(app, "demo") == 503, 1.0), "a 60 s TTL, yet the change shows at once"
+    print(f"propagation {1000 * (time.monotonic() - started):.1f} ms")
+    store.activate(ALL_TENANTS)
+    assert eventually(lambda: call(app, "other") == 503, 1.0)
+    store.deactivate(ALL_TENANTS)
+    store.deactivate("demo")
+    assert eventually(lambda: call(app, "other") == 200 and call(app, "demo") == 200, 1.0)
+
+    with store.engine.connect() as conn:
+        killed = conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = :name AND query LIKE :listen"
+            ),
+            {"name": notify.APPLICATION_NAME, "listen": f'LISTEN "{store.channel}"%'},
+        ).all()
+    assert killed, "the listener's backend was found"
+    assert eventually(lambda: not app.gate.notifications_live, 2.0)
+    assert eventually(lambda: app.gate.notifications_live, 5.0), "it reconnected"
+    store.activate("demo", message="after the reconnect")
+    assert eventually(lambda: call(app, "demo") == 503, 1.0)
+    app.gate.close()
+
+
+def test_asyncio_listener_under_uvicorn_and_lifespan_shutdown(store):
+    app = MaintenanceMiddleware(apps.starlette_app(), store, tenant=from_header("X-Tenant-ID"), cache_ttl=60)
+    demo = {"X-Tenant-ID": "demo"}
+    with uvicorn_server(app) as base, httpx.Client(base_url=base) as client:
+        assert client.get("/", headers=demo).status_code == 200
+        assert eventually(lambda: app.gate.notifications_live)
+        assert any(isinstance(v, notify.AsyncListener) for v in notify._tasks.values())
+        store.activate("demo", message="heard")
+        assert eventually(lambda: client.get("/", headers=demo).status_code == 503, 1.0)
+        store.deactivate("demo")
+        assert eventually(lambda: client.get("/", headers=demo).status_code == 200, 1.0)
+    assert not notify._tasks, "lifespan shutdown stopped the listener task"
+    app.gate.close()
+
+
+def test_notifications_are_off_elsewhere_and_can_be_switched_off(store, tmp_path):
+    from maintgate import MaintenanceStore
+
+    sqlite = MaintenanceStore(f"sqlite:///{tmp_path / 'x.db'}")
+    assert not MaintenanceMiddleware(ok_app, sqlite).gate.notifications
+    assert not MaintenanceMiddleware(ok_app, store, notifications=False).gate.notifications
+    assert POSTGRES_URL.startswith("postgresql")
