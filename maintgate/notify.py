@@ -187,6 +187,8 @@ def listen_in_loop(gate: Gate) -> AsyncListener | None:
     loop = asyncio.get_running_loop()
     key = (id(loop), _conninfo(gate), gate.store.channel)  # type: ignore[attr-defined]
     with _lock:
+        for stale in [k for k, v in _tasks.items() if v.task is not None and v.task.done()]:
+            del _tasks[stale]  # listeners of event loops that are gone
         listener = _tasks.get(key)
         if listener is None or listener.task is None or listener.task.done():
             listener = _tasks[key] = AsyncListener(key[1], key[2])

@@ -129,12 +129,13 @@ def test_asyncio_listener_under_uvicorn_and_lifespan_shutdown(store):
     with uvicorn_server(app) as base, httpx.Client(base_url=base) as client:
         assert client.get("/", headers=demo).status_code == 200
         assert eventually(lambda: app.gate.notifications_live)
-        assert any(isinstance(v, notify.AsyncListener) for v in notify._tasks.values())
+        assert any(k[2] == store.channel for k in notify._tasks)
         store.activate("demo", message="heard")
         assert eventually(lambda: client.get("/", headers=demo).status_code == 503, 1.0)
         store.deactivate("demo")
         assert eventually(lambda: client.get("/", headers=demo).status_code == 200, 1.0)
-    assert not notify._tasks, "lifespan shutdown stopped the listener task"
+    mine = [k for k in notify._tasks if k[2] == store.channel]
+    assert not mine, "lifespan shutdown stopped the listener task"
     app.gate.close()
 
 
