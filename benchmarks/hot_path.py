@@ -85,9 +85,11 @@ def _scope() -> dict[str, Any]:
     }
 
 
-def time_asgi(apps: dict[str, Any], n: int, rounds: int) -> dict[str, float]:
+def time_asgi(apps: dict[str, Any], n: int, rounds: int, accept: bytes | None = None) -> dict[str, float]:
     """Median seconds per request of each ASGI app, measured interleaved."""
     scope = _scope()
+    if accept is not None:
+        scope["headers"] = [(k, accept if k == b"accept" else v) for k, v in scope["headers"]]
 
     async def receive():
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -113,8 +115,10 @@ def time_asgi(apps: dict[str, Any], n: int, rounds: int) -> dict[str, float]:
     return asyncio.run(main())
 
 
-def time_wsgi(apps: dict[str, Any], n: int, rounds: int) -> dict[str, float]:
-    """Median seconds per request of each WSGI app, measured interleaved."""
+def time_wsgi(
+    apps: dict[str, Any], n: int, rounds: int, accept: str | None = None, stat: Any = statistics.median
+) -> dict[str, float]:
+    """Seconds per request of each WSGI app (median over rounds by default), measured interleaved."""
     import io
 
     base = {
@@ -137,6 +141,8 @@ def time_wsgi(apps: dict[str, Any], n: int, rounds: int) -> dict[str, float]:
         "wsgi.run_once": False,
         "wsgi.version": (1, 0),
     }
+    if accept is not None:
+        base["HTTP_ACCEPT"] = accept
 
     def start_response(status, headers, exc_info=None):
         return None
@@ -160,7 +166,7 @@ def time_wsgi(apps: dict[str, Any], n: int, rounds: int) -> dict[str, float]:
     for _ in range(rounds):
         for name, app in apps.items():
             samples[name].append(batch(app))
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: stat(values) for name, values in samples.items()}
 
 
 def starlette_hello() -> Any:
@@ -186,8 +192,25 @@ def flask_hello() -> Any:
     return app.wsgi_app
 
 
+def fastapi_hello(peer: bool = False) -> Any:
+    """FastAPI hello-world; with ``peer``, behind fastapi-maintenance (its default env-var backend)."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/")
+    async def hello() -> dict[str, str]:
+        return {"hello": "world"}
+
+    if peer:
+        from fastapi_maintenance import MaintenanceModeMiddleware
+
+        app.add_middleware(MaintenanceModeMiddleware)
+    return app
+
+
 def run(store: MaintenanceStore, quick: bool = False) -> list[dict[str, Any]]:
-    """Rows of (target, bare, pass-through, maintgate) timings."""
+    """Rows of timings: bare, pass-through, floor, maintgate and, where one exists, the peer."""
     tenant = from_header("X-Tenant-ID")
     rows = []
     scale = 0.1 if quick else 1.0
@@ -195,15 +218,19 @@ def run(store: MaintenanceStore, quick: bool = False) -> list[dict[str, Any]]:
     async def bare(scope, receive, send):
         return None
 
-    def asgi_row(name: str, app: Any, n: int, rounds: int) -> None:
+    def asgi_row(name: str, app: Any, n: int, rounds: int, peer: Any = None) -> None:
         gated = MaintenanceMiddleware(app, store, tenant=tenant, cache_ttl=3600)
         variants = {"bare": app, "pass": PassThrough(app), "floor": HeaderGateFloor(app), "maintgate": gated}
+        if peer is not None:
+            variants["peer"] = peer
         times = time_asgi(variants, max(1, int(n * scale)), rounds)
         rows.append({"target": name, **times})
         gated.gate.close()
 
     asgi_row("bare ASGI callable", bare, 100_000, 15)
     asgi_row("Starlette hello-world", starlette_hello(), 10_000, 15)
+    asgi_row("FastAPI hello-world", fastapi_hello(), 5_000, 15, peer=fastapi_hello(peer=True))
+    rows[-1]["peer_name"] = "fastapi-maintenance"
     flask = flask_hello()
     gated = WSGIMaintenanceMiddleware(flask, store, tenant=tenant, cache_ttl=3600)
     times = time_wsgi(
@@ -211,3 +238,35 @@ def run(store: MaintenanceStore, quick: bool = False) -> list[dict[str, Any]]:
     )
     rows.append({"target": "Flask hello-world", **times})
     return rows
+
+
+def run_blocked(store: MaintenanceStore, quick: bool = False) -> dict[str, float]:
+    """Seconds per 503 on FastAPI: maintgate's JSON and HTML, and fastapi-maintenance's."""
+    import os
+
+    from maintgate import ALL_TENANTS
+
+    scale = 0.1 if quick else 1.0
+    store.activate(ALL_TENANTS, message="Benchmarking the 503 path")
+    json_gate = MaintenanceMiddleware(
+        fastapi_hello(), store, tenant=from_header("X-Tenant-ID"), cache_ttl=3600
+    )
+    html_gate = MaintenanceMiddleware(
+        fastapi_hello(), store, tenant=from_header("X-Tenant-ID"), cache_ttl=3600
+    )
+    previous = os.environ.get("FASTAPI_MAINTENANCE_MODE")
+    os.environ["FASTAPI_MAINTENANCE_MODE"] = "1"
+    try:
+        peer = fastapi_hello(peer=True)
+        n = max(1, int(3_000 * scale))
+        json_times = time_asgi({"maintgate_json": json_gate, "peer": peer}, n, 9)
+        html_times = time_asgi({"maintgate_html": html_gate}, n, 9, accept=b"text/html,*/*;q=0.8")
+    finally:
+        if previous is None:
+            os.environ.pop("FASTAPI_MAINTENANCE_MODE", None)
+        else:
+            os.environ["FASTAPI_MAINTENANCE_MODE"] = previous
+        store.deactivate(ALL_TENANTS)
+        json_gate.gate.close()
+        html_gate.gate.close()
+    return {**json_times, **html_times}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 from sqlalchemy import event
@@ -50,17 +51,24 @@ async def _request(app, tenant: str) -> int:
 
 
 def run(
-    store: MaintenanceStore, *, requests: int = 10_000, tenants: int = 100, stampede: int = 64
-) -> dict[str, int]:
+    store: MaintenanceStore,
+    *,
+    requests: int = 100_000,
+    tenants: int = 1_000,
+    stampede: int = 256,
+    ttl: float = 1.0,
+) -> dict[str, Any]:
     """Queries for ``requests`` sequential requests over ``tenants`` tenants, and for a cold stampede."""
     counter = SelectCounter(store.engine)
-    app = MaintenanceMiddleware(_noop_app, store, tenant=from_header("X-Tenant-ID"), cache_ttl=3600)
+    app = MaintenanceMiddleware(_noop_app, store, tenant=from_header("X-Tenant-ID"), cache_ttl=ttl)
 
-    async def spread():
+    async def spread() -> float:
+        start = time.perf_counter()
         for i in range(requests):
             await _request(app, f"tenant{i % tenants}")
+        return time.perf_counter() - start
 
-    asyncio.run(spread())
+    elapsed = asyncio.run(spread())
     spread_queries = counter.count
 
     counter.count = 0
@@ -74,6 +82,8 @@ def run(
     return {
         "requests": requests,
         "tenants": tenants,
+        "ttl": ttl,
+        "seconds": elapsed,
         "queries": spread_queries,
         "stampede": stampede,
         "stampede_queries": counter.count,

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
 from datetime import datetime
 from typing import Any, Protocol
+
+from cachetools import LRUCache
 
 from .bypass import Bypass, SecretSource
 from .cache import MISS, StateCache
@@ -128,6 +131,8 @@ class Gate:
         if not isinstance(log_blocked_every, int) or log_blocked_every < 1:
             raise InvalidArgument(f"log_blocked_every must be a positive int, got {log_blocked_every!r}")
         self.on_block = on_block
+        self._rendered: LRUCache[tuple[Any, ...], tuple[MaintenanceState, Response]] = LRUCache(256)
+        self._rendered_lock = threading.Lock()
         self.log_blocked_every = log_blocked_every
         self._blocked = 0
         self.renderer = renderer if renderer is not None else Renderer()
@@ -229,16 +234,27 @@ class Gate:
     ) -> Response:
         media_type = negotiate(request.header("accept"))
         retry_after = state.seconds_to_retry(self._now(), self.default_retry_after)
-        body = self.renderer.render(media_type, state, tenant, retry_after)
-        headers = [
-            ("content-type", f"{media_type}; charset=utf-8"),
-            ("content-length", str(len(body))),
-            ("retry-after", str(retry_after)),
-            ("cache-control", "no-store"),
-            ("vary", "Accept"),
-        ]
+        head = request.method == "HEAD"
+        # The same state, tenant, type and countdown give the same bytes: render them once.
+        key = (id(state), tenant, media_type, retry_after, head)
+        with self._rendered_lock:
+            hit = self._rendered.get(key)
+        if hit is not None and hit[0] is state:
+            response = hit[1]
+        else:
+            body = self.renderer.render(media_type, state, tenant, retry_after)
+            headers = [
+                ("content-type", f"{media_type}; charset=utf-8"),
+                ("content-length", str(len(body))),
+                ("retry-after", str(retry_after)),
+                ("cache-control", "no-store"),
+                ("vary", "Accept"),
+            ]
+            response = Response(503, headers, b"" if head else body)
+            with self._rendered_lock:
+                self._rendered[key] = (state, response)
         self._note_block(request, tenant, state)
-        return Response(503, headers, b"" if request.method == "HEAD" else body)
+        return response
 
     def _note_block(self, request: RequestView, tenant: str | None, state: MaintenanceState) -> None:
         self._blocked += 1

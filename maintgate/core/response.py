@@ -8,7 +8,10 @@ from http import HTTPStatus
 
 @dataclass(slots=True)
 class Response:
-    """Status, headers (lower-case names, ASCII values) and body of a response the gate sends."""
+    """Status, headers (lower-case names, ASCII values) and body of a response the gate sends.
+
+    The gate may hand the same object to many requests: adapters read it, never change it.
+    """
 
     status: int
     headers: list[tuple[str, str]]

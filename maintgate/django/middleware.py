@@ -14,7 +14,9 @@ from django.http import HttpRequest, HttpResponse
 
 from ..core.gate import Gate, Pending
 from ..core.response import Response
-from ..wsgi import WSGIRequest
+from ..core.state import ALL_TENANTS
+from ..notify import listen_in_thread
+from ..wsgi import WSGIRequest, _environ_tenant
 from . import conf
 
 
@@ -57,20 +59,34 @@ class MaintenanceMiddleware:
         self.is_async = iscoroutinefunction(get_response)
         if self.is_async:
             markcoroutinefunction(self)
+        # META is a WSGI-style environ under both handlers: resolve the tenant straight from it.
+        self._tenant = _environ_tenant(self.gate)
+        self._peek = self.gate.cache.peek
+        if self.gate.start_listening is None:
+            self.gate.start_listening = listen_in_thread
+
+    def _check(self, request: HttpRequest) -> Response | Pending | None:
+        raw = self._tenant(request.META) if self._tenant is not None else None
+        state = self._peek(ALL_TENANTS if raw is None else raw)
+        if state is None:
+            return None
+        return self.gate.check_uncommon(DjangoRequest(request), raw, state)
 
     def __call__(self, request: HttpRequest) -> HttpResponse | Awaitable[HttpResponse]:
         if self.is_async:
             return self.__acall__(request)
-        result = self.gate.check(DjangoRequest(request))
-        if isinstance(result, Pending):
-            result = self.gate.resolve(result)
+        result = self._check(request)
         if result is None:
             return self.get_response(request)
-        return to_django(result)
+        if type(result) is Pending:
+            result = self.gate.resolve(result)
+            if result is None:
+                return self.get_response(request)
+        return to_django(result)  # type: ignore[arg-type]
 
     async def __acall__(self, request: HttpRequest) -> HttpResponse:
-        result = self.gate.check(DjangoRequest(request))
-        if isinstance(result, Pending):
+        result = self._check(request)
+        if type(result) is Pending:
             result = await self.gate.resolve_async(result)
         if result is None:
             return await self.get_response(request)
