@@ -71,6 +71,7 @@ class StateCache(Generic[V]):
         on_error: Callable[[Hashable, BaseException], None] | None = None,
         max_workers: int = 4,
         load_timeout: float | None = 5.0,
+        fallback: Callable[[Hashable, Any], V] | None = None,
     ) -> None:
         if not ttl > 0:
             raise InvalidArgument(f"cache ttl must be > 0 seconds, got {ttl!r}")
@@ -84,6 +85,7 @@ class StateCache(Generic[V]):
         self._on_error = on_error
         self._max_workers = max_workers
         self.load_timeout = load_timeout
+        self._fallback = fallback
         self._generation = 0
         self._index: dict[Hashable, tuple[float, V]] = {}
         self._store = _IndexedTTLCache(maxsize, self.ttl, timer, self._index)
@@ -191,7 +193,7 @@ class StateCache(Generic[V]):
             self._on_error(key, error)
         with self._lock:
             if loaded is None:
-                value, max_age = self._last_known.get(key, self._default), None  # type: ignore[arg-type]
+                value, max_age = self._fallback_for(key), None
             else:
                 value, max_age = loaded
                 self._last_known[key] = value
@@ -207,7 +209,14 @@ class StateCache(Generic[V]):
         if self._on_error is not None:
             self._on_error(key, TimeoutError(f"loading the state took longer than {self.load_timeout}s"))
         with self._lock:
-            return self._last_known.get(key, self._default)  # type: ignore[arg-type]
+            return self._fallback_for(key)
+
+    def _fallback_for(self, key: Hashable) -> V:
+        """What a failed or abandoned load answers: the policy's choice, by default the last known value."""
+        last = self._last_known.get(key, MISS)
+        if self._fallback is not None:
+            return self._fallback(key, last)
+        return self._default if last is MISS else last  # type: ignore[return-value]
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:

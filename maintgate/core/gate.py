@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from cachetools import LRUCache
 
+from .breaker import CircuitBreaker
 from .bypass import Bypass, SecretSource
 from .cache import MISS, StateCache
 from .errors import InvalidArgument
@@ -25,6 +26,7 @@ from .tenants import TenantResolver
 logger = logging.getLogger("maintgate")
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+STORE_ERROR_POLICIES = ("last_known", "open", "closed")
 
 
 class StateSource(Protocol):
@@ -108,6 +110,7 @@ class Gate:
         now: Callable[[], datetime] = utcnow,
         log_interval: float = 30.0,
         notifications: bool | None = None,
+        on_store_error: str = "last_known",
     ) -> None:
         if not callable(getattr(store, "lookup", None)):
             raise TypeError(f"store must be a MaintenanceStore (or have .lookup()), got {store!r}")
@@ -150,8 +153,20 @@ class Gate:
         self.start_listening: Callable[[Gate], object] | None = None
         """Set by an adapter: starts the notification listener on the first cache miss."""
         self._listening = False
+        if on_store_error not in STORE_ERROR_POLICIES:
+            raise InvalidArgument(
+                f"on_store_error must be one of {STORE_ERROR_POLICIES}, got {on_store_error!r}"
+            )
+        self.on_store_error = on_store_error
+        # The probe is a real lookup: the breaker closes only once lookups work again.
+        self.breaker = CircuitBreaker(lambda: store.lookup(None), self._recovered)
         self.cache: StateCache[MaintenanceState | None] = StateCache(
-            self._load, ttl=cache_ttl, maxsize=cache_size, timer=clock, on_error=self._store_error
+            self._load,
+            ttl=cache_ttl,
+            maxsize=cache_size,
+            timer=clock,
+            on_error=self._store_error,
+            fallback=self._fallback,
         )
 
     def check(self, request: RequestView) -> Response | Pending | None:
@@ -287,14 +302,36 @@ class Gate:
         self.cache.invalidate(None if tenant in (None, ALL_TENANTS) else tenant)
 
     def close(self) -> None:
-        """Release the worker threads used for asynchronous loads."""
+        """Release the worker threads used for asynchronous loads, and the store prober."""
+        self.breaker.stop()
         self.cache.close()
 
     def _load(self, key: Hashable) -> tuple[MaintenanceState | None, float | None]:
+        self.breaker.check()
         now = self._now()
-        found = self.store.lookup(None if key == ALL_TENANTS else str(key), now)
+        try:
+            found = self.store.lookup(None if key == ALL_TENANTS else str(key), now)
+        except Exception:
+            self.breaker.failed()
+            raise
         max_age = None if found.changes_at is None else (found.changes_at - now).total_seconds()
         return found.state, max_age
+
+    def _fallback(self, key: Hashable, last_known: Any) -> MaintenanceState | None:
+        """The outage policy's answer for ``key`` when its state cannot be read."""
+        if self.on_store_error == "closed":
+            return MaintenanceState(
+                tenant=str(key),
+                active=True,
+                message="The service cannot check its maintenance status right now.",
+                retry_after=self.default_retry_after,
+            )
+        if self.on_store_error == "open" or last_known is MISS:
+            return None
+        return last_known  # type: ignore[no-any-return]
+
+    def _recovered(self) -> None:
+        self.invalidate(None)
 
     def _store_error(self, key: Hashable, exc: BaseException) -> None:
         now = self._clock()

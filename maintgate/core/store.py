@@ -22,6 +22,7 @@ from sqlalchemy import (
     event,
     func,
     literal,
+    make_url,
     null,
     or_,
     select,
@@ -110,6 +111,25 @@ def announce(event: str, tenant: str, *, level: int = logging.INFO, **details: A
     )
 
 
+LOOKUP_TIMEOUT = 2.0
+"""Seconds a connection attempt, a pool checkout or a state lookup may take on engines the store builds."""
+
+
+def _bounded_options(url: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """Engine options with bounded waits, unless the caller set them: an outage must not hang requests."""
+    merged = dict(options)
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        return merged
+    merged.setdefault("pool_timeout", LOOKUP_TIMEOUT)
+    merged.setdefault("pool_pre_ping", True)
+    connect_args = dict(merged.get("connect_args", {}))
+    if backend in ("postgresql", "mysql", "mariadb"):
+        connect_args.setdefault("connect_timeout", int(LOOKUP_TIMEOUT))
+    merged["connect_args"] = connect_args
+    return merged
+
+
 def _schedule(m: Mapping[str, Any]) -> Schedule:
     return Schedule(
         id=m["id"],
@@ -158,13 +178,14 @@ class MaintenanceStore:
                 raise InvalidArgument("engine_options only apply when the store builds the engine")
             self.engine = database
         elif isinstance(database, str):
-            self.engine = create_engine(database, **dict(engine_options or {}))
+            self.engine = create_engine(database, **_bounded_options(database, engine_options or {}))
             if self.engine.dialect.name == "sqlite":
                 make_sqlite_transactional(self.engine)
         else:
             raise TypeError(f"database must be a SQLAlchemy URL or Engine, got {database!r}")
         self.tables: Tables = build_tables(table_prefix, schema)
         self._state = self.tables.state
+        self.lookup_timeout = LOOKUP_TIMEOUT
         name = f"{schema or ''}.{self._state.name}".encode()
         self.channel = "maintgate_" + hashlib.blake2b(name, digest_size=8).hexdigest()
         """The PostgreSQL NOTIFY channel on which this store announces every committed change."""
@@ -243,6 +264,9 @@ class MaintenanceStore:
             cast(null(), Integer).label("owner_backend_pid"),
         ).where(sc.c.tenant.in_(wanted), or_(sc.c.ends_at.is_(None), sc.c.ends_at > _to_db(now)))
         with self.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                # A gate must not hang on a stuck server: bound this read, not the app's work.
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(self.lookup_timeout * 1000)}")
             rows = conn.execute(union_all(manual, planned)).all()
         active: list[MaintenanceState] = []
         changes_at: datetime | None = None
