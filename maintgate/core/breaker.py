@@ -28,7 +28,7 @@ class CircuitBreaker:
         on_recovery: Callable[[], None],
         *,
         base_delay: float = 0.25,
-        max_delay: float = 5.0,
+        max_delay: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._probe = probe
