@@ -69,7 +69,7 @@ class StateCache(Generic[V]):
         timer: Callable[[], float] = time.monotonic,
         default: V | None = None,
         on_error: Callable[[Hashable, BaseException], None] | None = None,
-        max_workers: int = 4,
+        max_workers: int = 8,
         load_timeout: float | None = 5.0,
         fallback: Callable[[Hashable, Any], V] | None = None,
     ) -> None:
@@ -84,6 +84,7 @@ class StateCache(Generic[V]):
         self._default = default
         self._on_error = on_error
         self._max_workers = max_workers
+        self._slots = threading.BoundedSemaphore(max_workers)
         self.load_timeout = load_timeout
         self._fallback = fallback
         self._generation = 0
@@ -111,7 +112,14 @@ class StateCache(Generic[V]):
         """
         fut, generation = self._claim(key)
         if generation is not None:
-            self._fill(key, fut, generation)
+            # At most max_workers loads at once, in threads as in the async pool.
+            if self._slots.acquire(timeout=self.load_timeout if self.load_timeout is not None else -1):
+                try:
+                    self._fill(key, fut, generation)
+                finally:
+                    self._slots.release()
+            else:
+                self._settle(key, fut, generation, None, TimeoutError("too many loads at once"))
         try:
             return fut.result(timeout=self.load_timeout)
         except FutureTimeout:

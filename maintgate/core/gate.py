@@ -20,7 +20,7 @@ from .negotiation import negotiate
 from .render import Renderer
 from .request import RequestView
 from .response import Response
-from .state import ALL_TENANTS, Lookup, MaintenanceState, is_valid_tenant, utcnow
+from .state import ALL_TENANTS, TENANT_MAX_LENGTH, Lookup, MaintenanceState, is_valid_tenant, utcnow
 from .tenants import TenantResolver
 
 logger = logging.getLogger("maintgate")
@@ -111,6 +111,9 @@ class Gate:
         log_interval: float = 30.0,
         notifications: bool | None = None,
         on_store_error: str = "last_known",
+        tenant_pattern: str | re.Pattern[str] | None = None,
+        tenant_max_length: int = TENANT_MAX_LENGTH,
+        max_concurrent_loads: int = 8,
     ) -> None:
         if not callable(getattr(store, "lookup", None)):
             raise TypeError(f"store must be a MaintenanceStore (or have .lookup()), got {store!r}")
@@ -158,6 +161,18 @@ class Gate:
                 f"on_store_error must be one of {STORE_ERROR_POLICIES}, got {on_store_error!r}"
             )
         self.on_store_error = on_store_error
+        if not isinstance(tenant_max_length, int) or not 1 <= tenant_max_length <= TENANT_MAX_LENGTH:
+            raise InvalidArgument(f"tenant_max_length must be an int from 1 to {TENANT_MAX_LENGTH}")
+        try:
+            pattern = re.compile(tenant_pattern) if isinstance(tenant_pattern, str) else tenant_pattern
+        except re.error as exc:
+            raise InvalidArgument(f"tenant_pattern {tenant_pattern!r} is not a regex: {exc}") from None
+        self._tenant_max_length = tenant_max_length
+        self._tenant_pattern = pattern
+        if not isinstance(max_concurrent_loads, int) or max_concurrent_loads < 1:
+            raise InvalidArgument(
+                f"max_concurrent_loads must be a positive int, got {max_concurrent_loads!r}"
+            )
         # The probe is a real lookup: the breaker closes only once lookups work again.
         self.breaker = CircuitBreaker(lambda: store.lookup(None), self._recovered)
         self.cache: StateCache[MaintenanceState | None] = StateCache(
@@ -167,6 +182,7 @@ class Gate:
             timer=clock,
             on_error=self._store_error,
             fallback=self._fallback,
+            max_workers=max_concurrent_loads,
         )
 
     def check(self, request: RequestView) -> Response | Pending | None:
@@ -185,7 +201,7 @@ class Gate:
         """
         if request.path in self.exempt:
             return None
-        tenant = raw if raw is not None and raw != ALL_TENANTS and is_valid_tenant(raw) else None
+        tenant = raw if raw is not None and self.accepts_tenant(raw) else None
         if tenant != raw:
             state = self.cache.peek(ALL_TENANTS)  # an invalid id is not a tenant: global only
         if state is MISS:
@@ -197,6 +213,14 @@ class Gate:
                     logger.exception("maintgate: could not start the notification listener; using the TTL")
             return Pending(request, tenant, ALL_TENANTS if tenant is None else tenant)
         return self.respond(request, tenant, state)
+
+    def accepts_tenant(self, tenant: str) -> bool:
+        """Whether the gate looks ``tenant`` up; any other id counts as no tenant, before any query."""
+        if len(tenant) > self._tenant_max_length or tenant == ALL_TENANTS:
+            return False
+        if not is_valid_tenant(tenant):
+            return False
+        return self._tenant_pattern is None or self._tenant_pattern.fullmatch(tenant) is not None
 
     def tenant_of(self, request: RequestView) -> str | None:
         """The raw tenant id the resolver finds, or None; a failing resolver means no tenant."""

@@ -1,0 +1,136 @@
+"""Tenant floods: a million hostile ids, and thousands of valid unknown ones, against real databases."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+
+import pytest
+from sqlalchemy import event
+
+from maintgate import ALL_TENANTS, InvalidArgument, WSGIMaintenanceMiddleware
+from maintgate.tenants import from_header
+from tests.conftest import QueryCounter
+
+
+def ok_wsgi(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def call(app, tenant: str) -> int:
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/",
+        "SERVER_NAME": "t",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(),
+        "HTTP_X_TENANT_ID": tenant,
+    }
+    status = []
+    b"".join(app(environ, lambda s, h, e=None: status.append(int(s[:3]))))
+    return status[0]
+
+
+def test_a_million_hostile_tenant_ids_cost_no_queries_and_no_memory(store, capsys):
+    app = WSGIMaintenanceMiddleware(ok_wsgi, store, tenant=from_header("X-Tenant-ID"), cache_size=1_000)
+    queries = QueryCounter(store.engine)
+    call(app, "warm-up")
+    before_rss, before_queries = rss_mib(), queries.count
+    started = time.monotonic()
+    pad = "x" * 130
+    for i in range(1_000_000):
+        # Too long, or outside the charset: never a tenant, never a query, never a cache entry.
+        tenant = f"{pad}{i}" if i % 2 else f"../{i}<script>"
+        if call(app, tenant) != 200:
+            raise AssertionError(tenant)
+    grown = rss_mib() - before_rss
+    elapsed = time.monotonic() - started
+    spent = queries.count - before_queries
+    with capsys.disabled():
+        print(f"\nflood: 1,000,000 hostile ids in {elapsed:.1f}s: {spent} queries, RSS +{grown:.1f} MiB")
+    assert spent <= elapsed / app.gate.cache.ttl + 1, "only the global switch, once per TTL"
+    assert len(app.gate.cache) <= 2
+    assert grown < 20
+    store.activate(ALL_TENANTS)
+    app.gate.invalidate()
+    assert call(app, "../evil") == 503, "an invalid id still sees the global switch"
+    app.gate.close()
+
+
+def test_thousands_of_valid_unknown_tenants_stay_within_the_bounds(store, capsys):
+    app = WSGIMaintenanceMiddleware(
+        ok_wsgi, store, tenant=from_header("X-Tenant-ID"), cache_size=1_000, max_concurrent_loads=4
+    )
+    queries = QueryCounter(store.engine)
+    running = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    def started(*args):
+        with lock:
+            running["now"] += 1
+            running["max"] = max(running["max"], running["now"])
+
+    def finished(*args):
+        with lock:
+            running["now"] -= 1
+
+    event.listen(store.engine, "before_cursor_execute", started)
+    event.listen(store.engine, "after_cursor_execute", finished)
+    before_rss = rss_mib()
+    errors = []
+
+    def flood(offset: int) -> None:
+        try:
+            for i in range(offset, 5_000, 8):
+                call(app, f"t{i}")
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=flood, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    grown = rss_mib() - before_rss
+    with capsys.disabled():
+        print(
+            f"\nflood: 5,000 valid unknown ids from 8 threads: {queries.count} queries, "
+            f"at most {running['max']} statements at once, cache {len(app.gate.cache)}, RSS +{grown:.1f} MiB"
+        )
+    assert errors == []
+    assert 4_950 <= queries.count <= 5_000, "one query per new tenant, never more"
+    assert len(app.gate.cache) <= 1_000
+    assert running["max"] <= 4 * 2, "at most max_concurrent_loads loads (a few statements each) at once"
+    assert grown < 50
+    app.gate.close()
+
+
+def test_tenant_ids_can_be_restricted_further(store):
+    app = WSGIMaintenanceMiddleware(
+        ok_wsgi,
+        store,
+        tenant=from_header("X-Tenant-ID"),
+        tenant_pattern=r"t-\d{1,6}",
+        tenant_max_length=8,
+        notifications=False,
+    )
+    store.activate("t-42")
+    store.activate("demo")
+    queries = QueryCounter(store.engine)
+    assert call(app, "t-42") == 503
+    assert call(app, "demo") == 200, "not a tenant by this gate's rule: only the global switch applies"
+    assert call(app, "t-1234567") == 200
+    assert queries.count == 2, "t-42, and the global key for the rest"
+    for bad in ({"tenant_pattern": "("}, {"tenant_max_length": 0}, {"max_concurrent_loads": 0}):
+        with pytest.raises(InvalidArgument):
+            WSGIMaintenanceMiddleware(ok_wsgi, store, **bad)
+    app.gate.close()
