@@ -102,13 +102,14 @@ class QueryCounter:
     Transaction control (the BEGIN that SQLite needs for transactional DDL) is not a query.
     """
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, only_lookups: bool = False) -> None:
+        self.only_lookups = only_lookups
         self.count = 0
         self._lock = threading.Lock()
         event.listen(engine, "before_cursor_execute", self._seen)
 
     def _seen(self, conn, cursor, statement: str, *args) -> None:
-        if statement.lstrip()[:6].upper() == "SELECT":
+        if statement.lstrip()[:6].upper() == "SELECT" and (not self.only_lookups or "UNION ALL" in statement):
             with self._lock:
                 self.count += 1
 

@@ -159,3 +159,28 @@ def test_state_changes_are_logged_with_structured_extra(store, caplog):
         store.deactivate("demo")
     events = [(r.maintgate_event, r.tenant) for r in caplog.records if hasattr(r, "maintgate_event")]
     assert events == [("activated", "demo"), ("deactivated", "demo")]
+
+
+def test_secrets_and_signatures_are_compared_in_constant_time(make, monkeypatch):
+    """Every secret and cookie check goes through hmac.compare_digest, never ``==``."""
+    import hmac as real_hmac
+
+    from maintgate.core import bypass as bypass_module
+
+    compared = []
+    original = real_hmac.compare_digest
+
+    def spy(a, b):
+        compared.append((bytes(a), bytes(b)))
+        return original(a, b)
+
+    monkeypatch.setattr(bypass_module.hmac, "compare_digest", spy)
+    app = make(bypass_secret=SECRET)
+    assert status(app, headers={"X-Maintgate-Bypass": "wrong-secret-0000"}) == 503
+    assert (b"wrong-secret-0000", SECRET.encode()) in compared
+    compared.clear()
+    assert status(app, headers={"Cookie": "maintgate_bypass=*:99999999999:forged"}) == 503
+    assert compared and compared[0][0] == b"forged"
+    compared.clear()
+    assert status(app, query="maintgate_bypass=guess") == 503
+    assert (b"guess", SECRET.encode()) in compared
