@@ -186,3 +186,34 @@ async def ok_app(scope, receive, send):
     """The smallest ASGI app: 200 "ok"."""
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": b"ok"})
+
+
+def wsgi_call(app, tenant: str) -> int:
+    """Call a WSGI app once as tenant ``tenant``; the status code."""
+    import io
+
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/",
+        "SERVER_NAME": "t",
+        "SERVER_PORT": "80",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(),
+        "HTTP_X_TENANT_ID": tenant,
+    }
+    status = []
+    b"".join(app(environ, lambda s, h, e=None: status.append(int(s[:3]))))
+    return status[0]
+
+
+@pytest.fixture
+def contacts(store: MaintenanceStore) -> Iterator[str]:
+    """A tenant table with the seed incident's column, named uniquely for this test."""
+    from sqlalchemy import text as sql
+
+    name = f"contacts_{uuid.uuid4().hex[:8]}"
+    with store.engine.begin() as conn:
+        conn.execute(sql(f'CREATE TABLE {name} (id INTEGER PRIMARY KEY, "primary-email" VARCHAR(200))'))
+    yield name
+    with store.engine.begin() as conn:
+        conn.execute(sql(f"DROP TABLE IF EXISTS {name}"))

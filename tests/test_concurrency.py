@@ -8,21 +8,7 @@ import threading
 from maintgate import MaintenanceMiddleware, WSGIMaintenanceMiddleware
 from maintgate.tenants import from_header
 from tests import apps
-from tests.conftest import QueryCounter
-
-
-def call_wsgi(app, tenant: str) -> int:
-    environ = {
-        "REQUEST_METHOD": "GET",
-        "PATH_INFO": "/",
-        "SERVER_NAME": "t",
-        "SERVER_PORT": "80",
-        "wsgi.url_scheme": "http",
-        "HTTP_X_TENANT_ID": tenant,
-    }
-    status = []
-    b"".join(app(environ, lambda s, h, e=None: status.append(int(s[:3]))))
-    return status[0]
+from tests.conftest import QueryCounter, wsgi_call
 
 
 def test_wsgi_threads_share_one_query_per_tenant_and_see_toggles(store, clock):
@@ -40,7 +26,7 @@ def test_wsgi_threads_share_one_query_per_tenant_and_see_toggles(store, clock):
             barrier.wait()
             for i in range(200):
                 tenant = f"t{(n + i) % 8}"
-                results[tenant].add(call_wsgi(app, tenant))
+                results[tenant].add(wsgi_call(app, tenant))
         except BaseException as exc:
             errors.append(exc)
 
@@ -56,7 +42,7 @@ def test_wsgi_threads_share_one_query_per_tenant_and_see_toggles(store, clock):
     store.deactivate("t0")
     store.activate("t1")
     clock.advance(1.1)
-    assert call_wsgi(app, "t0") == 200 and call_wsgi(app, "t1") == 503
+    assert wsgi_call(app, "t0") == 200 and wsgi_call(app, "t1") == 503
     app.gate.close()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import threading
 import time
@@ -12,7 +11,7 @@ from sqlalchemy import event
 
 from maintgate import ALL_TENANTS, InvalidArgument, WSGIMaintenanceMiddleware
 from maintgate.tenants import from_header
-from tests.conftest import QueryCounter
+from tests.conftest import QueryCounter, wsgi_call
 
 
 def ok_wsgi(environ, start_response):
@@ -25,32 +24,17 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def call(app, tenant: str) -> int:
-    environ = {
-        "REQUEST_METHOD": "GET",
-        "PATH_INFO": "/",
-        "SERVER_NAME": "t",
-        "SERVER_PORT": "80",
-        "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(),
-        "HTTP_X_TENANT_ID": tenant,
-    }
-    status = []
-    b"".join(app(environ, lambda s, h, e=None: status.append(int(s[:3]))))
-    return status[0]
-
-
 def test_a_million_hostile_tenant_ids_cost_no_queries_and_no_memory(store, capsys):
     app = WSGIMaintenanceMiddleware(ok_wsgi, store, tenant=from_header("X-Tenant-ID"), cache_size=1_000)
     queries = QueryCounter(store.engine)
-    call(app, "warm-up")
+    wsgi_call(app, "warm-up")
     before_rss, before_queries = rss_mib(), queries.count
     started = time.monotonic()
     pad = "x" * 130
     for i in range(1_000_000):
         # Too long, or outside the charset: never a tenant, never a query, never a cache entry.
         tenant = f"{pad}{i}" if i % 2 else f"../{i}<script>"
-        if call(app, tenant) != 200:
+        if wsgi_call(app, tenant) != 200:
             raise AssertionError(tenant)
     grown = rss_mib() - before_rss
     elapsed = time.monotonic() - started
@@ -62,7 +46,7 @@ def test_a_million_hostile_tenant_ids_cost_no_queries_and_no_memory(store, capsy
     assert grown < 20
     store.activate(ALL_TENANTS)
     app.gate.invalidate()
-    assert call(app, "../evil") == 503, "an invalid id still sees the global switch"
+    assert wsgi_call(app, "../evil") == 503, "an invalid id still sees the global switch"
     app.gate.close()
 
 
@@ -91,7 +75,7 @@ def test_thousands_of_valid_unknown_tenants_stay_within_the_bounds(store, capsys
     def flood(offset: int) -> None:
         try:
             for i in range(offset, 5_000, 8):
-                call(app, f"t{i}")
+                wsgi_call(app, f"t{i}")
         except Exception as exc:  # reported below
             errors.append(exc)
 
@@ -126,9 +110,9 @@ def test_tenant_ids_can_be_restricted_further(store):
     store.activate("t-42")
     store.activate("demo")
     queries = QueryCounter(store.engine)
-    assert call(app, "t-42") == 503
-    assert call(app, "demo") == 200, "not a tenant by this gate's rule: only the global switch applies"
-    assert call(app, "t-1234567") == 200
+    assert wsgi_call(app, "t-42") == 503
+    assert wsgi_call(app, "demo") == 200, "not a tenant by this gate's rule: only the global switch applies"
+    assert wsgi_call(app, "t-1234567") == 200
     assert queries.count == 2, "t-42, and the global key for the rest"
     for bad in ({"tenant_pattern": "("}, {"tenant_max_length": 0}, {"max_concurrent_loads": 0}):
         with pytest.raises(InvalidArgument):

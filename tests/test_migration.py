@@ -27,18 +27,6 @@ class Boom(Exception):
     pass
 
 
-@pytest.fixture
-def contacts(store: MaintenanceStore) -> str:
-    """A tenant table with the seed's column, named uniquely for this test."""
-    name = f"contacts_{uuid.uuid4().hex[:8]}"
-    with store.engine.begin() as conn:
-        conn.execute(text(f'CREATE TABLE {name} (id INTEGER PRIMARY KEY, "primary-email" VARCHAR(200))'))
-        conn.execute(text(f"INSERT INTO {name} (id, \"primary-email\") VALUES (1, 'a@example.com')"))
-    yield name
-    with store.engine.begin() as conn:
-        conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
-
-
 def columns(store: MaintenanceStore, table: str) -> set[str]:
     return {c["name"] for c in inspect(store.engine).get_columns(table)}
 

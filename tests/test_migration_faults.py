@@ -7,12 +7,11 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 
 import pytest
 from sqlalchemy import inspect, text
 
-from maintgate import MaintenanceStore, maintenance_window, owner_alive
+from maintgate import maintenance_window, owner_alive
 
 MIGRATOR = textwrap.dedent(
     """
@@ -27,16 +26,6 @@ MIGRATOR = textwrap.dedent(
         time.sleep(120)
     """
 )
-
-
-@pytest.fixture
-def contacts(store: MaintenanceStore) -> str:
-    name = f"contacts_{uuid.uuid4().hex[:8]}"
-    with store.engine.begin() as conn:
-        conn.execute(text(f'CREATE TABLE {name} (id INTEGER PRIMARY KEY, "primary-email" VARCHAR(200))'))
-    yield name
-    with store.engine.begin() as conn:
-        conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
 
 
 def columns(store, table):

@@ -63,7 +63,13 @@ def test_bad_mode_is_refused(store):
 
 def test_a_schedule_turns_maintenance_on_and_off_by_itself_without_writes(store, clock):
     gate = MaintenanceMiddleware(
-        ok_app, store, tenant=from_header("X-Tenant-ID"), clock=clock, now=clock.wall, cache_ttl=30
+        ok_app,
+        store,
+        tenant=from_header("X-Tenant-ID"),
+        clock=clock,
+        now=clock.wall,
+        cache_ttl=30,
+        notifications=False,  # the schedule alone must switch it, on time
     )
     start = clock.wall() + timedelta(seconds=5)
     store.schedule("demo", start, start + timedelta(seconds=60), message="Planned upgrade")

@@ -18,7 +18,7 @@ from maintgate import (
 )
 from maintgate.tenants import from_header
 from tests import apps
-from tests.conftest import POSTGRES_URL, ok_app
+from tests.conftest import POSTGRES_URL, ok_app, wsgi_call
 from tests.servers import uvicorn_server
 
 pytestmark = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -75,37 +75,20 @@ def test_every_committed_change_notifies_and_a_rollback_does_not(store):
         inbox.close()
 
 
-def call(app, tenant):
-    import io
-
-    environ = {
-        "REQUEST_METHOD": "GET",
-        "PATH_INFO": "/",
-        "SERVER_NAME": "t",
-        "SERVER_PORT": "80",
-        "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(),
-        "HTTP_X_TENANT_ID": tenant,
-    }
-    status = []
-    b"".join(app(environ, lambda s, h, e=None: status.append(int(s[:3]))))
-    return status[0]
-
-
 def test_thread_listener_invalidates_at_once_and_survives_a_lost_connection(store):
     app = WSGIMaintenanceMiddleware(apps.flask_app(), store, tenant=from_header("X-Tenant-ID"), cache_ttl=60)
     assert app.gate.notifications
-    assert call(app, "demo") == 200  # first miss starts the listener
+    assert wsgi_call(app, "demo") == 200  # first miss starts the listener
     assert eventually(lambda: app.gate.notifications_live)
     started = time.monotonic()
     store.activate("demo")
-    assert eventually(lambda: call(app, "demo") == 503, 1.0), "a 60 s TTL, yet the change shows at once"
+    assert eventually(lambda: wsgi_call(app, "demo") == 503, 1.0), "a 60 s TTL, yet the change shows at once"
     print(f"propagation {1000 * (time.monotonic() - started):.1f} ms")
     store.activate(ALL_TENANTS)
-    assert eventually(lambda: call(app, "other") == 503, 1.0)
+    assert eventually(lambda: wsgi_call(app, "other") == 503, 1.0)
     store.deactivate(ALL_TENANTS)
     store.deactivate("demo")
-    assert eventually(lambda: call(app, "other") == 200 and call(app, "demo") == 200, 1.0)
+    assert eventually(lambda: wsgi_call(app, "other") == 200 and wsgi_call(app, "demo") == 200, 1.0)
 
     with store.engine.connect() as conn:
         killed = conn.execute(
@@ -119,7 +102,7 @@ def test_thread_listener_invalidates_at_once_and_survives_a_lost_connection(stor
     assert eventually(lambda: not app.gate.notifications_live, 2.0)
     assert eventually(lambda: app.gate.notifications_live, 5.0), "it reconnected"
     store.activate("demo", message="after the reconnect")
-    assert eventually(lambda: call(app, "demo") == 503, 1.0)
+    assert eventually(lambda: wsgi_call(app, "demo") == 503, 1.0)
     app.gate.close()
 
 

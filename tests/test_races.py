@@ -15,8 +15,9 @@ from sqlalchemy import inspect, text
 from maintgate import MaintenanceMiddleware, WindowBusy, WSGIMaintenanceMiddleware, maintenance_window
 from maintgate.tenants import from_header
 from tests.conftest import QueryCounter
+from tests.conftest import wsgi_call as call
 from tests.servers import uvicorn_server
-from tests.test_flood import call, ok_wsgi
+from tests.test_flood import ok_wsgi
 
 
 def test_wsgi_threads_hammer_while_the_state_flips(store):

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import threading
 import time
-import uuid
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
@@ -29,16 +28,6 @@ from tests.conftest import asgi_call, ok_app
 
 class Boom(Exception):
     pass
-
-
-@pytest.fixture
-def contacts(store: MaintenanceStore) -> str:
-    name = f"contacts_{uuid.uuid4().hex[:8]}"
-    with store.engine.begin() as conn:
-        conn.execute(text(f'CREATE TABLE {name} (id INTEGER PRIMARY KEY, "primary-email" VARCHAR(200))'))
-    yield name
-    with store.engine.begin() as conn:
-        conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
 
 
 def columns(store, table):

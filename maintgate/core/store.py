@@ -82,6 +82,23 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC)
 
 
+def _state(m: Mapping[str, Any], *, active: bool, **extra: Any) -> MaintenanceState:
+    """A state from a row of the state table (or the lookup's union of it with schedules)."""
+    return MaintenanceState(
+        tenant=m["tenant"],
+        active=active,
+        message=m["message"],
+        error=m["error"],
+        retry_after=m["retry_after"],
+        ends_at=_aware(m["ends_at"]),
+        started_at=_aware(m["started_at"]),
+        updated_at=_aware(m["updated_at"]),
+        owner=_owner(m),
+        mode=m["mode"] or FULL,
+        **extra,
+    )
+
+
 def _owner(m: Mapping[str, Any]) -> Owner | None:
     if m["owner_host"] is None:
         return None
@@ -272,19 +289,7 @@ class MaintenanceStore:
         changes_at: datetime | None = None
         for row in rows:
             m = row._mapping
-            state = MaintenanceState(
-                tenant=m["tenant"],
-                active=True,
-                message=m["message"],
-                error=m["error"],
-                retry_after=m["retry_after"],
-                ends_at=_aware(m["ends_at"]),
-                started_at=_aware(m["started_at"]),
-                updated_at=_aware(m["updated_at"]),
-                owner=_owner(m),
-                mode=m["mode"] or FULL,
-                schedule_id=m["id"],
-            )
+            state = _state(m, active=True, schedule_id=m["id"])
             if m["kind"] == "schedule":
                 starts_at = state.started_at
                 if starts_at is not None and starts_at > now:
@@ -581,16 +586,4 @@ class MaintenanceStore:
     @staticmethod
     def _from_row(row: Row[Any]) -> MaintenanceState:
         m = row._mapping
-        return MaintenanceState(
-            tenant=m["tenant"],
-            active=bool(m["active"]),
-            message=m["message"],
-            error=m["error"],
-            retry_after=m["retry_after"],
-            ends_at=_aware(m["ends_at"]),
-            started_at=_aware(m["started_at"]),
-            updated_at=_aware(m["updated_at"]),
-            owner=_owner(m),
-            mode=m["mode"] or FULL,
-            source=m["source"],
-        )
+        return _state(m, active=bool(m["active"]), source=m["source"])
