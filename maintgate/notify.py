@@ -45,6 +45,12 @@ class _Listener:
         self.received = 0
         self.reconnects = 0
 
+    def subscribe(self, gate: Gate) -> None:
+        """Drop ``gate``'s entries on every notification from now on."""
+        self.gates.add(gate)
+        if self.connected.is_set():
+            gate.notifications_live = True
+
     def deliver(self, tenant: str) -> None:
         self.received += 1
         for gate in list(self.gates):
@@ -171,12 +177,8 @@ def listen_in_thread(gate: Gate) -> ThreadListener | None:
         listener = _threads.get(key)
         if listener is None:
             listener = _threads[key] = ThreadListener(*key)
-            listener.gates.add(gate)
             listener.start()
-        else:
-            listener.gates.add(gate)
-            if listener.connected.is_set():
-                gate.notifications_live = True
+        listener.subscribe(gate)
     return listener
 
 
@@ -192,12 +194,8 @@ def listen_in_loop(gate: Gate) -> AsyncListener | None:
         listener = _tasks.get(key)
         if listener is None or listener.task is None or listener.task.done():
             listener = _tasks[key] = AsyncListener(key[1], key[2])
-            listener.gates.add(gate)
             listener.start()
-        else:
-            listener.gates.add(gate)
-            if listener.connected.is_set():
-                gate.notifications_live = True
+        listener.subscribe(gate)
     return listener
 
 
