@@ -54,13 +54,14 @@ class ASGIRequest:
         return client[0] if client else None
 
     def header(self, name: str) -> str | None:
+        """All values of a repeated header joined, as WSGI servers do (``; `` for cookies)."""
         key = _encoded.get(name)
         if key is None:
             key = _encoded[name] = name.encode("latin-1")
-        for header, value in self.scope.get("headers", ()):
-            if header == key:
-                return value.decode("latin-1")
-        return None
+        values = [value for header, value in self.scope.get("headers", ()) if header == key]
+        if not values:
+            return None
+        return (b"; " if key == b"cookie" else b", ").join(values).decode("latin-1")
 
 
 class MaintenanceMiddleware:

@@ -25,6 +25,15 @@ from .core.state import ALL_TENANTS
 logger = logging.getLogger("maintgate")
 
 APPLICATION_NAME = "maintgate-listener"
+# TCP keepalives: a listener connection that dies silently is noticed within about 20 s.
+CONNECT_OPTIONS = {
+    "connect_timeout": 5,
+    "application_name": APPLICATION_NAME,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 2,
+}
 BACKOFF_START = 0.1
 BACKOFF_MAX = 5.0
 
@@ -90,6 +99,9 @@ class ThreadListener(_Listener):
     def start(self) -> None:
         self._thread.start()
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self, timeout: float = 1.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
@@ -100,9 +112,7 @@ class ThreadListener(_Listener):
         delay = BACKOFF_START
         while not self._stop.is_set():
             try:
-                with psycopg.connect(
-                    self.conninfo, autocommit=True, connect_timeout=5, application_name=APPLICATION_NAME
-                ) as conn:
+                with psycopg.connect(self.conninfo, autocommit=True, **CONNECT_OPTIONS) as conn:
                     self._conn = conn
                     conn.execute(f'LISTEN "{self.channel}"')
                     self.established()
@@ -175,7 +185,7 @@ def listen_in_thread(gate: Gate) -> ThreadListener | None:
     key = (_conninfo(gate), gate.store.channel)  # type: ignore[attr-defined]
     with _lock:
         listener = _threads.get(key)
-        if listener is None:
+        if listener is None or not listener.alive():  # none yet, or its thread is gone (a fork)
             listener = _threads[key] = ThreadListener(*key)
             listener.start()
         listener.subscribe(gate)
@@ -206,6 +216,9 @@ async def stop_loop_listeners() -> None:
         mine = [k for k in _tasks if k[0] == loop_id]
         listeners = [_tasks.pop(k) for k in mine]
     for listener in listeners:
+        for gate in list(listener.gates):
+            gate.notifications_live = False
+            gate._listening = False  # a later event loop starts its own listener
         await listener.stop()
 
 

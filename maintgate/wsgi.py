@@ -110,5 +110,5 @@ class WSGIMaintenanceMiddleware:
             response = self.gate.resolve(response)
         if response is None:
             return self.app(environ, start_response)
-        start_response(response.status_line, response.headers)
+        start_response(response.status_line, list(response.headers))  # a copy: servers may append
         return [response.body]

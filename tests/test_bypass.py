@@ -69,11 +69,11 @@ def test_forwarded_headers_count_only_from_trusted_proxies(make):
     good = {"X-Forwarded-For": "198.51.100.7, 10.0.0.1, 172.16.0.3"}
     assert status(app, headers=good, client=("127.0.0.1", 1)) == 200
     rfc7239 = {"Forwarded": 'for=198.51.100.7, for="10.0.0.1:4711";proto=https'}
-    assert status(app, headers=rfc7239, client=("127.0.0.1", 1)) == 200
+    assert status(app, headers=rfc7239, client=("127.0.0.1", 1)) == 503, "only the configured header counts"
     garbage = {"X-Forwarded-For": "10.0.0.1, unknown"}
     assert status(app, headers=garbage, client=("127.0.0.1", 1)) == 503
     huge = {"X-Forwarded-For": "1.2.3.4, " * 5000 + "10.0.0.1"}
-    assert status(app, headers=huge, client=("127.0.0.1", 1)) == 503
+    assert status(app, headers=huge, client=("127.0.0.1", 1)) == 200, "the right end is what the proxy wrote"
 
 
 def test_secret_header_query_and_signed_cookie(make, clock):
@@ -81,7 +81,7 @@ def test_secret_header_query_and_signed_cookie(make, clock):
     assert status(app, headers={"X-Maintgate-Bypass": SECRET}) == 200
     assert status(app, headers={"X-Maintgate-Bypass": SECRET + "x"}) == 503
     code, headers, _ = asgi_call(app, "/reports", query=f"maintgate_bypass={SECRET}&page=2")
-    assert code == 302 and headers["location"] == "/reports?page=2"
+    assert code == 302 and headers["location"] == "?page=2"
     cookie = headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Max-Age=43200" in cookie
     assert "Secure" not in cookie
@@ -184,3 +184,57 @@ def test_secrets_and_signatures_are_compared_in_constant_time(make, monkeypatch)
     compared.clear()
     assert status(app, query="maintgate_bypass=guess") == 503
     assert (b"guess", SECRET.encode()) in compared
+
+
+def test_forwarded_header_mode_and_spoofing_tricks(make):
+    app = make(allow_ips=["10.0.0.1"], trusted_proxies=["127.0.0.1"], forwarded_header="forwarded")
+    proxy = ("127.0.0.1", 1)
+    rfc7239 = {"Forwarded": 'for=198.51.100.7, for="10.0.0.1:4711";proto=https'}
+    assert status(app, headers=rfc7239, client=proxy) == 200
+    assert status(app, headers={"X-Forwarded-For": "10.0.0.1"}, client=proxy) == 503, (
+        "XFF ignored in this mode"
+    )
+    xff = make(allow_ips=["10.0.0.1"], trusted_proxies=["127.0.0.1"])
+    padded = {"X-Forwarded-For": "10.0.0.1" + " " * 2100 + ", 198.51.100.7"}
+    assert status(xff, headers=padded, client=proxy) == 503, "padding cannot push the proxy's entry out"
+    honest = {"X-Forwarded-For": "1.2.3.4" + " " * 2100 + ", 10.0.0.1"}
+    assert status(xff, headers=honest, client=proxy) == 200
+    scope_headers = [(b"x-forwarded-for", b"10.0.0.1"), (b"x-forwarded-for", b"198.51.100.7")]
+    assert _status_raw(xff, scope_headers, proxy) == 503, (
+        "a repeated header counts whole, as HAProxy adds one"
+    )
+    cookies = [(b"cookie", b"a=b"), (b"cookie", b"maintgate_bypass=\xc3\xa9:1:x")]
+    assert _status_raw(make(bypass_secret=SECRET), cookies, proxy) == 503, "non-ASCII cookie: no 500"
+    many = "&".join(f"f{i}=1" for i in range(200)) + "&maintgate_bypass=x"
+    assert status(make(bypass_secret=SECRET), query=many) == 503, "too many fields: no 500"
+
+
+def test_the_bypass_redirect_stays_on_this_site(make):
+    app = make(bypass_secret=SECRET)
+    code, headers, _ = asgi_call(app, "//evil.example/x", query=f"maintgate_bypass={SECRET}&a=1")
+    assert code == 302 and headers["location"] == "?a=1"
+    code, headers, _ = asgi_call(app, "/reports", query=f"maintgate_bypass={SECRET}")
+    assert headers["location"] == "?"
+
+
+def _status_raw(app, headers, client) -> int:
+    import asyncio
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "query_string": b"",
+        "headers": headers,
+        "client": client,
+    }
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"]

@@ -12,7 +12,7 @@ import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from .errors import InvalidArgument
 from .request import RequestView
@@ -29,6 +29,7 @@ COOKIE = "maintgate_bypass"
 QUERY = "maintgate_bypass"
 HEADER = "x-maintgate-bypass"
 MAX_FORWARDED_LENGTH = 2048
+MAX_QUERY_LENGTH = 8192
 
 
 def _networks(name: str, values: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -73,6 +74,7 @@ class Bypass:
         secret: SecretSource | None = None,
         cookie_max_age: int = 12 * 3600,
         predicate: Callable[[RequestView], bool] | None = None,
+        forwarded_header: str = "x-forwarded-for",
         now: Callable[[], datetime] = utcnow,
     ) -> None:
         self.allow_ips = _networks("allow_ips", allow_ips)
@@ -87,6 +89,12 @@ class Bypass:
             raise InvalidArgument(f"bypass_cookie_max_age must be a positive int, got {cookie_max_age!r}")
         if predicate is not None and not callable(predicate):
             raise InvalidArgument(f"bypass must be a callable taking the request view, got {predicate!r}")
+        forwarded_header = forwarded_header.strip().lower()
+        if forwarded_header not in ("x-forwarded-for", "forwarded"):
+            raise InvalidArgument(
+                f"forwarded_header must be 'x-forwarded-for' or 'forwarded', got {forwarded_header!r}"
+            )
+        self.forwarded_header = forwarded_header
         self.secret = secret
         self.cookie_max_age = cookie_max_age
         self.predicate = predicate
@@ -106,19 +114,24 @@ class Bypass:
                 return address
         return chain[0] if chain else peer
 
-    @staticmethod
-    def _forwarded_chain(request: RequestView) -> list[IPAddress]:
-        forwarded = request.header("forwarded")
+    def _forwarded_chain(self, request: RequestView) -> list[IPAddress]:
+        """The addresses in the one header the trusted proxies write, left to right.
+
+        Only the right end of a long header is read: that is where the proxies append, and a
+        client's padding must not push their entries out. A cut first element is dropped.
+        """
+        value = request.header(self.forwarded_header) or ""
+        if len(value) > MAX_FORWARDED_LENGTH:
+            value = value[-MAX_FORWARDED_LENGTH:].partition(",")[2]
         chain: list[IPAddress | None] = []
-        if forwarded:
-            for element in forwarded[:MAX_FORWARDED_LENGTH].split(","):
+        if self.forwarded_header == "forwarded":
+            for element in value.split(","):
                 for pair in element.split(";"):
-                    name, _, value = pair.partition("=")
+                    name, _, item = pair.partition("=")
                     if name.strip().lower() == "for":
-                        chain.append(_address(value))
+                        chain.append(_address(item))
         else:
-            xff = request.header("x-forwarded-for") or ""
-            chain = [_address(part) for part in xff[:MAX_FORWARDED_LENGTH].split(",") if part.strip()]
+            chain = [_address(part) for part in value.split(",") if part.strip()]
         if any(a is None for a in chain):
             # An unparsable hop (garbage, "unknown", an obfuscated id): trust nothing left of it.
             last_bad = max(i for i, a in enumerate(chain) if a is None)
@@ -167,7 +180,9 @@ class Bypass:
         return False
 
     def _sign(self, secret: str, payload: str) -> str:
-        digest = hmac.new(secret.encode("utf-8"), payload.encode("ascii"), hashlib.sha256).digest()
+        digest = hmac.new(
+            secret.encode("utf-8"), payload.encode("utf-8", "surrogateescape"), hashlib.sha256
+        ).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
     def cookie_value(self, tenant: str | None, secret: str) -> str:
@@ -181,6 +196,8 @@ class Bypass:
         if len(parts) != 3:
             return False
         cookie_tenant, expires, signature = parts
+        if not (expires.isascii() and expires.isdigit()):
+            return False
         expected = self._sign(secret, f"{cookie_tenant}:{expires}")
         if not hmac.compare_digest(signature.encode("latin-1"), expected.encode("ascii")):
             return False
@@ -192,15 +209,18 @@ class Bypass:
             return False
 
     def _redeem(self, request: RequestView, tenant: str | None, secret: str) -> Response | bool:
-        pairs = parse_qsl(request.query, keep_blank_values=True, max_num_fields=100)
+        try:
+            pairs = parse_qsl(request.query[:MAX_QUERY_LENGTH], keep_blank_values=True, max_num_fields=100)
+        except ValueError:  # more fields than we read: not a bypass
+            return False
         given = next((v for k, v in pairs if k == QUERY), None)
         if given is None or not hmac.compare_digest(given.encode("utf-8"), secret.encode("utf-8")):
             return False
         if request.method not in ("GET", "HEAD"):
             return True
-        rest = urlencode([(k, v) for k, v in pairs if k != QUERY])
-        # Quoted, so that a decoded path can never carry CR/LF or spaces into the header.
-        location = quote(request.path, safe="/:@!$&'()*+,;=-._~%") + (f"?{rest}" if rest else "")
+        # A query-only reference: the same path (whatever the mount point), never another host,
+        # and nothing decoded from the request goes back into a header.
+        location = "?" + urlencode([(k, v) for k, v in pairs if k != QUERY])
         secure = "; Secure" if request.scheme in ("https", "wss") else ""
         cookie = (
             f"{COOKIE}={self.cookie_value(tenant, secret)}; Max-Age={self.cookie_max_age}; Path=/; "

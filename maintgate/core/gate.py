@@ -102,6 +102,7 @@ class Gate:
         bypass_secret: SecretSource | None = None,
         bypass_cookie_max_age: int = 12 * 3600,
         bypass: Callable[[RequestView], bool] | None = None,
+        forwarded_header: str = "x-forwarded-for",
         on_block: Callable[[RequestView, MaintenanceState], None] | None = None,
         log_blocked_every: int = 100,
         renderer: Renderer | None = None,
@@ -130,6 +131,7 @@ class Gate:
             secret=bypass_secret,
             cookie_max_age=bypass_cookie_max_age,
             predicate=bypass,
+            forwarded_header=forwarded_header,
             now=now,
         )
         if on_block is not None and not callable(on_block):
@@ -148,8 +150,11 @@ class Gate:
         self._log_interval = log_interval
         self._last_warning = float("-inf")
         self._suppressed = 0
-        dialect = getattr(getattr(getattr(store, "engine", None), "dialect", None), "name", None)
-        self.notifications = dialect == "postgresql" if notifications is None else bool(notifications)
+        dialect = getattr(getattr(store, "engine", None), "dialect", None)
+        listenable = (
+            getattr(dialect, "name", None) == "postgresql" and getattr(dialect, "driver", None) == "psycopg"
+        )
+        self.notifications = listenable if notifications is None else bool(notifications)
         """Whether this gate subscribes to the store's PostgreSQL notifications (default: on PostgreSQL)."""
         self.notifications_live = False
         """Whether a listener is connected right now (else the TTL alone bounds staleness)."""
@@ -261,7 +266,11 @@ class Gate:
         if state.read_only and request.method in SAFE_METHODS and request.scheme not in ("ws", "wss"):
             return None
         if self.bypass:
-            admitted = self.bypass.check(request, tenant)
+            try:
+                admitted = self.bypass.check(request, tenant)
+            except Exception:  # hostile input must never turn into a 500
+                logger.exception("maintgate: a bypass rule failed on this request; not bypassing")
+                admitted = False
             if admitted is True:
                 return None
             if isinstance(admitted, Response):
@@ -350,8 +359,11 @@ class Gate:
                 message="The service cannot check its maintenance status right now.",
                 retry_after=self.default_retry_after,
             )
-        if self.on_store_error == "open" or last_known is MISS:
+        if self.on_store_error == "open" or last_known is MISS or last_known is None:
             return None
+        ends_at = last_known.ends_at
+        if last_known.schedule_id is not None and ends_at is not None and ends_at <= self._now():
+            return None  # a planned window that is over, whatever the database says
         return last_known  # type: ignore[no-any-return]
 
     def _recovered(self) -> None:

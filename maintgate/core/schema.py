@@ -5,9 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import BigInteger, Boolean, Column, DateTime, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy.dialects import mysql
 
 from .errors import InvalidArgument
 from .state import TENANT_MAX_LENGTH
+
+# Tenant ids compare exactly (MySQL's default collation would make "Demo" and "demo" one tenant),
+# and times keep microseconds everywhere (MySQL's DATETIME drops them by default).
+TenantId = String(TENANT_MAX_LENGTH).with_variant(
+    mysql.VARCHAR(TENANT_MAX_LENGTH, collation="utf8mb4_bin"), "mysql", "mariadb"
+)
+Timestamp = DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 DEFAULT_PREFIX = "maintgate_"
 
@@ -30,14 +38,14 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
     state = Table(
         f"{prefix}state",
         md,
-        Column("tenant", String(TENANT_MAX_LENGTH), primary_key=True),
+        Column("tenant", TenantId, primary_key=True),
         Column("active", Boolean, nullable=False, default=False),
         Column("message", Text),
         Column("error", Text),
         Column("retry_after", Integer),
-        Column("ends_at", DateTime(timezone=True)),
-        Column("started_at", DateTime(timezone=True)),
-        Column("updated_at", DateTime(timezone=True)),
+        Column("ends_at", Timestamp),
+        Column("started_at", Timestamp),
+        Column("updated_at", Timestamp),
         Column("mode", String(16), nullable=False, default="full", server_default="full"),
         # Who switched it on: "operator" (activate, the CLI) or "window" (a migration window).
         Column("source", String(16)),
@@ -50,9 +58,9 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         f"{prefix}history",
         md,
         Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-        Column("tenant", String(TENANT_MAX_LENGTH), nullable=False),
+        Column("tenant", TenantId, nullable=False),
         Column("event", String(32), nullable=False),
-        Column("at", DateTime(timezone=True), nullable=False),
+        Column("at", Timestamp, nullable=False),
         Column("message", Text),
         Column("error", Text),
         Column("owner_host", String(255)),
@@ -64,13 +72,13 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         f"{prefix}schedule",
         md,
         Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
-        Column("tenant", String(TENANT_MAX_LENGTH), nullable=False),
-        Column("starts_at", DateTime(timezone=True), nullable=False),
-        Column("ends_at", DateTime(timezone=True)),
+        Column("tenant", TenantId, nullable=False),
+        Column("starts_at", Timestamp, nullable=False),
+        Column("ends_at", Timestamp),
         Column("message", Text),
         Column("mode", String(16), nullable=False, default="full", server_default="full"),
         Column("retry_after", Integer),
-        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("created_at", Timestamp, nullable=False),
         Index(f"ix_{prefix}schedule_tenant_ends", "tenant", "ends_at"),
     )
     return Tables(md, state, history, schedule)

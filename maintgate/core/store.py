@@ -141,8 +141,11 @@ def _bounded_options(url: str, options: Mapping[str, Any]) -> dict[str, Any]:
     merged.setdefault("pool_timeout", LOOKUP_TIMEOUT)
     merged.setdefault("pool_pre_ping", True)
     connect_args = dict(merged.get("connect_args", {}))
-    if backend in ("postgresql", "mysql", "mariadb"):
+    driver = make_url(url).get_driver_name()
+    if driver in ("psycopg", "psycopg2", "pymysql", "mysqldb"):
         connect_args.setdefault("connect_timeout", int(LOOKUP_TIMEOUT))
+    elif driver == "pg8000":
+        connect_args.setdefault("timeout", LOOKUP_TIMEOUT)
     merged["connect_args"] = connect_args
     return merged
 

@@ -41,6 +41,13 @@ KNOWN = frozenset(
         "ON_BLOCK",
         "DEFAULT_RETRY_AFTER",
         "RENDERER",
+        "ON_STORE_ERROR",
+        "NOTIFICATIONS",
+        "TENANT_PATTERN",
+        "TENANT_MAX_LENGTH",
+        "MAX_CONCURRENT_LOADS",
+        "LOG_BLOCKED_EVERY",
+        "FORWARDED_HEADER",
     }
 )
 
@@ -131,6 +138,13 @@ def gate_options() -> dict[str, Any]:
         "bypass": _callable("BYPASS"),
         "on_block": _callable("ON_BLOCK"),
         "default_retry_after": get("DEFAULT_RETRY_AFTER", 60),
+        "on_store_error": get("ON_STORE_ERROR", "last_known"),
+        "notifications": get("NOTIFICATIONS"),
+        "tenant_pattern": get("TENANT_PATTERN"),
+        "tenant_max_length": get("TENANT_MAX_LENGTH", 128),
+        "max_concurrent_loads": get("MAX_CONCURRENT_LOADS", 8),
+        "log_blocked_every": get("LOG_BLOCKED_EVERY", 100),
+        "forwarded_header": get("FORWARDED_HEADER", "x-forwarded-for"),
     }
     if renderer is not None:
         options["renderer"] = renderer
