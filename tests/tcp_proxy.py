@@ -35,7 +35,7 @@ class TCPProxy:
             if mode == "refuse":
                 client.close()
                 continue
-            if mode == "blackhole":
+            if mode in ("blackhole", "stall"):
                 continue  # hold it open, say nothing
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
@@ -47,10 +47,11 @@ class TCPProxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                if self.mode == "stall":
+                    continue  # swallow it: the peer waits forever on an open connection
                 dst.sendall(data)
         except OSError:
             pass
@@ -58,6 +59,11 @@ class TCPProxy:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+    def stall(self) -> None:
+        """Keep every connection open but forward nothing more: a server that stopped answering."""
+        with self._lock:
+            self.mode = "stall"
 
     def cut(self, mode: str = "refuse") -> None:
         """Drop every open connection; new ones are refused or black-holed until :meth:`restore`."""

@@ -146,3 +146,54 @@ def test_load_through_an_outage_and_back(proxied, capsys):
     assert unexpected == [], unexpected[:5]
     assert worst < 2.5, "an outage must not add the database's timeout to every request"
     assert seen is not None and seen < 8.0
+
+
+def test_a_server_that_stops_answering_mid_query_never_hangs_requests(proxied):
+    direct, gated, proxy = proxied
+    direct.activate("on")
+    app = MaintenanceMiddleware(
+        ok_app, gated, tenant=from_header("X-Tenant-ID"), cache_ttl=0.2, load_timeout=0.5, notifications=False
+    )
+    assert asgi_call(app, headers={"X-Tenant-ID": "on"})[0] == 503
+    proxy.stall()  # open connections stay open; nothing comes back
+    time.sleep(0.3)
+    started = time.monotonic()
+    assert asgi_call(app, headers={"X-Tenant-ID": "on"})[0] == 503, "last known state"
+    first = time.monotonic() - started
+    assert first < 1.5, f"the first request waited {first:.2f}s"
+    assert app.gate.breaker.is_open, "a load that never answers opens the breaker"
+    started = time.monotonic()
+    for tenant in ("on", "other", "third"):
+        asgi_call(app, headers={"X-Tenant-ID": tenant})
+    assert time.monotonic() - started < 0.3, "with the breaker open nobody waits"
+    proxy.restore()
+    deadline = time.monotonic() + 10
+    while app.gate.breaker.is_open and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not app.gate.breaker.is_open, "the probe found the server again"
+    direct.deactivate("on")
+    time.sleep(0.3)
+    assert asgi_call(app, headers={"X-Tenant-ID": "on"})[0] == 200
+    app.gate.close()
+
+
+def test_the_wsgi_gate_does_not_hang_either(proxied):
+    from maintgate import WSGIMaintenanceMiddleware
+    from tests.conftest import wsgi_call
+
+    _direct, gated, proxy = proxied
+    app = WSGIMaintenanceMiddleware(
+        lambda e, s: (s("200 OK", []), [b"ok"])[1],
+        gated,
+        tenant=from_header("X-Tenant-ID"),
+        cache_ttl=0.2,
+        load_timeout=0.5,
+        notifications=False,
+    )
+    assert wsgi_call(app, "x") == 200
+    proxy.stall()
+    time.sleep(0.3)
+    started = time.monotonic()
+    assert wsgi_call(app, "x") == 200
+    assert time.monotonic() - started < 1.5
+    app.gate.close()

@@ -29,8 +29,10 @@ class CircuitBreaker:
         *,
         base_delay: float = 0.25,
         max_delay: float = 2.0,
+        probe_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.probe_timeout = probe_timeout
         self._probe = probe
         self._on_recovery = on_recovery
         self.base_delay = base_delay
@@ -69,6 +71,25 @@ class CircuitBreaker:
                 self._prober = threading.Thread(target=self._run, name="maintgate-store-probe", daemon=True)
                 self._prober.start()
 
+    def _probe_with_timeout(self) -> None:
+        """Run the probe in a thread of its own: a server that never answers must not stall the prober."""
+        outcome: list[BaseException | None] = []
+
+        def attempt() -> None:
+            try:
+                self._probe()
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=attempt, name="maintgate-store-probe-attempt", daemon=True)
+        thread.start()
+        thread.join(self.probe_timeout)
+        if not outcome:
+            raise TimeoutError(f"the store probe got no answer within {self.probe_timeout}s")
+        if outcome[0] is not None:
+            raise outcome[0]
+
     def _run(self) -> None:
         delay = self.base_delay
         while True:
@@ -77,7 +98,7 @@ class CircuitBreaker:
             if self._stopped:
                 return
             try:
-                self._probe()
+                self._probe_with_timeout()
             except Exception as exc:
                 delay = min(self.max_delay, delay * 2)
                 logger.debug("maintgate: store probe failed (%s); next in %.2fs", type(exc).__name__, delay)

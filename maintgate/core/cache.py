@@ -84,7 +84,7 @@ class StateCache(Generic[V]):
         self._default = default
         self._on_error = on_error
         self._max_workers = max_workers
-        self._slots = threading.BoundedSemaphore(max_workers)
+        self.max_pending = max(64, 16 * max_workers)
         self.load_timeout = load_timeout
         self._fallback = fallback
         self._generation = 0
@@ -106,37 +106,28 @@ class StateCache(Generic[V]):
         return MISS
 
     def load(self, key: Hashable) -> V:
-        """The value for ``key``, loading it in this thread unless another thread already is.
+        """The value for ``key``; a load runs in a worker thread, once however many threads wait.
 
-        A wait longer than ``load_timeout`` gives up with the fallback value (not cached).
+        The caller waits at most ``load_timeout``, then gets the fallback value (not cached):
+        a database that stops answering mid-query can hold a worker, never a request.
         """
         fut, generation = self._claim(key)
         if generation is not None:
-            # At most max_workers loads at once, in threads as in the async pool.
-            if self._slots.acquire(timeout=self.load_timeout if self.load_timeout is not None else -1):
-                try:
-                    self._fill(key, fut, generation)
-                finally:
-                    self._slots.release()
-            else:
-                self._settle(key, fut, generation, None, TimeoutError("too many loads at once"))
+            self._submit(key, fut, generation)
         try:
             return fut.result(timeout=self.load_timeout)
         except FutureTimeout:
-            return self._gave_up(key)
+            return self._gave_up(key, fut)
 
     async def load_async(self, key: Hashable) -> V:
         """The value for ``key``; a load runs in a worker thread, once however many tasks wait."""
         fut, generation = self._claim(key)
         if generation is not None:
-            try:
-                self._pool().submit(self._fill, key, fut, generation)
-            except BaseException as exc:  # the pool is shut down: never leave the claim dangling
-                self._settle(key, fut, generation, None, exc)
+            self._submit(key, fut, generation)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(fut), self.load_timeout)
         except TimeoutError:
-            return self._gave_up(key)
+            return self._gave_up(key, fut)
 
     def invalidate(self, key: Hashable | None = None) -> None:
         """Forget ``key``, or every key; loads already running are not cached when they end."""
@@ -173,6 +164,16 @@ class StateCache(Generic[V]):
             # A running future cannot be cancelled, so one waiter giving up cannot fail the others.
             fut.set_running_or_notify_cancel()
             return fut, self._generation
+
+    def _submit(self, key: Hashable, fut: Future[V], generation: int) -> None:
+        """Hand a claimed load to the bounded worker pool; never leave the claim dangling."""
+        if len(self._inflight) > self.max_pending:
+            self._settle(key, fut, generation, None, TimeoutError("too many loads waiting"))
+            return
+        try:
+            self._pool().submit(self._fill, key, fut, generation)
+        except BaseException as exc:  # the pool is shut down
+            self._settle(key, fut, generation, None, exc)
 
     def _fill(self, key: Hashable, fut: Future[V], generation: int) -> None:
         try:
@@ -213,10 +214,12 @@ class StateCache(Generic[V]):
                 del self._inflight[key]
         fut.set_result(value)
 
-    def _gave_up(self, key: Hashable) -> V:
+    def _gave_up(self, key: Hashable, fut: Future[V]) -> V:
         if self._on_error is not None:
             self._on_error(key, TimeoutError(f"loading the state took longer than {self.load_timeout}s"))
         with self._lock:
+            if self._inflight.get(key) is fut:
+                del self._inflight[key]  # a stuck load must not hold later requests: they start afresh
             return self._fallback_for(key)
 
     def _fallback_for(self, key: Hashable) -> V:

@@ -115,6 +115,7 @@ class Gate:
         tenant_pattern: str | re.Pattern[str] | None = None,
         tenant_max_length: int = TENANT_MAX_LENGTH,
         max_concurrent_loads: int = 8,
+        load_timeout: float = 5.0,
     ) -> None:
         if not callable(getattr(store, "lookup", None)):
             raise TypeError(f"store must be a MaintenanceStore (or have .lookup()), got {store!r}")
@@ -188,6 +189,7 @@ class Gate:
             on_error=self._store_error,
             fallback=self._fallback,
             max_workers=max_concurrent_loads,
+            load_timeout=load_timeout,
         )
 
     def check(self, request: RequestView) -> Response | Pending | None:
@@ -370,6 +372,8 @@ class Gate:
         self.invalidate(None)
 
     def _store_error(self, key: Hashable, exc: BaseException) -> None:
+        if isinstance(exc, TimeoutError):
+            self.breaker.failed()  # a load that never answers is an outage too
         now = self._clock()
         if now - self._last_warning < self._log_interval:
             self._suppressed += 1
