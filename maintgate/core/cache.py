@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
 import threading
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Generic, TypeVar
 
@@ -93,7 +95,7 @@ class StateCache(Generic[V]):
         self._last_known: LRUCache[Hashable, V] = LRUCache(maxsize)
         self._inflight: dict[Hashable, Future[V]] = {}
         self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: _DaemonPool | None = None
 
     def __len__(self) -> int:
         return len(self._index)
@@ -229,10 +231,44 @@ class StateCache(Generic[V]):
             return self._fallback(key, last)
         return self._default if last is MISS else last  # type: ignore[return-value]
 
-    def _pool(self) -> ThreadPoolExecutor:
+    def _pool(self) -> _DaemonPool:
         with self._lock:
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(
-                    max_workers=self._max_workers, thread_name_prefix="maintgate"
-                )
+                self._executor = _DaemonPool(self._max_workers)
             return self._executor
+
+
+_Task = tuple[Callable[..., object], tuple[object, ...]]
+
+
+class _DaemonPool:
+    """A fixed set of daemon worker threads.
+
+    Unlike ThreadPoolExecutor, whose threads the interpreter joins at exit, a worker stuck on a
+    database that stopped answering cannot keep a server process from shutting down.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self._tasks: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._closed = False
+        for n in range(workers):
+            threading.Thread(target=self._work, name=f"maintgate-load-{n}", daemon=True).start()
+        self._workers = workers
+
+    def submit(self, fn: Callable[..., object], *args: object) -> None:
+        if self._closed:
+            raise RuntimeError("the load pool is shut down")
+        self._tasks.put((fn, args))
+
+    def shutdown(self, wait: bool = False) -> None:
+        self._closed = True
+        for _ in range(self._workers):
+            self._tasks.put(None)
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            fn, args = task
+            with contextlib.suppress(BaseException):  # _fill settles its own future
+                fn(*args)
