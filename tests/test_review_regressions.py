@@ -247,3 +247,14 @@ def test_small_things(store):
             [{"i": 10**6, "at": "2026-01-01 00:00:00"}, {"i": 10**6, "at": "2026-01-01 00:00:00"}],
         )
     assert "[parameters:" not in store.get("demo").error
+
+
+def test_an_operators_maintenance_survives_a_failed_window_and_its_retry(store):
+    store.activate("demo", message="operator")
+    with pytest.raises(Boom), maintenance_window(store, "demo"):
+        raise Boom("first try")
+    assert store.get("demo").active
+    with maintenance_window(store, "demo"):
+        pass
+    state = store.get("demo")
+    assert state.active and state.source == "operator", "the operator switched it on; it stays on"

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Integer,
     Row,
     String,
+    and_,
     case,
     cast,
     create_engine,
@@ -53,6 +54,12 @@ logger = logging.getLogger("maintgate")
 
 OPERATOR = "operator"
 WINDOW = "window"
+
+
+def _KEEP_OPERATOR(t: Any) -> Any:
+    """``source`` for a window's write: still the operator's if the operator had it on."""
+    return case((and_(t.c.active == true(), t.c.source == OPERATOR), OPERATOR), else_=WINDOW)
+
 
 _UPSERT_INSERTS = {"postgresql": pg_insert, "sqlite": sqlite_insert}
 
@@ -453,6 +460,8 @@ class MaintenanceStore:
         values: list[tuple[Any, Any]] = [
             # First: MySQL evaluates SET left to right, and this must see the old `active`.
             (t.c.started_at, case((t.c.active == true(), t.c.started_at), else_=now)),
+            # A window keeps an operator's maintenance the operator's: it must stay on afterwards.
+            (t.c.source, OPERATOR if owner is None else _KEEP_OPERATOR(t)),
             (t.c.active, True),
             (t.c.message, message),
             (t.c.error, None),
@@ -460,7 +469,6 @@ class MaintenanceStore:
             (t.c.ends_at, _to_db(ends_at)),
             (t.c.updated_at, now),
             (t.c.mode, mode),
-            (t.c.source, OPERATOR if owner is None else WINDOW),
         ]
         if owner is not None:
             values += [(getattr(t.c, k), v) for k, v in _owner_values(owner).items()]
@@ -538,10 +546,10 @@ class MaintenanceStore:
                 .where(t.c.tenant == tenant)
                 .ordered_values(
                     (t.c.started_at, case((t.c.active == true(), t.c.started_at), else_=now)),
+                    (t.c.source, _KEEP_OPERATOR(t)),
                     (t.c.active, True),
                     (t.c.error, error),
                     (t.c.updated_at, now),
-                    (t.c.source, WINDOW),
                     *((getattr(t.c, k), v) for k, v in _owner_values(None).items()),
                 )
             )
