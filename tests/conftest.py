@@ -151,8 +151,12 @@ def asgi_call(
     client: tuple[str, int] | None = ("203.0.113.9", 40000),
     query: str = "",
     scheme: str = "http",
+    raw_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    """Call an ASGI app once with a hand-built scope; (status, headers, body)."""
+    """Call an ASGI app once with a hand-built scope; (status, headers, body).
+
+    ``raw_headers`` sends header lines as bytes, repeated or not UTF-8, instead of ``headers``.
+    """
     import asyncio
 
     scope = {
@@ -161,7 +165,9 @@ def asgi_call(
         "path": path,
         "scheme": scheme,
         "query_string": query.encode("latin-1"),
-        "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()],
+        "headers": raw_headers
+        if raw_headers is not None
+        else [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()],
         "client": client,
     }
     sent: list[dict] = []
@@ -179,7 +185,7 @@ def asgi_call(
     asyncio.run(app(scope, receive, send))
     start = sent[0]
     body = b"".join(m.get("body", b"") for m in sent[1:])
-    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
+    return start["status"], {k.decode(): v.decode("latin-1") for k, v in start["headers"]}, body
 
 
 async def ok_app(scope, receive, send):

@@ -6,7 +6,6 @@ Accept parser always picks one of the types it serves.
 
 from __future__ import annotations
 
-import asyncio
 import html
 import json
 
@@ -18,6 +17,7 @@ from maintgate import ALL_TENANTS, MaintenanceMiddleware, MaintenanceStore, WSGI
 from maintgate.asgi import ASGIRequest
 from maintgate.core.negotiation import HTML, PROBLEM_JSON, TEXT, negotiate
 from maintgate.tenants import from_header, from_path_prefix, from_subdomain
+from tests.conftest import asgi_call
 
 SERVED = {PROBLEM_JSON, HTML, TEXT}
 header_bytes = st.binary(max_size=300) | st.builds(
@@ -74,27 +74,6 @@ def blocked_store(tmp_path_factory):
     store.engine.dispose()
 
 
-def asgi_once(app, headers, path):
-    sent = []
-
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message):
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": path,
-        "query_string": b"",
-        "headers": headers,
-        "client": None,
-    }
-    asyncio.run(app(scope, receive, send))
-    return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
-
-
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tenant=header_bytes, accept=header_bytes, host=header_bytes, path=st.text(max_size=200))
 def test_the_gate_answers_any_bytes_with_a_sane_503_and_no_unescaped_echo(
@@ -106,9 +85,9 @@ def test_the_gate_answers_any_bytes_with_a_sane_503_and_no_unescaped_echo(
 
     app = MaintenanceMiddleware(ok, blocked_store, tenant=from_header("X-Tenant-ID"), bypass_secret="s" * 16)
     headers = [(b"x-tenant-id", tenant), (b"accept", accept), (b"host", host), (b"cookie", tenant)]
-    status, response_headers, body = asgi_once(app, headers, "/" + path)
+    status, response_headers, body = asgi_call(app, "/" + path, raw_headers=headers, client=None)
     assert status == 503
-    kind = response_headers[b"content-type"].decode()
+    kind = response_headers["content-type"]
     if kind.startswith("application/problem+json"):
         assert json.loads(body)["status"] == 503
     if kind.startswith("text/html"):
