@@ -92,32 +92,42 @@ def test_failure_on_a_users_plain_sqlite_engine_rolls_back_too(tmp_path):
     engine.dispose()
 
 
-def reject_switch_off(store: MaintenanceStore) -> None:
-    """A trigger that refuses to switch maintenance off: the deactivation itself fails."""
+def reject_updates(store: MaintenanceStore, name: str, sqlite_when: str, pg_when: str, message: str) -> None:
+    """A real database trigger that makes some updates of the state table fail with ``message``."""
     table = store.tables.state.name
     with store.engine.begin() as conn:
         if store.engine.dialect.name == "sqlite":
             conn.execute(
                 text(
-                    f"CREATE TRIGGER {table}_no_off BEFORE UPDATE ON {table} "
-                    "WHEN OLD.active = 1 AND NEW.active = 0 "
-                    "BEGIN SELECT RAISE(ABORT, 'switch-off rejected'); END"
+                    f"CREATE TRIGGER {table}_{name} BEFORE UPDATE ON {table} "
+                    f"WHEN {sqlite_when} BEGIN SELECT RAISE(ABORT, '{message}'); END"
                 )
             )
         else:
             conn.execute(
                 text(
-                    f"CREATE FUNCTION {table}_no_off() RETURNS trigger AS $$ BEGIN "
-                    "IF OLD.active AND NOT NEW.active THEN RAISE EXCEPTION 'switch-off rejected'; END IF; "
+                    f"CREATE FUNCTION {table}_{name}() RETURNS trigger AS $$ BEGIN "
+                    f"IF {pg_when} THEN RAISE EXCEPTION '{message}'; END IF; "
                     "RETURN NEW; END $$ LANGUAGE plpgsql"
                 )
             )
             conn.execute(
                 text(
-                    f"CREATE TRIGGER {table}_no_off BEFORE UPDATE ON {table} "
-                    f"FOR EACH ROW EXECUTE FUNCTION {table}_no_off()"
+                    f"CREATE TRIGGER {table}_{name} BEFORE UPDATE ON {table} "
+                    f"FOR EACH ROW EXECUTE FUNCTION {table}_{name}()"
                 )
             )
+
+
+def reject_switch_off(store: MaintenanceStore) -> None:
+    """A trigger that refuses to switch maintenance off: the deactivation itself fails."""
+    reject_updates(
+        store,
+        "no_off",
+        "OLD.active = 1 AND NEW.active = 0",
+        "OLD.active AND NOT NEW.active",
+        "switch-off rejected",
+    )
 
 
 def test_failure_in_the_switch_off_rolls_back_the_migration(store, contacts):
@@ -158,29 +168,7 @@ def test_failure_at_commit_rolls_back_everything(database_url, tmp_path):
 
 
 def test_when_recording_the_failure_fails_the_original_error_still_propagates(store, contacts, caplog):
-    table = store.tables.state.name
-    with store.engine.begin() as conn:
-        if store.engine.dialect.name == "sqlite":
-            conn.execute(
-                text(
-                    f"CREATE TRIGGER {table}_no_err BEFORE UPDATE ON {table} "
-                    "WHEN NEW.error IS NOT NULL BEGIN SELECT RAISE(ABORT, 'cannot record'); END"
-                )
-            )
-        else:
-            conn.execute(
-                text(
-                    f"CREATE FUNCTION {table}_no_err() RETURNS trigger AS $$ BEGIN "
-                    "IF NEW.error IS NOT NULL THEN RAISE EXCEPTION 'cannot record'; END IF; "
-                    "RETURN NEW; END $$ LANGUAGE plpgsql"
-                )
-            )
-            conn.execute(
-                text(
-                    f"CREATE TRIGGER {table}_no_err BEFORE UPDATE ON {table} "
-                    f"FOR EACH ROW EXECUTE FUNCTION {table}_no_err()"
-                )
-            )
+    reject_updates(store, "no_err", "NEW.error IS NOT NULL", "NEW.error IS NOT NULL", "cannot record")
     error = Boom("original")
     with (
         caplog.at_level(logging.ERROR, logger="maintgate"),
