@@ -6,13 +6,13 @@ maintenance off in the same transaction as the migration.
 """
 
 from .asgi import MaintenanceMiddleware
-from .core.errors import InvalidArgument, InvalidTenant, MaintgateError
+from .core.errors import InvalidArgument, InvalidTenant, MaintgateError, WindowBusy, WindowLost
 from .core.gate import Gate
 from .core.render import Renderer
 from .core.schema import metadata
-from .core.state import ALL_TENANTS, HistoryEntry, MaintenanceState, Owner
+from .core.state import ALL_TENANTS, HistoryEntry, MaintenanceState, Owner, Schedule, Window
 from .core.store import MaintenanceStore
-from .migration import WindowBusy, async_maintenance_window, maintenance_window, owner_alive
+from .migration import async_maintenance_window, maintenance_window, owner_alive
 from .wsgi import WSGIMaintenanceMiddleware
 
 __version__ = "0.1.0"
@@ -29,8 +29,11 @@ __all__ = [
     "MaintgateError",
     "Owner",
     "Renderer",
+    "Schedule",
     "WSGIMaintenanceMiddleware",
+    "Window",
     "WindowBusy",
+    "WindowLost",
     "async_maintenance_window",
     "maintenance_window",
     "metadata",

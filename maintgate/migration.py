@@ -1,34 +1,40 @@
 """The migration window: maintenance on, migrate, and off again in the migration's own transaction.
 
-Order of a window:
+The steps are written once, in :func:`_steps`; every form of the window (sync or async, on a
+connection of its own or the caller's, Django's, Alembic's) drives that one sequence:
 
-1. On PostgreSQL, take a session advisory lock for the tenant on a connection of its own
-   (a second window for the tenant fails here, having changed nothing).
-2. Switch maintenance on, recording the owner, in a committed transaction of its own.
-3. Yield a connection inside one transaction for the migration.
-4. On a clean exit, switch maintenance off in that same transaction, then commit: both
-   land together or not at all.
-5. On any exception, roll back, then record the error in a new transaction that survives
-   the rollback; maintenance stays on and the original exception propagates unchanged.
+1. Prepare the migration's transaction: refuse what cannot be atomic (AUTOCOMMIT, a caller's
+   REPEATABLE READ snapshot, a pool too small) and, on PostgreSQL, take the tenant's lock as a
+   *transaction* lock on it, so the lock lives and dies with the migration (and works behind
+   PgBouncer). A second window fails here or at step 2, having changed nothing.
+2. Switch maintenance on in a committed transaction of its own, writing a new window id and,
+   where no lock covers it, a lease that the window renews while it runs.
+3. Hand the connection to the work.
+4. Check that the transaction is still the one the window began, and switch maintenance off in
+   it with a write fenced on the window id that must change exactly one row; then commit.
+5. On any failure roll back, then record the error in a new transaction (fenced too);
+   maintenance stays on and the original exception propagates unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, event, text
+from sqlalchemy.pool import AssertionPool, QueuePool, SingletonThreadPool, StaticPool
 
-from .core.errors import MaintgateError
-from .core.state import FULL, MaintenanceState, Owner, check_tenant
-from .core.store import OPERATOR, MaintenanceStore, announce, make_sqlite_transactional
+from .core.errors import MaintgateError, WindowBusy, WindowLost
+from .core.state import FULL, MaintenanceState, Owner, Window, check_tenant
+from .core.store import DEFAULT_LEASE, MaintenanceStore, _busy_message, announce, make_sqlite_transactional
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -37,52 +43,20 @@ logger = logging.getLogger("maintgate")
 
 TRANSACTIONAL_DDL = frozenset({"postgresql", "sqlite", "mssql"})
 ERROR_MAX_LENGTH = 2000
+CONNECTIONS_NEEDED = 2
+"""Connections of the store's engine a window holds at once: the migration's and one for bookkeeping."""
 
-
-class WindowBusy(MaintgateError):
-    """Another migration window for this tenant is still open."""
+__all__ = ["WindowBusy", "WindowLost", "async_maintenance_window", "maintenance_window", "owner_alive"]
 
 
 def advisory_key(store: MaintenanceStore, tenant: str) -> int:
     """The signed 64-bit PostgreSQL advisory-lock key of ``tenant``'s window in this store."""
-    table = store.tables.state
-    name = f"maintgate:{table.schema or ''}:{table.name}:{tenant}".encode()
-    return int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "big", signed=True)
+    return store.window_lock_key(tenant)
 
 
 def owner_alive(store: MaintenanceStore, state: MaintenanceState | None) -> bool | None:
-    """Whether the process that holds ``state``'s window still lives: None if no window or unknown.
-
-    PostgreSQL: the owner's backend still holds the tenant's advisory lock. Elsewhere: the
-    owner runs on this host and its pid exists; another host cannot be told (None).
-    """
-    if state is None or state.owner is None:
-        return None
-    owner = state.owner
-    if store.engine.dialect.name == "postgresql" and owner.backend_pid is not None:
-        key = advisory_key(store, state.tenant)
-        with store.engine.connect() as conn:
-            held = conn.execute(
-                text(
-                    "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = :pid"
-                    " AND classid = :hi AND objid = :lo AND objsubid = 1"
-                ),
-                {"pid": owner.backend_pid, "hi": (key >> 32) & 0xFFFFFFFF, "lo": key & 0xFFFFFFFF},
-            ).first()
-        return held is not None
-    if owner.host != socket.gethostname():
-        return None
-    return _pid_alive(owner.pid)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """Whether the window that holds ``state``'s tenant still runs; None if no window holds it."""
+    return store.window_alive(state)
 
 
 def _describe(exc: BaseException) -> str:
@@ -95,19 +69,54 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {chr(10).join(lines)}"[:ERROR_MAX_LENGTH]
 
 
+def _pool_capacity(engine: Engine) -> float:
+    pool = engine.pool
+    if isinstance(pool, StaticPool | SingletonThreadPool | AssertionPool):
+        return 1
+    if isinstance(pool, QueuePool):
+        overflow = pool._max_overflow
+        return float("inf") if overflow < 0 else pool.size() + overflow
+    return float("inf")
+
+
+def check_pool(engine: Engine, needed: int = CONNECTIONS_NEEDED) -> None:
+    """Refuse up front when the engine's pool cannot lend a window the connections it needs at once."""
+    capacity = _pool_capacity(engine)
+    if capacity < needed:
+        raise MaintgateError(
+            f"a migration window needs {needed} connections of the store's engine at once (the "
+            f"migration's and one for its own bookkeeping), but its pool ({type(engine.pool).__name__}) "
+            f"lends at most {int(capacity)}: raise pool_size or max_overflow"
+        )
+
+
+# What a driver does for each step of the sequence.
+TX = "tx"  # fn(connection) on the migration's connection, in its transaction
+BOOK = "book"  # fn(*args), a blocking call on the store's engine (a worker thread under asyncio)
+WORK = "work"  # hand the connection to the caller's block
+COMMIT = "commit"  # commit the migration's transaction (a window that owns it)
+ABORT = "abort"  # roll the migration's transaction back; never raises
+
+Step = tuple[Any, ...]
+
+
 class _Window:
-    """The steps of one window, on synchronous connections; the async window runs them in threads."""
+    """The state of one window; :func:`_steps` calls its methods in order, drivers run them."""
 
     def __init__(
         self,
         store: MaintenanceStore,
         tenant: str,
+        *,
         message: str | None,
         retry_after: int | None,
         ends_at: datetime | None,
-        allow_non_transactional_ddl: bool,
+        mode: str,
+        owned: bool,
         dialect_name: str,
-        mode: str = FULL,
+        allow_non_transactional_ddl: bool = False,
+        lease: float = DEFAULT_LEASE,
+        connections_needed: int = CONNECTIONS_NEEDED,
     ) -> None:
         check_tenant(tenant)
         if dialect_name not in TRANSACTIONAL_DDL and not allow_non_transactional_ddl:
@@ -116,115 +125,36 @@ class _Window:
                 "pass allow_non_transactional_ddl=True to accept a possibly partial schema on failure "
                 "(maintenance is switched off only after all the work succeeded)"
             )
+        if not lease > 0:
+            raise MaintgateError(f"lease must be a positive number of seconds, got {lease!r}")
+        check_pool(store.engine, connections_needed)
         self.store = store
         self.tenant = tenant
         self.message = message
         self.retry_after = retry_after
         self.ends_at = ends_at
         self.mode = mode
+        self.owned = owned
+        self.lease = lease
         self.atomic = dialect_name in TRANSACTIONAL_DDL
         self.postgres = store.engine.dialect.name == "postgresql"
+        self.lock_first = self.postgres
         self.owner = Owner(socket.gethostname(), os.getpid())
-        self.operator_had_it_on = False
-        self.previous: MaintenanceState | None = None
-        self.opened = False
-        self.finished = False
-        self._lock_conn: Connection | None = None
-        self._check_interval = False
+        self.window: Window | None = None
+        self.before_close: Callable[[], None] | None = None
+        self._token: str | None = None
+        self._ended_by_caller: str | None = None
+        self._watched: Connection | None = None
+        self._renewer: _Renewer | None = None
 
-    def lock(self, joined: Connection | None = None) -> None:
-        """PostgreSQL: take the tenant's advisory lock, or raise WindowBusy having changed nothing.
+    @property
+    def opened(self) -> bool:
+        return self.window is not None
 
-        On a connection of our own it is a session lock, held until :meth:`unlock`. In a
-        caller's transaction (``joined``) it is a transaction lock on that connection, so that it
-        lasts exactly until the caller commits or rolls back.
-        """
-        if not self.postgres:
-            return
-        key = advisory_key(self.store, self.tenant)
-        if joined is not None:
-            got, backend_pid = joined.execute(
-                text("SELECT pg_try_advisory_xact_lock(:key), pg_backend_pid()"), {"key": key}
-            ).one()
-            if not got:
-                raise WindowBusy(f"a maintenance window for tenant {self.tenant!r} is already open")
-            self.owner = Owner(self.owner.host, self.owner.pid, backend_pid)
-            return
-        conn = self.store.engine.connect()
-        check_interval = (conn.dialect.server_version_info or (0,)) >= (14,)
-        try:
-            if check_interval:
-                conn.exec_driver_sql("SET client_connection_check_interval = '1s'")
-            got, backend_pid = conn.execute(
-                text("SELECT pg_try_advisory_lock(:key), pg_backend_pid()"), {"key": key}
-            ).one()
-            conn.commit()
-            if not got:
-                if check_interval:
-                    conn.exec_driver_sql("RESET client_connection_check_interval")
-                    conn.commit()
-                conn.close()
-                raise WindowBusy(f"a maintenance window for tenant {self.tenant!r} is already open")
-        except WindowBusy:
-            raise
-        except BaseException:
-            conn.invalidate()
-            conn.close()
-            raise
-        self._lock_conn = conn
-        self._check_interval = check_interval
-        self.owner = Owner(self.owner.host, self.owner.pid, backend_pid)
-
-    def unlock(self) -> None:
-        """Release the session lock; if that fails, drop the connection rather than pool it."""
-        conn, self._lock_conn = self._lock_conn, None
-        if conn is None:
-            return
-        try:
-            conn.execute(
-                text("SELECT pg_advisory_unlock(:key)"), {"key": advisory_key(self.store, self.tenant)}
-            )
-            if self._check_interval:
-                conn.exec_driver_sql("RESET client_connection_check_interval")
-            conn.commit()
-        except Exception:
-            # A pool reset would not release a session lock: never return this connection to the pool.
-            conn.invalidate()
-        finally:
-            conn.close()
-
-    def open(self) -> None:
-        """Switch maintenance on, recording the owner, in a committed transaction of its own."""
-        store, tenant = self.store, self.tenant
-        t = store.tables.state
-        with store.engine.begin() as conn:
-            store._ensure_row(conn, tenant)
-            # A no-op write first: it takes the row's write lock, so two windows cannot both see it free.
-            conn.execute(t.update().where(t.c.tenant == tenant).values(tenant=tenant))
-            current = store.get(tenant, connection=conn)
-            busy = current is not None and current.owner is not None and not self.postgres
-            if busy and owner_alive(store, current) is not False:
-                raise WindowBusy(
-                    f"a maintenance window for tenant {tenant!r} is already open "
-                    f"(host {current.owner.host}, pid {current.owner.pid})"  # type: ignore[union-attr]
-                )
-            self.previous = current
-            self.operator_had_it_on = bool(current and current.active and current.source == OPERATOR)
-            store._activate(
-                tenant,
-                self.message,
-                self.retry_after,
-                self.ends_at,
-                self.owner,
-                "window_opened",
-                conn,
-                self.mode,
-            )
-        self.opened = True
-        announce("window_opened", tenant, owner=self.owner, message=self.message, mode=self.mode)
+    # -- steps on the migration's connection -----------------------------------------------------
 
     def prepare(self, conn: Connection) -> None:
-        """Refuse AUTOCOMMIT; make sure the driver really is in a transaction (pysqlite defers BEGIN)."""
+        """Refuse what cannot be atomic; make sure the driver is in a transaction; PostgreSQL: lock."""
         if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
             raise MaintgateError("the migration window needs a transaction, not an AUTOCOMMIT connection")
         dbapi = conn.connection.dbapi_connection
@@ -236,44 +166,295 @@ class _Window:
                 raise MaintgateError("the migration window needs a transaction, not an AUTOCOMMIT connection")
             # Without this BEGIN, pysqlite would autocommit DDL that comes before any DML.
             conn.exec_driver_sql("BEGIN")
-        if name == "postgresql" and (conn.dialect.server_version_info or (0,)) >= (14,):
-            conn.exec_driver_sql("SET LOCAL client_connection_check_interval = '1s'")
+        if name == "postgresql":
+            level = str(conn.get_isolation_level()).upper()
+            if level in ("REPEATABLE READ", "SERIALIZABLE"):
+                if not self.owned:
+                    raise MaintgateError(
+                        f"the caller's transaction is {level}: its snapshot cannot see the switch-on "
+                        "that the window commits in a transaction of its own, so it could not switch "
+                        "maintenance off. Open the window without connection= (it then owns its "
+                        "transaction, at your engine's isolation level), or join it in READ COMMITTED"
+                    )
+                # Its snapshot must come after the switch-on: lock after it, a lease covers the gap.
+                self.lock_first = False
+            if (conn.dialect.server_version_info or (0,)) >= (14,):
+                conn.exec_driver_sql("SET LOCAL client_connection_check_interval = '1s'")
+            _unprepared(conn)
+            if self.lock_first:
+                self._lock(conn)
+        self._watch(conn)
 
-    def succeed(self, conn: Connection) -> None:
-        """Switch maintenance off inside the migration's transaction, unless an operator wants it on.
+    def begin(self, conn: Connection) -> None:
+        """After the switch-on: PostgreSQL under a snapshot isolation takes the lock only now."""
+        if self.postgres and not self.lock_first:
+            self._lock(conn)
 
-        An operator's maintenance from before the window is put back as it was; one switched on
-        while the window ran stays as the operator set it.
-        """
-        if self.operator_had_it_on:
-            self.store._release(self.tenant, self.owner, self.previous, "window_committed", conn)
-        elif self.store._source(self.tenant, conn) == OPERATOR:
-            self.store._release(self.tenant, self.owner, None, "window_committed", conn)
-        else:
-            self.store._deactivate(self.tenant, self.owner, "window_committed", conn)
+    def close(self, conn: Connection) -> None:
+        """Switch off in the migration's transaction, once sure it is still the window's own."""
+        assert self.window is not None
+        if self.before_close is not None:
+            self.before_close()
+        self._check_transaction(conn)
+        self.store.close_window(self.window, conn)
+        if not self.owned:
+            self._announce_on_commit(conn)
 
-    def committed(self) -> None:
-        """Log that the migration and the switch-off are committed."""
-        self.finished = True
-        announce("window_committed", self.tenant, owner=self.owner, kept_on=self.operator_had_it_on or None)
+    def _lock(self, conn: Connection) -> None:
+        xid = (
+            "pg_current_xact_id()"
+            if (conn.dialect.server_version_info or (0,)) >= (13,)
+            else "txid_current()"
+        )
+        got, backend_pid, token = conn.execute(
+            text(f"SELECT pg_try_advisory_xact_lock(:key), pg_backend_pid(), {xid}::text"),
+            {"key": self.store.window_lock_key(self.tenant)},
+        ).one()
+        if not got:
+            raise WindowBusy(_busy_message(self.tenant, self.store.get(self.tenant), _now()))
+        self.owner = Owner(self.owner.host, self.owner.pid, backend_pid)
+        self._token = token
+
+    def _watch(self, conn: Connection) -> None:
+        """Notice the work ending the window's transaction through SQLAlchemy (commit or rollback)."""
+
+        def ended(_conn: Connection) -> None:
+            self._ended_by_caller = self._ended_by_caller or "committed or rolled back"
+
+        self._watched = conn
+        self._ended = ended
+        event.listen(conn, "commit", ended)
+        event.listen(conn, "rollback", ended)
+
+    def _unwatch(self) -> None:
+        conn, self._watched = self._watched, None
+        if conn is not None:
+            for name in ("commit", "rollback"):
+                if event.contains(conn, name, self._ended):
+                    event.remove(conn, name, self._ended)
+
+    def _check_transaction(self, conn: Connection) -> None:
+        why = self._ended_by_caller
+        if why is None and self._token is not None:
+            xid = (
+                "pg_current_xact_id()"
+                if (conn.dialect.server_version_info or (0,)) >= (13,)
+                else "txid_current()"
+            )
+            if conn.exec_driver_sql(f"SELECT {xid}::text").scalar() != self._token:
+                why = "ended (COMMIT or ROLLBACK sent)"
+        if (
+            why is None
+            and conn.dialect.name == "sqlite"
+            and not _sqlite_in_transaction(conn.connection.dbapi_connection)
+        ):
+            why = "ended (COMMIT or ROLLBACK sent)"
+        if why is not None:
+            raise WindowLost(
+                f"the work {why} the window's transaction itself, so the migration is no longer "
+                "one transaction with the switch-off; maintenance stays on. Never commit or roll "
+                "back the connection the window yields"
+            )
+
+    # -- bookkeeping steps, each in a transaction of its own --------------------------------------
+
+    def open(self) -> None:
+        """Switch maintenance on; start renewing the lease where no lock covers the window."""
+        self.window = self.store.open_window(
+            self.tenant,
+            self.owner,
+            message=self.message,
+            retry_after=self.retry_after,
+            ends_at=self.ends_at,
+            mode=self.mode,
+            lease=None if self.lock_first else self.lease,
+        )
+        if not self.postgres:  # on PostgreSQL the lock holds the window once the gap is over
+            self._renewer = _Renewer(self.store, self.window, self.lease)
+            self._renewer.start()
+
+    def close_alone(self) -> None:
+        """Degraded mode (DDL that commits itself): the switch-off after the work, on its own."""
+        assert self.window is not None
+        with self.store._bookkeeping() as conn:
+            self.store.close_window(self.window, conn)
 
     def fail(self, exc: BaseException) -> None:
         """Record the error in a new transaction; if even that fails, log it and carry on."""
-        self.finished = True
+        assert self.window is not None
+        error = _describe(exc)
         try:
-            self.store._record_failure(self.tenant, _describe(exc), self.owner, None)
-            announce(
-                "window_failed", self.tenant, owner=self.owner, error=_describe(exc), level=logging.WARNING
-            )
+            held = self.store.record_window_failure(self.window, error)
         except Exception as record_exc:
             logger.error(
                 "maintgate: could not record the failure of tenant %r's window (%s); "
                 "maintenance stays on. Original error: %s",
                 self.tenant,
                 _describe(record_exc),
-                _describe(exc),
+                error,
                 extra={"maintgate_event": "record_failure_failed", "tenant": self.tenant},
             )
+            return
+        announce(
+            "window_failed",
+            self.tenant,
+            owner=self.owner,
+            window=self.window.id,
+            error=error,
+            held=None if held else False,
+            level=logging.WARNING,
+        )
+
+    def committed(self) -> None:
+        """Log that the migration and the switch-off are committed."""
+        window = self.window
+        announce("window_committed", self.tenant, owner=self.owner, window=window.id if window else None)
+
+    def finish(self) -> None:
+        """Whatever the outcome: stop renewing, stop watching the connection."""
+        if self._renewer is not None:
+            self._renewer.stop()
+        self._unwatch()
+
+    def _announce_on_commit(self, conn: Connection) -> None:
+        """Joined windows: the caller commits; log it then, or warn if it rolls back instead."""
+
+        def rolled_back(_conn: Connection) -> None:
+            event.remove(conn, "commit", committed)
+            logger.warning(
+                "maintgate: the caller rolled back the transaction of tenant %r's window after it "
+                "closed; maintenance stays on and status shows the owner gone",
+                self.tenant,
+                extra={"maintgate_event": "window_rolled_back_by_caller", "tenant": self.tenant},
+            )
+
+        def committed(_conn: Connection) -> None:
+            event.remove(conn, "rollback", rolled_back)
+            self.committed()
+
+        self._unwatch()
+        event.listen(conn, "rollback", rolled_back, once=True)
+        event.listen(conn, "commit", committed, once=True)
+
+
+def _steps(w: _Window) -> Generator[Step, Any, None]:
+    """The window's one sequence of steps; a driver carries out each step it yields."""
+    try:
+        yield (TX, w.prepare)
+        try:
+            yield (BOOK, w.open)
+            yield (TX, w.begin)
+            yield (WORK,)
+            if w.atomic:
+                yield (TX, w.close)
+                if w.owned:
+                    yield (COMMIT,)
+            else:
+                yield (COMMIT,)
+                yield (BOOK, w.close_alone)
+        except BaseException as exc:
+            if w.opened:  # a refusal before the switch-on changed nothing and records nothing
+                yield (ABORT,)
+                yield (BOOK, w.fail, exc)
+            raise
+    finally:
+        w.finish()
+    if w.owned:
+        w.committed()
+
+
+def drive(
+    steps: Generator[Step, Any, None],
+    conn: Connection,
+    *,
+    commit: Callable[[], object],
+    abort: Callable[[], object],
+    handed: Any,
+) -> Iterator[Any]:
+    """Carry out the steps synchronously; yields ``handed`` to the caller's block at the work step."""
+    result: Any = None
+    step = next(steps)
+    while True:
+        try:
+            kind = step[0]
+            if kind == WORK:
+                yield handed
+                result = None
+            elif kind == TX:
+                result = step[1](conn)
+            elif kind == BOOK:
+                result = step[1](*step[2:])
+            elif kind == COMMIT:
+                result = commit()
+            else:
+                result = abort()
+        except BaseException as exc:
+            try:
+                step = steps.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            step = steps.send(result)
+        except StopIteration:
+            return
+
+
+class _Renewer:
+    """Renews a window's lease every third of its length, on a daemon thread, until stopped."""
+
+    def __init__(self, store: MaintenanceStore, window: Window, lease: float) -> None:
+        self._store = store
+        self._window = window
+        self._lease = lease
+        self._stop = threading.Event()
+        self.lost = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"maintgate-lease-{window.tenant}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        warned = False
+        while not self._stop.wait(self._lease / 3):
+            try:
+                if not self._store.renew_window(self._window, self._lease):
+                    self.lost = True
+                    logger.warning(
+                        "maintgate: tenant %r's window %s no longer holds the tenant (released or "
+                        "taken over); it will fail instead of switching maintenance off",
+                        self._window.tenant,
+                        self._window.id,
+                        extra={"maintgate_event": "window_lost", "tenant": self._window.tenant},
+                    )
+                    return
+            except Exception as exc:  # a busy SQLite file, a passing outage: try again next time
+                if not warned:
+                    warned = True
+                    logger.warning(
+                        "maintgate: could not renew the lease of tenant %r's window (%s); retrying",
+                        self._window.tenant,
+                        _describe(exc),
+                        extra={"maintgate_event": "lease_renewal_failed", "tenant": self._window.tenant},
+                    )
+
+
+def _now() -> datetime:
+    from .core.state import utcnow
+
+    return utcnow()
+
+
+def _unprepared(conn: Connection) -> None:
+    """psycopg: no server-side prepared statements on this connection (they break behind PgBouncer)."""
+    driver = conn.connection.driver_connection
+    if driver is not None and hasattr(driver, "prepare_threshold"):
+        driver.prepare_threshold = None
 
 
 def _sqlite_in_transaction(dbapi: Any) -> bool:
@@ -299,6 +480,14 @@ def _discard(conn: Connection) -> None:
     conn.invalidate()
 
 
+def _rollback_caller(conn: Connection) -> None:
+    """Roll the caller's transaction back (never commit it): the error record must not wait on its locks."""
+    try:
+        conn.rollback()
+    except Exception:
+        conn.invalidate()
+
+
 @contextmanager
 def maintenance_window(
     store: MaintenanceStore,
@@ -310,6 +499,7 @@ def maintenance_window(
     connection: Connection | None = None,
     allow_non_transactional_ddl: bool = False,
     mode: str = FULL,
+    lease: float = DEFAULT_LEASE,
 ) -> Iterator[Connection]:
     """Open a migration window for ``tenant`` and yield the connection to migrate on.
 
@@ -317,89 +507,38 @@ def maintenance_window(
     back, maintenance stays on, the error is recorded, and the exception propagates.
     With ``connection=``, the switch-off runs in the caller's transaction and the caller
     commits: the library never commits a connection it was given. On failure it rolls that
-    transaction back before recording the error.
+    transaction back before recording the error. ``lease`` is how long a window that stopped
+    renewing (its process died) keeps the tenant on SQLite and MySQL.
     """
-    dialect = (connection or store.engine).dialect.name
-    window = _Window(store, tenant, message, retry_after, ends_at, allow_non_transactional_ddl, dialect, mode)
     if connection is not None and not connection.in_transaction():
         raise MaintgateError("pass a connection inside a transaction (conn.begin()); the caller commits it")
+    dialect = (connection or store.engine).dialect.name
+    same_pool = connection is None or connection.engine is store.engine
+    window = _Window(
+        store,
+        tenant,
+        message=message,
+        retry_after=retry_after,
+        ends_at=ends_at,
+        mode=mode,
+        owned=connection is None,
+        dialect_name=dialect,
+        allow_non_transactional_ddl=allow_non_transactional_ddl,
+        lease=lease,
+        connections_needed=CONNECTIONS_NEEDED if same_pool else 1,
+    )
     if connection is not None:
-        window.prepare(connection)
-        window.lock(joined=connection)
-    else:
-        window.lock()
-    try:
-        if connection is not None:
-            window.open()
-            yield from _joined(window, connection)
-        else:
-            with store.engine.connect() as conn:
-                conn.begin()
-                window.prepare(conn)
-                window.open()
-                yield from _owned(window, conn)
-    except BaseException as exc:
-        if window.opened and not window.finished:
-            window.fail(exc)
-        raise
-    finally:
-        window.unlock()
-
-
-def _owned(window: _Window, conn: Connection) -> Iterator[Connection]:
-    try:
-        yield conn
-        if window.atomic:
-            window.succeed(conn)
-            conn.commit()
-        else:
-            conn.commit()  # degraded mode: the work first, then the switch-off on its own
-            _succeed_alone(window)
-        window.committed()
-    except BaseException as exc:
-        _discard(conn)
-        window.fail(exc)
-        raise
-
-
-def _joined(window: _Window, conn: Connection) -> Iterator[Connection]:
-    try:
-        yield conn
-        window.succeed(conn)
-        _warn_on_caller_rollback(window, conn)
-    except BaseException as exc:
-        # Roll the caller's transaction back (never commit it): the error record must not wait
-        # behind its locks, and SQLite would refuse the record while it holds the file's write lock.
-        _rollback_caller(conn)
-        window.fail(exc)
-        raise
-
-
-def _warn_on_caller_rollback(window: _Window, conn: Connection) -> None:
-    """The caller may still roll back the switch-off: say so in the log if it does."""
-
-    def rolled_back(_conn: Connection) -> None:
-        event.remove(conn, "commit", committed)
-        logger.warning(
-            "maintgate: the caller rolled back the transaction of tenant %r's window after it closed; "
-            "maintenance stays on and status shows the owner gone",
-            window.tenant,
-            extra={"maintgate_event": "window_rolled_back_by_caller", "tenant": window.tenant},
+        yield from drive(
+            _steps(window),
+            connection,
+            commit=connection.commit,
+            abort=lambda: _rollback_caller(connection),
+            handed=connection,
         )
-
-    def committed(_conn: Connection) -> None:
-        event.remove(conn, "rollback", rolled_back)
-        window.committed()
-
-    event.listen(conn, "rollback", rolled_back, once=True)
-    event.listen(conn, "commit", committed, once=True)
-
-
-def _rollback_caller(conn: Connection) -> None:
-    try:
-        conn.rollback()
-    except Exception:
-        conn.invalidate()
+        return
+    with store.engine.connect() as conn:
+        conn.begin()
+        yield from drive(_steps(window), conn, commit=conn.commit, abort=lambda: _discard(conn), handed=conn)
 
 
 def _async_url(engine: Engine) -> Any:
@@ -423,72 +562,110 @@ async def async_maintenance_window(
     ends_at: datetime | None = None,
     allow_non_transactional_ddl: bool = False,
     mode: str = FULL,
+    lease: float = DEFAULT_LEASE,
 ) -> AsyncIterator[AsyncConnection]:
     """:func:`maintenance_window` for SQLAlchemy's asyncio engines; yields an ``AsyncConnection``.
 
-    The window's own bookkeeping (lock, switch-on, error record) runs in worker threads on
-    the store's engine; the migration and the switch-off run on the async connection.
-    Without ``engine=`` or ``connection=``, an async engine is made from the store's URL.
+    The window's bookkeeping (switch-on, error record) runs in worker threads on the store's
+    engine; the migration and the switch-off run on the async connection. Without
+    ``engine=`` or ``connection=``, an async engine is made from the store's URL.
     """
     from sqlalchemy.ext.asyncio import create_async_engine
 
+    if connection is not None and not connection.in_transaction():
+        raise MaintgateError("pass a connection inside a transaction (conn.begin()); the caller commits it")
     owned_engine = None
     if connection is None and engine is None:
         engine = owned_engine = create_async_engine(_async_url(store.engine))
         if engine.dialect.name == "sqlite":
             make_sqlite_transactional(engine.sync_engine)
     dialect = (connection or engine).dialect.name  # type: ignore[union-attr]
-    window = _Window(store, tenant, message, retry_after, ends_at, allow_non_transactional_ddl, dialect, mode)
-    if connection is not None and not connection.in_transaction():
-        raise MaintgateError("pass a connection inside a transaction (conn.begin()); the caller commits it")
+    window = _Window(
+        store,
+        tenant,
+        message=message,
+        retry_after=retry_after,
+        ends_at=ends_at,
+        mode=mode,
+        owned=connection is None,
+        dialect_name=dialect,
+        allow_non_transactional_ddl=allow_non_transactional_ddl,
+        lease=lease,
+        connections_needed=1,  # the migration's connection comes from the async engine
+    )
     try:
-        if connection is not None:
-            await connection.run_sync(window.prepare)
-            await connection.run_sync(window.lock)
-            await _to_the_end(window.open)
-            try:
-                yield connection
-                await connection.run_sync(window.succeed)
-            except BaseException as exc:
-                await connection.run_sync(_rollback_caller)
-                await _to_the_end(window.fail, exc)
-                raise
-        else:
-            await _to_the_end(window.lock)
-            async with engine.connect() as conn:  # type: ignore[union-attr]
+        async with contextlib.AsyncExitStack() as stack:
+            if connection is None:
+                assert engine is not None
+                conn = engine.connect()
+                try:  # connecting runs to its end: aiosqlite's thread must not outlive a cancelled start
+                    await _uncancelled(conn.start())
+                finally:
+                    if conn.sync_connection is not None:
+                        stack.push_async_callback(conn.close)
                 await conn.begin()
-                await conn.run_sync(window.prepare)
-                await _to_the_end(window.open)
-                try:
-                    yield conn
-                    if window.atomic:
-                        await conn.run_sync(window.succeed)
-                        await conn.commit()
-                    else:
-                        await conn.commit()
-                        await _to_the_end(_succeed_alone, window)
-                    window.committed()
-                except BaseException as exc:
-                    await conn.run_sync(_discard)
-                    await _to_the_end(window.fail, exc)
-                    raise
-    except BaseException as exc:
-        if window.opened and not window.finished:  # cancelled between the switch-on and the block
-            await _to_the_end(window.fail, exc)
-        raise
+            else:
+                conn = connection
+            # An async generator cannot delegate with ``yield from``: hand the block's outcome on by hand.
+            driver = _drive_async(_steps(window), conn, owned=connection is None)
+            handed = await driver.__anext__()
+            try:
+                yield handed
+            except BaseException as exc:
+                await driver.athrow(exc)  # runs the failure steps, then raises ``exc`` again
+                raise
+            with contextlib.suppress(StopAsyncIteration):
+                await driver.__anext__()
     finally:
-        await _to_the_end(window.unlock)
         if owned_engine is not None:
             await owned_engine.dispose()
+
+
+async def _drive_async(
+    steps: Generator[Step, Any, None], conn: AsyncConnection, *, owned: bool
+) -> AsyncGenerator[AsyncConnection, None]:
+    """Carry out the steps on an async connection; bookkeeping runs in threads, to its end."""
+    result: Any = None
+    step = next(steps)
+    while True:
+        try:
+            kind = step[0]
+            if kind == WORK:
+                yield conn
+                result = None
+            elif kind == TX:
+                result = await conn.run_sync(step[1])
+            elif kind == BOOK:
+                result = await _to_the_end(step[1], *step[2:])
+            elif kind == COMMIT:
+                await conn.commit()
+                result = None
+            else:
+                result = await conn.run_sync(_discard if owned else _rollback_caller)
+        except BaseException as exc:
+            try:
+                step = steps.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            step = steps.send(result)
+        except StopIteration:
+            return
 
 
 async def _to_the_end(func: Any, *args: Any) -> Any:
     """Run a blocking step in a worker thread to its end even if the task is cancelled meanwhile.
 
-    A lock taken or a switch-on committed by a thread must be known to the window, or it
-    could not be undone; the cancellation is re-raised once the step is over.
+    A switch-on committed by a thread must be known to the window, or it could not be
+    undone; the cancellation is re-raised once the step is over.
     """
-    task = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    return await _uncancelled(asyncio.to_thread(func, *args))
+
+
+async def _uncancelled(awaitable: Any) -> Any:
+    """Await ``awaitable`` to its end; a cancellation meanwhile is raised once it is over."""
+    task = asyncio.ensure_future(awaitable)
     cancelled = False
     while True:
         try:
@@ -501,8 +678,3 @@ async def _to_the_end(func: Any, *args: Any) -> Any:
     if cancelled:
         raise asyncio.CancelledError
     return result
-
-
-def _succeed_alone(window: _Window) -> None:
-    with window.store.engine.begin() as conn:
-        window.succeed(conn)

@@ -21,6 +21,7 @@ from typing import Any
 
 from .core.gate import Gate
 from .core.state import ALL_TENANTS
+from .core.store import state_from_payload
 
 logger = logging.getLogger("maintgate")
 
@@ -60,10 +61,15 @@ class _Listener:
         if self.connected.is_set():
             gate.notifications_live = True
 
-    def deliver(self, tenant: str) -> None:
+    def deliver(self, payload: str) -> None:
+        """Apply a tenant's new state carried by the notification, or drop what is cached of it."""
         self.received += 1
+        tenant, state = state_from_payload(payload)
         for gate in list(self.gates):
-            gate.invalidate(None if tenant == ALL_TENANTS else tenant)
+            if tenant == ALL_TENANTS or state is None or not state.active:
+                gate.invalidate(None if tenant == ALL_TENANTS else tenant)
+            else:
+                gate.apply(tenant, state)
 
     def lost(self, exc: BaseException, delay: float) -> None:
         self.connected.clear()

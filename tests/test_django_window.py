@@ -24,6 +24,11 @@ def using(request) -> Iterator[str]:
     alias = request.param
     if alias == "pg":
         require_postgres()
+    from django.test import override_settings
+
+    settings = override_settings(MAINTGATE={"DATABASE": alias})  # the gate reads where the window writes
+    settings.enable()
+    request.addfinalizer(settings.disable)
     connection = connections[alias]
     store = get_store(alias)
     store.drop_tables()

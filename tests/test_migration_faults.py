@@ -20,7 +20,8 @@ MIGRATOR = textwrap.dedent(
     from maintgate import MaintenanceStore, maintenance_window
     url, prefix, table = sys.argv[1:4]
     store = MaintenanceStore(url, table_prefix=prefix)
-    with maintenance_window(store, "demo", message="Renaming") as conn:
+    # A short lease: on SQLite a dead window holds the tenant until its lease expires.
+    with maintenance_window(store, "demo", message="Renaming", lease=1.0) as conn:
         conn.execute(text(f'ALTER TABLE {table} RENAME COLUMN "primary-email" TO "main-email-contact"'))
         print("renamed", flush=True)
         time.sleep(120)

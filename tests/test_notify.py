@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx2 as httpx
@@ -33,7 +34,7 @@ class Inbox:
         self.conn.execute(f'LISTEN "{store.channel}"')
 
     def drain(self, wait: float = 0.3) -> list[str]:
-        return [n.payload for n in self.conn.notifies(timeout=wait)]
+        return [json.loads(n.payload)["tenant"] for n in self.conn.notifies(timeout=wait)]
 
     def close(self):
         self.conn.close()

@@ -63,10 +63,11 @@ def test_a_successful_retry_after_a_failed_window_switches_maintenance_off(store
     assert columns(store, contacts) == {"id", "main-email-contact"}
 
 
-def test_an_operators_earlier_message_is_put_back(store):
+def test_an_operators_maintenance_is_left_as_the_operator_set_it(store):
     store.activate("demo", message="operator's", retry_after=900, mode="read_only")
     with maintenance_window(store, "demo", message="window's", retry_after=30):
-        assert store.get("demo").message == "window's"
+        during = store.get("demo")
+        assert during.message == "operator's" and during.mode == "full", "the window needs full, no more"
     state = store.get("demo")
     assert state.active and state.message == "operator's" and state.retry_after == 900 and state.read_only
 
@@ -143,14 +144,18 @@ def test_django_window_marked_for_rollback_is_recorded(store):
     from maintgate.django import maintenance_window as django_window
 
     alias = "pg" if store.engine.dialect.name != "sqlite" else "default"
-    url = store.engine.url.render_as_string(hide_password=False)
     prefix = store.tables.state.name.removesuffix("state")
-    with override_settings(MAINTGATE={"DATABASE_URL": url, "TABLE_PREFIX": prefix}):
-        with pytest.raises(Exception, match="marked for rollback"), django_window("demo", using=alias):
-            transaction.set_rollback(True, using=alias)
-        get_store(alias).engine.dispose()
-    state = store.get("demo")
-    assert state.active and "marked for rollback" in state.error
+    with override_settings(MAINTGATE={"DATABASE": alias, "TABLE_PREFIX": prefix}):
+        django_store = get_store(alias)  # the store on Django's own database, where the window must be
+        django_store.create_tables()
+        try:
+            with pytest.raises(Exception, match="marked for rollback"), django_window("demo", using=alias):
+                transaction.set_rollback(True, using=alias)
+            state = django_store.get("demo")
+            assert state.active and "marked for rollback" in state.error
+        finally:
+            django_store.drop_tables()
+            django_store.engine.dispose()
 
 
 def test_a_caller_rolling_back_after_a_joined_window_is_visible(store, caplog):

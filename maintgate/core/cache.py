@@ -144,6 +144,15 @@ class StateCache(Generic[V]):
                 self._index.pop(key, None)
                 self._inflight.pop(key, None)
 
+    def put(self, key: Hashable, value: V) -> None:
+        """Cache ``value`` for ``key`` now, as its last known value too; running loads are dropped."""
+        with self._lock:
+            self._generation += 1
+            self._inflight.pop(key, None)
+            self._last_known[key] = value
+            self._store[key] = value
+            self._index[key] = (self._timer() + self.ttl, value)
+
     def close(self) -> None:
         """Stop the worker threads used by :meth:`load_async`."""
         with self._lock:

@@ -11,3 +11,14 @@ class InvalidTenant(MaintgateError, ValueError):
 
 class InvalidArgument(MaintgateError, ValueError):
     """A bad argument or setting, named in the message; raised when the object is built."""
+
+
+class WindowBusy(MaintgateError):
+    """Another migration window for this tenant is still open; nothing was changed."""
+
+
+class WindowLost(MaintgateError):
+    """A migration window is no longer the one that holds its tenant, or its transaction changed.
+
+    The window fails instead of switching maintenance off: maintenance stays on.
+    """

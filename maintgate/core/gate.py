@@ -20,7 +20,15 @@ from .negotiation import negotiate
 from .render import Renderer
 from .request import RequestView
 from .response import Response
-from .state import ALL_TENANTS, TENANT_MAX_LENGTH, Lookup, MaintenanceState, is_valid_tenant, utcnow
+from .state import (
+    ALL_TENANTS,
+    TENANT_MAX_LENGTH,
+    Lookup,
+    MaintenanceState,
+    is_valid_tenant,
+    strictness,
+    utcnow,
+)
 from .tenants import TenantResolver
 
 logger = logging.getLogger("maintgate")
@@ -331,6 +339,17 @@ class Gate:
                 self.on_block(request, state)
             except Exception:
                 logger.exception("maintgate: on_block hook %r failed", self.on_block)
+
+    def apply(self, tenant: str, own: MaintenanceState) -> None:
+        """Take ``tenant``'s own new state from a notification: cached at once, and as last known.
+
+        A global switch or a schedule cached for the tenant still counts: the strictest wins.
+        """
+        current = self.cache.peek(tenant)
+        chosen = own
+        if isinstance(current, MaintenanceState) and (current.is_global or current.schedule_id is not None):
+            chosen = min((own, current), key=strictness)
+        self.cache.put(tenant, chosen)
 
     def invalidate(self, tenant: str | None = None) -> None:
         """Drop the cached state of ``tenant``, or of everyone (for the global switch or None)."""

@@ -53,6 +53,10 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         Column("owner_host", String(255)),
         Column("owner_pid", Integer),
         Column("owner_backend_pid", Integer),
+        # The open window's id (every write that ends it names it), its lease, and the mode it needs.
+        Column("window_id", String(32)),
+        Column("lease_until", Timestamp),
+        Column("window_mode", String(16)),
     )
     history = Table(
         f"{prefix}history",
@@ -66,6 +70,7 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         Column("owner_host", String(255)),
         Column("owner_pid", Integer),
         Column("owner_backend_pid", Integer),
+        Column("window_id", String(32)),
         Index(f"ix_{prefix}history_tenant_id", "tenant", "id"),
     )
     schedule = Table(

@@ -67,6 +67,7 @@ class HistoryEntry:
     message: str | None = None
     error: str | None = None
     owner: Owner | None = None
+    window_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,8 @@ class MaintenanceState:
     mode: str = FULL
     schedule_id: int | None = None
     source: str | None = None
+    window_id: str | None = None
+    lease_until: datetime | None = None
 
     @property
     def read_only(self) -> bool:
@@ -105,6 +108,30 @@ class MaintenanceState:
         if self.retry_after is not None and self.retry_after > 0:
             return self.retry_after
         return default
+
+
+def strictness(state: MaintenanceState) -> tuple[bool, bool, bool]:
+    """Sort key of states that apply at once: full before read-only, then the tenant's own, then manual."""
+    return (state.mode != FULL, state.is_global, state.schedule_id is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """An open migration window, as :meth:`MaintenanceStore.open_window` returns it.
+
+    Every write that ends the window names ``id`` and must change exactly its row.
+    ``lease_until`` is None when a PostgreSQL lock on the migration's transaction is its lease.
+    ``schema`` is where maintgate's tables were found, so statements on the migration's
+    connection name it whatever that connection's ``search_path`` becomes.
+    """
+
+    id: str
+    tenant: str
+    owner: Owner
+    mode: str = FULL
+    message: str | None = None
+    lease_until: datetime | None = None
+    schema: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -22,11 +25,13 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    inspect,
     literal,
     make_url,
     null,
     or_,
     select,
+    text,
     true,
     union_all,
     update,
@@ -35,7 +40,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, WindowBusy, WindowLost
 from .schema import DEFAULT_PREFIX, Tables, build_tables
 from .state import (
     ALL_TENANTS,
@@ -46,7 +51,9 @@ from .state import (
     MaintenanceState,
     Owner,
     Schedule,
+    Window,
     check_tenant,
+    strictness,
     utcnow,
 )
 
@@ -54,6 +61,8 @@ logger = logging.getLogger("maintgate")
 
 OPERATOR = "operator"
 WINDOW = "window"
+DEFAULT_LEASE = 30.0
+"""Seconds a window's lease lasts; a running window renews it every third of that."""
 
 
 def _KEEP_OPERATOR(t: Any) -> Any:
@@ -106,6 +115,88 @@ def _state(m: Mapping[str, Any], *, active: bool, **extra: Any) -> MaintenanceSt
     )
 
 
+def _effective_mode(t: Any) -> Any:
+    """The row's mode, or full while an open window needs full (over an operator's read-only)."""
+    return case((and_(t.c.window_id.is_not(None), t.c.window_mode == FULL), FULL), else_=t.c.mode)
+
+
+def notification_payload(tenant: str, state: MaintenanceState | None) -> str:
+    """The NOTIFY payload for a change of ``tenant``: JSON with its new row, or the tenant alone.
+
+    PostgreSQL caps a payload at 8,000 bytes; a longer one (a long message) carries no state,
+    and gates then read the table as before.
+    """
+    data: dict[str, Any] = {"tenant": tenant}
+    if state is not None:
+        data["state"] = {
+            "active": state.active,
+            "mode": state.mode,
+            "message": state.message,
+            "error": state.error,
+            "retry_after": state.retry_after,
+            "ends_at": _iso(state.ends_at),
+            "started_at": _iso(state.started_at),
+            "updated_at": _iso(state.updated_at),
+            "source": state.source,
+        }
+    payload = json.dumps(data, separators=(",", ":"))
+    if len(payload.encode()) > 7900:
+        payload = json.dumps({"tenant": tenant})
+    return payload
+
+
+def state_from_payload(payload: str) -> tuple[str, MaintenanceState | None]:
+    """``(tenant, state)`` from a NOTIFY payload; a bare tenant id (older senders) carries no state."""
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return payload, None
+    if not isinstance(data, dict) or not isinstance(data.get("tenant"), str):
+        return payload, None
+    tenant = data["tenant"]
+    s = data.get("state")
+    if not isinstance(s, dict):
+        return tenant, None
+    state = MaintenanceState(
+        tenant=tenant,
+        active=bool(s.get("active")),
+        mode=s.get("mode") or FULL,
+        message=s.get("message"),
+        error=s.get("error"),
+        retry_after=s.get("retry_after"),
+        ends_at=_from_iso(s.get("ends_at")),
+        started_at=_from_iso(s.get("started_at")),
+        updated_at=_from_iso(s.get("updated_at")),
+        source=s.get("source"),
+    )
+    return tenant, state
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _from_iso(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
+
+
+def _busy_message(tenant: str, holder: MaintenanceState | None, now: datetime) -> str:
+    """Why a new window for ``tenant`` is refused: who holds it, and until when."""
+    text_ = f"a maintenance window for tenant {tenant!r} is already open"
+    if holder is None or holder.window_id is None:
+        return text_
+    owner = holder.owner
+    who = f" by {owner.host} pid {owner.pid}" if owner else ""
+    if holder.lease_until is None:
+        until = "; its migration transaction holds the tenant's lock"
+    else:
+        until = f"; its lease runs until {holder.lease_until.isoformat()}"
+    return (
+        f"{text_} (window {holder.window_id}{who}{until}). If that process is gone, "
+        f"the next window takes over once the lease expires, or run `maintgate release {tenant}`"
+    )
+
+
 def _owner(m: Mapping[str, Any]) -> Owner | None:
     if m["owner_host"] is None:
         return None
@@ -139,16 +230,33 @@ LOOKUP_TIMEOUT = 2.0
 """Seconds a connection attempt, a pool checkout or a state lookup may take on engines the store builds."""
 
 
+def _wal(dbapi_connection: Any, _record: Any) -> None:
+    """Write-ahead logging: a gate's read never waits for a migration's write, nor sees it uncommitted."""
+    dbapi_connection.execute("PRAGMA journal_mode=WAL")
+
+
+def _quoted(conn: Connection, table: Any) -> str:
+    prep = conn.dialect.identifier_preparer
+    return prep.format_table(table)
+
+
 def _bounded_options(url: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """Engine options with bounded waits, unless the caller set them: an outage must not hang requests."""
     merged = dict(options)
     backend = make_url(url).get_backend_name()
+    driver = make_url(url).get_driver_name()
+    connect_args = dict(merged.get("connect_args", {}))
     if backend == "sqlite":
+        # Shorter than a gate's load timeout; with WAL (set on connect) readers never wait anyway.
+        if driver == "pysqlite":
+            connect_args.setdefault("timeout", LOOKUP_TIMEOUT)
+        merged["connect_args"] = connect_args
         return merged
     merged.setdefault("pool_timeout", LOOKUP_TIMEOUT)
     merged.setdefault("pool_pre_ping", True)
-    connect_args = dict(merged.get("connect_args", {}))
-    driver = make_url(url).get_driver_name()
+    if driver == "psycopg":
+        # Prepared statements break behind PgBouncer in transaction pooling (before 1.21).
+        connect_args.setdefault("prepare_threshold", None)
     if driver in ("psycopg", "psycopg2", "pymysql", "mysqldb"):
         connect_args.setdefault("connect_timeout", int(LOOKUP_TIMEOUT))
     elif driver == "pg8000":
@@ -208,11 +316,14 @@ class MaintenanceStore:
             self.engine = create_engine(database, **_bounded_options(database, engine_options or {}))
             if self.engine.dialect.name == "sqlite":
                 make_sqlite_transactional(self.engine)
+                event.listen(self.engine, "connect", _wal)
         else:
             raise TypeError(f"database must be a SQLAlchemy URL or Engine, got {database!r}")
         self.tables: Tables = build_tables(table_prefix, schema)
         self._state = self.tables.state
         self.lookup_timeout = LOOKUP_TIMEOUT
+        self._resolved_schema: str | None = None
+        self._pinned_tables: dict[str, Tables] = {}
         name = f"{schema or ''}.{self._state.name}".encode()
         self.channel = "maintgate_" + hashlib.blake2b(name, digest_size=8).hexdigest()
         """The PostgreSQL NOTIFY channel on which this store announces every committed change."""
@@ -230,9 +341,18 @@ class MaintenanceStore:
                 yield conn
 
     def create_tables(self, connection: Connection | None = None) -> None:
-        """Create maintgate's tables where they are missing; safe to call again."""
+        """Create maintgate's tables where missing, and add the columns newer versions need; idempotent."""
         with self._begin(connection) as conn:
             self.tables.metadata.create_all(conn, checkfirst=True)
+            inspector = inspect(conn)
+            for table in self.tables.metadata.sorted_tables:
+                have = {c["name"] for c in inspector.get_columns(table.name, schema=table.schema)}
+                for column in table.columns:
+                    if column.name not in have:
+                        kind = column.type.compile(dialect=conn.dialect)
+                        conn.execute(
+                            text(f"ALTER TABLE {_quoted(conn, table)} ADD COLUMN {column.name} {kind}")
+                        )
 
     def drop_tables(self, connection: Connection | None = None) -> None:
         """Drop maintgate's tables (tests and uninstall)."""
@@ -264,7 +384,7 @@ class MaintenanceStore:
             literal("state").label("kind"),
             cast(null(), Integer).label("id"),
             t.c.tenant,
-            t.c.mode,
+            _effective_mode(t).label("mode"),
             t.c.message,
             t.c.error,
             t.c.retry_after,
@@ -310,7 +430,7 @@ class MaintenanceStore:
             active.append(state)
         if not active:
             return Lookup(None, changes_at)
-        active.sort(key=lambda s: (s.mode != FULL, s.is_global, s.schedule_id is not None))
+        active.sort(key=strictness)
         return Lookup(active[0], changes_at)
 
     def schedule(
@@ -404,14 +524,14 @@ class MaintenanceStore:
         that sets Retry-After; to have maintenance end by itself, use :meth:`schedule`.
         Re-activating an active tenant updates its message but keeps its ``started_at``.
         """
-        state = self._activate(tenant, message, retry_after, ends_at, None, "activated", connection, mode)
+        state = self._activate(tenant, message, retry_after, ends_at, connection, mode)
         announce("activated", tenant, message=message, mode=mode, retry_after=retry_after)
         return state
 
     def deactivate(self, tenant: str, *, connection: Connection | None = None) -> MaintenanceState | None:
         """Switch maintenance off for ``tenant``; returns the new state, or None if it had none."""
         with self._begin(connection) as conn:
-            changed = self._deactivate(tenant, None, "deactivated", conn)
+            changed = self._deactivate(tenant, conn)
             row = conn.execute(select(self._state).where(self._state.c.tenant == tenant)).first()
         if changed:
             announce("deactivated", tenant)
@@ -436,6 +556,7 @@ class MaintenanceStore:
                 message=m["message"],
                 error=m["error"],
                 owner=_owner(m),
+                window_id=m["window_id"],
             )
             for m in (r._mapping for r in reversed(rows))
         ]
@@ -446,12 +567,10 @@ class MaintenanceStore:
         message: str | None,
         retry_after: int | None,
         ends_at: datetime | None,
-        owner: Owner | None,
-        event: str,
         connection: Connection | None,
         mode: str = FULL,
     ) -> MaintenanceState:
-        """Switch on: by an operator (``owner`` None, window ownership untouched) or by a window."""
+        """An operator's switch-on; a window that holds the tenant keeps holding it."""
         check_tenant(tenant)
         _check_retry_after(retry_after)
         _check_mode(mode)
@@ -460,8 +579,7 @@ class MaintenanceStore:
         values: list[tuple[Any, Any]] = [
             # First: MySQL evaluates SET left to right, and this must see the old `active`.
             (t.c.started_at, case((t.c.active == true(), t.c.started_at), else_=now)),
-            # A window keeps an operator's maintenance the operator's: it must stay on afterwards.
-            (t.c.source, OPERATOR if owner is None else _KEEP_OPERATOR(t)),
+            (t.c.source, OPERATOR),
             (t.c.active, True),
             (t.c.message, message),
             (t.c.error, None),
@@ -470,95 +588,305 @@ class MaintenanceStore:
             (t.c.updated_at, now),
             (t.c.mode, mode),
         ]
-        if owner is not None:
-            values += [(getattr(t.c, k), v) for k, v in _owner_values(owner).items()]
         with self._begin(connection) as conn:
             self._ensure_row(conn, tenant)
             conn.execute(update(t).where(t.c.tenant == tenant).ordered_values(*values))
-            self._log(conn, tenant, event, now, message=message, owner=owner)
+            self._log(conn, tenant, "activated", now, message=message)
             row = conn.execute(select(t).where(t.c.tenant == tenant)).one()
         return self._from_row(row)
 
-    def _deactivate(self, tenant: str, owner: Owner | None, event: str, conn: Connection) -> bool:
-        """Switch off and log it on ``conn``; writes only, so that it also runs on a lent connection.
+    def _deactivate(self, tenant: str, conn: Connection) -> bool:
+        """An operator's switch-off on ``conn``; also ends planned windows that are on now.
 
-        An operator's "off" (``owner`` None) leaves a running window's ownership alone and also
-        ends planned windows that are on now. Returns whether there was anything to switch off.
+        A running window keeps its ownership: its own switch-off is fenced on its id.
+        Returns whether there was anything to switch off.
         """
         check_tenant(tenant)
         t = self._state
         now = utcnow()
-        values: dict[str, Any] = {
-            "active": False,
-            "error": None,
-            "ends_at": None,
-            "updated_at": now,
-            "source": None,
-        }
-        if owner is not None:
-            values.update(_owner_values(None))
-        changed = conn.execute(update(t).where(t.c.tenant == tenant).values(**values)).rowcount
-        if owner is None:
-            sc = self.tables.schedule
-            changed += conn.execute(
-                delete(sc).where(
-                    sc.c.tenant == tenant,
-                    sc.c.starts_at <= _to_db(now),
-                    or_(sc.c.ends_at.is_(None), sc.c.ends_at > _to_db(now)),
-                )
-            ).rowcount
-        if changed or owner is not None:
-            self._log(conn, tenant, event, now, owner=owner)
+        values = {"active": False, "error": None, "ends_at": None, "updated_at": now, "source": None}
+        changed = conn.execute(update(t).where(t.c.tenant == tenant, t.c.active).values(**values)).rowcount
+        sc = self.tables.schedule
+        changed += conn.execute(
+            delete(sc).where(
+                sc.c.tenant == tenant,
+                sc.c.starts_at <= _to_db(now),
+                or_(sc.c.ends_at.is_(None), sc.c.ends_at > _to_db(now)),
+            )
+        ).rowcount
+        if changed:
+            self._log(conn, tenant, "deactivated", now)
         return bool(changed)
 
-    def _source(self, tenant: str, conn: Connection) -> str | None:
-        """Who switched ``tenant`` on: ``"operator"``, ``"window"``, or None when it is off."""
-        t = self._state
-        return conn.execute(select(t.c.source).where(t.c.tenant == tenant, t.c.active)).scalar()
+    # -- migration windows ---------------------------------------------------------------------------
+    #
+    # Whose maintenance it is lives here and nowhere else: a window that opens on a tenant the
+    # operator already switched on leaves the operator's message, mode and source alone, and its
+    # switch-off leaves the operator's maintenance on, as the row says at that moment.
 
-    def _release(
-        self, tenant: str, owner: Owner, restore: MaintenanceState | None, event: str, connection: Connection
-    ) -> None:
-        """End a window's ownership but leave maintenance on, as the operator had it (``restore``)."""
-        t = self._state
-        now = utcnow()
-        values: dict[str, Any] = {"updated_at": now, "source": OPERATOR, **_owner_values(None)}
-        if restore is not None:
-            values.update(
-                message=restore.message,
-                retry_after=restore.retry_after,
-                ends_at=_to_db(restore.ends_at),
-                mode=restore.mode,
-            )
-        connection.execute(update(t).where(t.c.tenant == tenant).values(**values))
-        self._log(connection, tenant, event, now, owner=owner)
+    def window_lock_key(self, tenant: str) -> int:
+        """The signed 64-bit PostgreSQL advisory-lock key of ``tenant``'s window in this store."""
+        table = self._state
+        name = f"maintgate:{table.schema or ''}:{table.name}:{tenant}".encode()
+        return int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "big", signed=True)
 
-    def _record_failure(
-        self, tenant: str, error: str, owner: Owner | None, connection: Connection | None
-    ) -> None:
-        """Keep maintenance on, say why, and end the window's ownership, in a transaction of its own."""
+    def open_window(
+        self,
+        tenant: str,
+        owner: Owner,
+        *,
+        message: str | None = None,
+        retry_after: int | None = None,
+        ends_at: datetime | None = None,
+        mode: str = FULL,
+        lease: float | None = DEFAULT_LEASE,
+    ) -> Window:
+        """Switch maintenance on for a new migration window, in a committed transaction of its own.
+
+        Raises :class:`WindowBusy`, having changed nothing, while another window holds the tenant:
+        one whose lease has not expired, or, on PostgreSQL, whose transaction holds the tenant's
+        lock. ``lease=None`` says the caller's migration transaction already holds that lock
+        (PostgreSQL), which then is the lease: it ends when that transaction ends.
+        """
+        check_tenant(tenant)
+        _check_retry_after(retry_after)
+        _check_mode(mode)
+        postgres = self.engine.dialect.name == "postgresql"
+        if lease is None and not postgres:
+            raise InvalidArgument("lease=None (the lock is the lease) exists on PostgreSQL only")
+        if lease is not None and not lease > 0:
+            raise InvalidArgument(f"lease must be a positive number of seconds, got {lease!r}")
+        window_id = uuid.uuid4().hex
         t = self._state
-        now = utcnow()
-        with self._begin(connection) as conn:
+        with self._bookkeeping() as conn:
+            now = utcnow()
+            lease_until = None if lease is None else now + timedelta(seconds=lease)
+            if lease is not None and postgres:
+                got = conn.execute(select(func.pg_try_advisory_xact_lock(self.window_lock_key(tenant))))
+                if not got.scalar():
+                    raise WindowBusy(
+                        f"a maintenance window for tenant {tenant!r} is already open (migrating)"
+                    )
             self._ensure_row(conn, tenant)
-            conn.execute(
+            operators = and_(t.c.active == true(), t.c.source == OPERATOR)
+            free = or_(t.c.window_id.is_(None), t.c.lease_until < _to_db(now))
+            if postgres:
+                # We hold (or just took) the tenant's lock, so a window whose lock was its lease is over.
+                free = or_(free, t.c.lease_until.is_(None))
+            changed = conn.execute(
                 update(t)
-                .where(t.c.tenant == tenant)
+                .where(t.c.tenant == tenant, free)
+                .ordered_values(
+                    # MySQL evaluates SET left to right: everything that reads `active` or `source` first.
+                    (t.c.started_at, case((t.c.active == true(), t.c.started_at), else_=now)),
+                    (t.c.message, case((operators, t.c.message), else_=message)),
+                    (t.c.retry_after, case((operators, t.c.retry_after), else_=retry_after)),
+                    (t.c.ends_at, case((operators, t.c.ends_at), else_=_to_db(ends_at))),
+                    (t.c.mode, case((operators, t.c.mode), else_=mode)),
+                    (t.c.source, case((operators, OPERATOR), else_=WINDOW)),
+                    (t.c.active, True),
+                    (t.c.error, None),
+                    (t.c.updated_at, now),
+                    (t.c.window_id, window_id),
+                    (t.c.lease_until, _to_db(lease_until)),
+                    (t.c.window_mode, mode),
+                    *((getattr(t.c, k), v) for k, v in _owner_values(owner).items()),
+                )
+            ).rowcount
+            if changed != 1:
+                holder = self.get(tenant, connection=conn)
+                raise WindowBusy(_busy_message(tenant, holder, now))
+            self._log(conn, tenant, "window_opened", now, message=message, owner=owner, window_id=window_id)
+            schema = self._schema_of_tables(conn)
+        announce("window_opened", tenant, owner=owner, message=message, mode=mode, window=window_id)
+        return Window(window_id, tenant, owner, mode, message, lease_until, schema)
+
+    def close_window(self, window: Window, connection: Connection) -> None:
+        """Switch maintenance off on the migration's ``connection``, in its transaction: fenced.
+
+        Changes the window's own row or nothing: if another window or an operator's ``release``
+        took the tenant, raises :class:`WindowLost` and the caller's transaction must roll back.
+        An operator's maintenance stays on, as the row says at this moment.
+        """
+        tables = self._pinned(window)
+        t = tables.state
+        now = utcnow()
+        operators = t.c.source == OPERATOR
+        changed = connection.execute(
+            update(t)
+            .where(t.c.tenant == window.tenant, t.c.window_id == window.id)
+            .ordered_values(
+                (t.c.ends_at, case((operators, t.c.ends_at), else_=None)),
+                (t.c.error, None),
+                (t.c.active, case((operators, t.c.active), else_=False)),
+                (t.c.source, case((operators, OPERATOR), else_=None)),
+                (t.c.updated_at, now),
+                *self._window_cleared(t),
+            )
+        ).rowcount
+        if changed != 1:
+            raise WindowLost(
+                f"tenant {window.tenant!r} is no longer held by window {window.id} "
+                f"({changed} rows matched): released by an operator or taken over; "
+                "not switching maintenance off"
+            )
+        self._log(
+            connection,
+            window.tenant,
+            "window_committed",
+            now,
+            owner=window.owner,
+            window_id=window.id,
+            tables=tables,
+        )
+
+    def record_window_failure(self, window: Window, error: str) -> bool:
+        """Keep maintenance on, say why, and end the window, in a transaction of its own.
+
+        Fenced like the switch-off: if the window no longer holds the tenant, only the history
+        records the error, and this returns False.
+        """
+        t = self._state
+        with self._bookkeeping() as conn:
+            now = utcnow()
+            changed = conn.execute(
+                update(t)
+                .where(t.c.tenant == window.tenant, t.c.window_id == window.id)
                 .ordered_values(
                     (t.c.started_at, case((t.c.active == true(), t.c.started_at), else_=now)),
                     (t.c.source, _KEEP_OPERATOR(t)),
                     (t.c.active, True),
                     (t.c.error, error),
                     (t.c.updated_at, now),
-                    *((getattr(t.c, k), v) for k, v in _owner_values(None).items()),
+                    *self._window_cleared(t),
                 )
+            ).rowcount
+            self._log(
+                conn,
+                window.tenant,
+                "window_failed",
+                now,
+                error=error,
+                owner=window.owner,
+                window_id=window.id,
             )
-            self._log(conn, tenant, "window_failed", now, error=error, owner=owner)
+        return changed == 1
 
-    def _notify(self, conn: Connection, tenant: str) -> None:
-        """PostgreSQL: announce a change of ``tenant`` in the writing transaction (sent on commit only)."""
-        if conn.dialect.name == "postgresql":
-            conn.execute(select(func.pg_notify(self.channel, tenant)))
+    def renew_window(self, window: Window, lease: float) -> bool:
+        """Extend the window's lease by ``lease`` seconds from now; False if it no longer holds the tenant."""
+        t = self._state
+        with self._bookkeeping() as conn:
+            until = utcnow() + timedelta(seconds=lease)
+            changed = conn.execute(
+                update(t)
+                .where(t.c.tenant == window.tenant, t.c.window_id == window.id)
+                .values(lease_until=_to_db(until))
+            ).rowcount
+        return changed == 1
+
+    def release_window(self, tenant: str) -> MaintenanceState | None:
+        """An operator clears the window that holds ``tenant`` (a dead one, say); maintenance stays on.
+
+        If that window still runs, its switch-off then fails, fenced. Returns the released
+        window's state, or None if no window held the tenant.
+        """
+        check_tenant(tenant)
+        t = self._state
+        with self._bookkeeping() as conn:
+            held = conn.execute(
+                select(t).where(t.c.tenant == tenant, t.c.window_id.is_not(None)).with_for_update()
+            ).first()
+            if held is None:
+                return None
+            state = self._from_row(held)
+            now = utcnow()
+            conn.execute(
+                update(t)
+                .where(t.c.tenant == tenant, t.c.window_id == state.window_id)
+                .values(updated_at=now, **{c.key: v for c, v in self._window_cleared(t)})
+            )
+            self._log(conn, tenant, "window_released", now, owner=state.owner, window_id=state.window_id)
+        announce("window_released", tenant, window=state.window_id, owner=state.owner)
+        return state
+
+    def window_alive(self, state: MaintenanceState | None) -> bool | None:
+        """Whether the window that holds ``state``'s tenant still runs: None when no window holds it.
+
+        PostgreSQL: its migration transaction holds the tenant's lock, or its lease has not
+        expired yet (it is opening). Elsewhere: its lease has not expired (the window renews it).
+        """
+        if state is None or state.window_id is None:
+            return None
+        if state.lease_until is not None and state.lease_until > utcnow():
+            return True
+        if self.engine.dialect.name != "postgresql":
+            return False
+        key = self.window_lock_key(state.tenant)
+        with self.engine.connect() as conn:
+            held = conn.execute(
+                text(
+                    "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                    " AND classid = :hi AND objid = :lo AND objsubid = 1"
+                ),
+                {"hi": (key >> 32) & 0xFFFFFFFF, "lo": key & 0xFFFFFFFF},
+            ).first()
+        return held is not None
+
+    @staticmethod
+    def _window_cleared(t: Any) -> list[tuple[Any, Any]]:
+        return [
+            (t.c.window_id, None),
+            (t.c.lease_until, None),
+            (t.c.window_mode, None),
+            *((getattr(t.c, k), v) for k, v in _owner_values(None).items()),
+        ]
+
+    @contextmanager
+    def _bookkeeping(self) -> Iterator[Connection]:
+        """A short transaction of the window's own, READ COMMITTED on PostgreSQL whatever the engine's."""
+        with self.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execution_options(isolation_level="READ COMMITTED")
+            with conn.begin():
+                yield conn
+
+    def _schema_of_tables(self, conn: Connection) -> str | None:
+        """PostgreSQL: the schema the state table resolves to on ``conn`` when the store names none."""
+        if self._state.schema is not None or conn.dialect.name != "postgresql":
+            return self._state.schema
+        schema = self._resolved_schema
+        if schema is None:
+            schema = self._resolved_schema = conn.execute(
+                text(
+                    "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE c.oid = to_regclass(quote_ident(:name))"
+                ),
+                {"name": self._state.name},
+            ).scalar()
+        return schema
+
+    def _pinned(self, window: Window) -> Tables:
+        """maintgate's tables named with the schema they were found in when ``window`` opened."""
+        if window.schema is None or window.schema == self._state.schema:
+            return self.tables
+        pinned = self._pinned_tables.get(window.schema)
+        if pinned is None:
+            prefix = self._state.name.removesuffix("state")
+            pinned = self._pinned_tables[window.schema] = build_tables(prefix, window.schema)
+        return pinned
+
+    def _notify(self, conn: Connection, tenant: str, tables: Tables, carry_state: bool) -> None:
+        """PostgreSQL: announce ``tenant``'s new state in the writing transaction (sent on commit only).
+
+        The payload carries the state, so gates apply it without reading the table (which a
+        migration may have locked); one too long for NOTIFY carries the tenant alone.
+        """
+        if conn.dialect.name != "postgresql":
+            return
+        t = tables.state
+        row = conn.execute(select(t).where(t.c.tenant == tenant)).first() if carry_state else None
+        payload = notification_payload(tenant, None if row is None else self._from_row(row))
+        conn.execute(select(func.pg_notify(self.channel, payload)))
 
     def _log(
         self,
@@ -570,13 +898,23 @@ class MaintenanceStore:
         message: str | None = None,
         error: str | None = None,
         owner: Owner | None = None,
+        window_id: str | None = None,
+        tables: Tables | None = None,
     ) -> None:
+        tables = tables or self.tables
         conn.execute(
-            self.tables.history.insert().values(
-                tenant=tenant, event=event, at=at, message=message, error=error, **_owner_values(owner)
+            tables.history.insert().values(
+                tenant=tenant,
+                event=event,
+                at=at,
+                message=message,
+                error=error,
+                window_id=window_id,
+                **_owner_values(owner),
             )
         )
-        self._notify(conn, tenant)
+        # A schedule's change is not in the row: gates read it from the table.
+        self._notify(conn, tenant, tables, carry_state=event not in ("scheduled", "unscheduled"))
 
     def _ensure_row(self, conn: Connection, tenant: str) -> None:
         """Insert an inactive row for ``tenant`` unless one exists, race-free where the dialect can."""
@@ -597,4 +935,13 @@ class MaintenanceStore:
     @staticmethod
     def _from_row(row: Row[Any]) -> MaintenanceState:
         m = row._mapping
-        return _state(m, active=bool(m["active"]), source=m["source"])
+        state = _state(
+            m,
+            active=bool(m["active"]),
+            source=m["source"],
+            window_id=m["window_id"],
+            lease_until=_aware(m["lease_until"]),
+        )
+        if state.window_id is not None and m["window_mode"] == FULL and state.mode != FULL:
+            state = replace(state, mode=FULL)
+        return state
