@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     off = sub.add_parser("off", help="switch maintenance off")
     _target(off)
 
+    release = sub.add_parser(
+        "release", help="clear the window that holds a tenant (its process is gone); maintenance stays on"
+    )
+    release.add_argument("tenant", help="the tenant")
+
     history = sub.add_parser("history", help="a tenant's switches, windows and failures, oldest first")
     history.add_argument("tenant", help="the tenant, or '*' for the global switch")
     history.add_argument("--limit", type=int, default=50, help="latest N events (default %(default)s)")
@@ -118,6 +123,7 @@ def state_json(
 ) -> dict[str, Any]:
     """A state as the JSON object ``status --json`` prints."""
     owner = state.owner
+    alive = owner_alive(store, state)
     return {
         "tenant": state.tenant,
         "active": state.active,
@@ -131,7 +137,10 @@ def state_json(
         "owner": None
         if owner is None
         else {"host": owner.host, "pid": owner.pid, "backend_pid": owner.backend_pid},
-        "owner_alive": owner_alive(store, state),
+        "owner_alive": alive,
+        "window": None
+        if state.window_id is None
+        else {"id": state.window_id, "lease_until": _iso(state.lease_until), "alive": alive},
         "scheduled": [schedule_json(s) for s in schedules or []],
     }
 
@@ -158,9 +167,17 @@ def _status_line(data: dict[str, Any]) -> str:
         parts.append(f"message={data['message']!r}")
     if data["active"] and data["started_at"]:
         parts.append(f"since {data['started_at']}")
-    if data["owner"]:
-        alive = {True: "running", False: "GONE (crashed?)", None: "unknown"}[data["owner_alive"]]
-        parts.append(f"window owner {data['owner']['host']} pid {data['owner']['pid']}: {alive}")
+    window = data.get("window")
+    if window:
+        owner = data["owner"] or {}
+        held = f"window {window['id']} held by {owner.get('host')} pid {owner.get('pid')}"
+        if window["alive"] and window["lease_until"]:
+            held += f", lease until {window['lease_until']}: new windows are refused until then"
+        elif window["alive"]:
+            held += ": its migration transaction holds the tenant's lock; new windows are refused"
+        else:
+            held += ": GONE (its lease expired or its transaction ended); the next window takes over"
+        parts.append(held)
     if data["active"] and data.get("mode") == "read_only":
         parts.append("read-only")
     if data["error"]:
@@ -238,6 +255,17 @@ def run(args: argparse.Namespace, out: Any) -> int:
             state = store.deactivate(tenant)
             print(
                 _status_line(state_json(store, state)) if state else f"{tenant}: was not in maintenance",
+                file=out,
+            )
+        elif args.command == "release":
+            released = store.release_window(args.tenant)
+            if released is None:
+                raise MaintgateError(f"no window holds tenant {args.tenant!r}")
+            owner = released.owner
+            who = f" ({owner.host} pid {owner.pid})" if owner else ""
+            print(
+                f"{args.tenant}: released window {released.window_id}{who}; maintenance stays on "
+                f"until `maintgate off {args.tenant}`",
                 file=out,
             )
         elif args.command == "history":

@@ -131,9 +131,19 @@ class Renderer:
         if state.read_only:
             body["read_only"] = True
             body["detail"] = f"{body['detail']} {self.read_only_text}"
-        if self.expose_error and state.error:
-            body["error"] = state.error
+        error = self.public_error(state)
+        if error:
+            body["error"] = error
         return json.dumps(body, ensure_ascii=True, default=str).encode("ascii")
+
+    def public_error(self, state: MaintenanceState) -> str:
+        """What clients may see of a failed window's error: its first line, and only with ``expose_error``.
+
+        A database's ``DETAIL:`` lines can carry row data; the operator's record keeps them.
+        """
+        if not self.expose_error or not state.error:
+            return ""
+        return state.error.strip().splitlines()[0]
 
     def render_html(self, state: MaintenanceState, tenant: str | None, retry_after: int) -> bytes:
         """The maintenance page, every substituted value escaped."""
@@ -143,7 +153,7 @@ class Renderer:
             details.append(f"<p>{esc(self.read_only_text)}</p>")
         if tenant:
             details.append(f"<p>{esc(self.tenant_text.format(tenant=tenant))}</p>")
-        error = state.error if self.expose_error and state.error else ""
+        error = self.public_error(state)
         if error:
             details.append(f'<p class="muted">{esc(error)}</p>')
         page = self.template.substitute(

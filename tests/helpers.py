@@ -1,0 +1,54 @@
+"""Helpers the window tests share: the seed incident's rename, columns, end-state checks, waiting."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import inspect, text
+
+from maintgate import MaintenanceStore
+
+
+class Boom(Exception):
+    pass
+
+
+def columns(store: MaintenanceStore, table: str) -> set[str]:
+    return {c["name"] for c in inspect(store.engine).get_columns(table)}
+
+
+def rename(conn, table: str) -> None:
+    conn.execute(text(f'ALTER TABLE {table} RENAME COLUMN "primary-email" TO "main-email-contact"'))
+
+
+def events(store: MaintenanceStore, tenant: str = "demo") -> list[str]:
+    return [e.event for e in store.history(tenant)]
+
+
+def assert_migrated_and_off(store: MaintenanceStore, table: str, tenant: str = "demo") -> None:
+    assert columns(store, table) == {"id", "main-email-contact"}
+    state = store.get(tenant)
+    assert state is not None and not state.active and state.window_id is None and state.error is None
+    assert store.effective(tenant) is None
+
+
+def assert_not_migrated_on_and_error(
+    store: MaintenanceStore, table: str, error_fragment: str, tenant: str = "demo"
+) -> None:
+    assert columns(store, table) == {"id", "primary-email"}
+    state = store.get(tenant)
+    assert state is not None and state.active and state.window_id is None
+    assert error_fragment.lower() in (state.error or "").lower(), state.error
+    assert events(store, tenant)[-1] == "window_failed"
+
+
+def eventually(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll ``predicate`` until it is truthy or ``timeout`` passes; its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.02)
