@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.pool import AssertionPool, QueuePool, SingletonThreadPool, StaticPool
 
-from .core.errors import MaintgateError, WindowBusy, WindowLost
+from .core.errors import MaintgateError, WindowBusy, WindowLost, WindowRefused
 from .core.state import FULL, MaintenanceState, Owner, Window, check_tenant
 from .core.store import DEFAULT_LEASE, MaintenanceStore, _busy_message, announce, make_sqlite_transactional
 
@@ -305,6 +305,13 @@ class _Window:
             level=logging.WARNING,
         )
 
+    def withdraw(self, exc: BaseException) -> None:
+        """The work refused to start: end the window as if it never opened, and say why."""
+        assert self.window is not None
+        with self.store._bookkeeping() as conn:
+            self.store.close_window(self.window, conn, logged_as="window_withdrawn")
+        announce("window_withdrawn", self.tenant, window=self.window.id, why=str(exc), level=logging.WARNING)
+
     def committed(self) -> None:
         """Log that the migration and the switch-off are committed."""
         window = self.window
@@ -355,7 +362,7 @@ def _steps(w: _Window) -> Generator[Step, Any, None]:
         except BaseException as exc:
             if w.opened:  # a refusal before the switch-on changed nothing and records nothing
                 yield (ABORT,)
-                yield (BOOK, w.fail, exc)
+                yield (BOOK, w.withdraw if isinstance(exc, WindowRefused) else w.fail, exc)
             raise
     finally:
         w.finish()

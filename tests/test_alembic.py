@@ -105,3 +105,49 @@ def test_a_failing_migration_rolls_back_every_step_and_the_version(store, projec
     assert version(store, version_table) is None
     state = store.get("demo")
     assert state.active and state.error == "RuntimeError: 0002 found dirty data"
+
+
+def test_the_stock_env_py_is_refused_before_it_migrates_and_the_logger_stays_on(store, tmp_path):
+    """``alembic init``'s env.py connects on its own: it would migrate outside the window."""
+    import logging
+
+    from alembic import command
+
+    from maintgate import MaintgateError
+
+    table = f"contacts_{uuid.uuid4().hex[:8]}"
+    with store.engine.begin() as conn:
+        conn.execute(text(f'CREATE TABLE {table} (id INTEGER PRIMARY KEY, "primary-email" VARCHAR(200))'))
+    ini = tmp_path / "alembic.ini"
+    config = Config(str(ini))
+    command.init(config, str(tmp_path / "migrations"))  # writes the stock env.py and alembic.ini
+    config = Config(str(ini))
+    config.set_main_option("sqlalchemy.url", store.engine.url.render_as_string(hide_password=False))
+    (tmp_path / "migrations" / "versions" / "0001_rename.py").write_text(RENAME.format(table=table))
+    # fileConfig() below rewires logging for the whole process: put it back afterwards.
+    loggers = {
+        n: lg.disabled for n, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)
+    }
+    root_handlers, root_level = logging.root.handlers[:], logging.root.level
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logging.getLogger("maintgate").addHandler(handler)
+    try:
+        with pytest.raises(MaintgateError, match=r"config\.attributes\.get\('connection'\)"):
+            upgrade(store, "demo", config)
+        assert columns(store, table) == {"id", "primary-email"}, "nothing migrated"
+        assert "alembic_version" not in inspect(store.engine).get_table_names()
+        state = store.get("demo")
+        assert not state.active and state.window_id is None, "the window was withdrawn"
+        assert [e.event for e in store.history("demo")] == ["window_opened", "window_withdrawn"]
+        assert not logging.getLogger("maintgate").disabled, "fileConfig() must not silence maintgate"
+        assert any(getattr(r, "maintgate_event", "") == "window_withdrawn" for r in seen)
+    finally:
+        logging.getLogger("maintgate").removeHandler(handler)
+        for name, disabled in loggers.items():
+            logging.getLogger(name).disabled = disabled
+        logging.root.handlers[:] = root_handlers
+        logging.root.setLevel(root_level)
+        with store.engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE IF EXISTS {table}"))

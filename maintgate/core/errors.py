@@ -22,3 +22,12 @@ class WindowLost(MaintgateError):
 
     The window fails instead of switching maintenance off: maintenance stays on.
     """
+
+
+class WindowRefused(MaintgateError):
+    """Raised by a window's work before it changed anything, to withdraw the window.
+
+    The window then ends as if never opened (an operator's maintenance stays on) instead of
+    keeping maintenance on with an error: e.g. Alembic's stock ``env.py``, which would migrate
+    on a connection of its own.
+    """

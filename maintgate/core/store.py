@@ -701,7 +701,9 @@ class MaintenanceStore:
         announce("window_opened", tenant, owner=owner, message=message, mode=mode, window=window_id)
         return Window(window_id, tenant, owner, mode, message, lease_until, schema)
 
-    def close_window(self, window: Window, connection: Connection) -> None:
+    def close_window(
+        self, window: Window, connection: Connection, *, logged_as: str = "window_committed"
+    ) -> None:
         """Switch maintenance off on the migration's ``connection``, in its transaction: fenced.
 
         Changes the window's own row or nothing: if another window or an operator's ``release``
@@ -733,7 +735,7 @@ class MaintenanceStore:
         self._log(
             connection,
             window.tenant,
-            "window_committed",
+            logged_as,
             now,
             owner=window.owner,
             window_id=window.id,
