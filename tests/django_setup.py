@@ -26,7 +26,7 @@ def setup() -> None:
         ROOT_URLCONF="tests.apps",
         ALLOWED_HOSTS=["*"],
         MIDDLEWARE=[],
-        INSTALLED_APPS=["maintgate.django", "tests.djapp"],
+        INSTALLED_APPS=["maintgate.django", "tests.djapp", "tests.djmig"],
         USE_TZ=True,
         DEFAULT_AUTO_FIELD="django.db.models.AutoField",
         DATABASES={

@@ -140,3 +140,121 @@ def test_refused_inside_an_atomic_block(using):
     ):
         pass
     assert get_store(using).get("demo") is None
+
+
+def test_work_that_commits_djangos_transaction_itself_fails_the_window(using):
+    from maintgate import WindowLost
+
+    store = get_store(using)
+    with pytest.raises(WindowLost), maintenance_window("demo", using=using) as connection:
+        Contact.objects.using(using).create(name="Grace", email="grace@example.com")
+        with connection.cursor() as cursor:
+            cursor.execute("COMMIT")  # behind Django's back: the window must notice
+    state = store.get("demo")
+    assert state.active and "WindowLost" in state.error and state.window_id is None
+
+
+def test_a_window_is_refused_when_maintgates_tables_are_elsewhere(tmp_path):
+    from django.test import override_settings
+
+    from maintgate import MaintgateError
+
+    default = get_store("default")
+    default.create_tables()
+    try:
+        with (
+            override_settings(MAINTGATE={"DATABASE": "pg"}),
+            pytest.raises(MaintgateError, match=r"DATABASES\['default'\].*MAINTGATE\['DATABASE'\] = 'pg'"),
+            maintenance_window("demo", using="default"),
+        ):
+            pytest.fail("the body must not run")
+        other = tmp_path / "other.db"
+        with (
+            override_settings(MAINTGATE={"DATABASE_URL": f"sqlite:///{other}"}),
+            pytest.raises(MaintgateError, match=r"MAINTGATE\['DATABASE_URL'\].*DATABASES\['default'\]"),
+            maintenance_window("demo"),
+        ):
+            pytest.fail("the body must not run")
+        assert default.get("demo") is None and not other.exists(), "nothing changed anywhere"
+    finally:
+        default.drop_tables()
+
+
+@pytest.fixture(params=["default", "pg"])
+def migrating(request, monkeypatch) -> Iterator[str]:
+    """A database alias with maintgate's tables and none of the djmig app's migrations applied."""
+    from django.test import override_settings
+
+    alias = request.param
+    if alias == "pg":
+        require_postgres()
+    settings = override_settings(MAINTGATE={"DATABASE": alias})
+    settings.enable()
+    store = get_store(alias)
+    store.drop_tables()
+    store.create_tables()
+
+    def unmigrate() -> None:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("DROP TABLE IF EXISTS djmig_widget")
+            if "django_migrations" in connections[alias].introspection.table_names(cursor):
+                cursor.execute("DELETE FROM django_migrations WHERE app = 'djmig'")
+
+    unmigrate()
+    yield alias
+    unmigrate()
+    store.drop_tables()
+    settings.disable()
+
+
+def djmig_state(alias: str) -> tuple[set[str], list[str]]:
+    """The djmig table's columns (empty if absent) and the djmig migrations Django recorded."""
+    connection = connections[alias]
+    with connection.cursor() as cursor:
+        tables = connection.introspection.table_names(cursor)
+        cols = (
+            {c.name for c in connection.introspection.get_table_description(cursor, "djmig_widget")}
+            if "djmig_widget" in tables
+            else set()
+        )
+        applied = []
+        if "django_migrations" in tables:
+            cursor.execute("SELECT name FROM django_migrations WHERE app = 'djmig' ORDER BY name")
+            applied = [row[0] for row in cursor.fetchall()]
+    return cols, applied
+
+
+def test_manage_py_maintgate_migrate_runs_djangos_migrations_inside_the_window(migrating, monkeypatch):
+    from django.core.management import CommandError, call_command
+
+    store = get_store(migrating)
+    monkeypatch.setenv("MAINTGATE_TEST_FAIL_0003", "1")
+    with pytest.raises(CommandError, match="0003 refused: dirty data"):
+        call_command("maintgate", "migrate", "demo", "djmig", verbosity=0)
+    assert djmig_state(migrating) == (set(), []), "0001 and 0002 rolled back with their records"
+    state = store.get("demo")
+    assert state.active and "0003 refused" in state.error and state.window_id is None
+    monkeypatch.delenv("MAINTGATE_TEST_FAIL_0003")
+    call_command("maintgate", "migrate", "demo", "djmig", verbosity=0)
+    assert djmig_state(migrating) == (
+        {"id", "name", "size"},
+        ["0001_initial", "0002_size", "0003_backfill"],
+    )
+    assert not store.get("demo").active
+    call_command("maintgate", "migrate", "--all", "djmig", "zero", verbosity=0)
+    assert djmig_state(migrating) == (set(), [])
+    assert [e.event for e in store.history("*")] == ["window_opened", "window_committed"]
+
+
+def test_manage_py_maintgate_release_clears_a_dead_window(using):
+    from django.core.management import call_command
+
+    from maintgate import Owner
+
+    store = get_store(using)
+    dead = store.open_window("demo", Owner("crashed-host", 7), lease=600)
+    assert f"window {dead.id}" in call_command("maintgate", "status", "demo")
+    assert f"released window {dead.id}" in call_command("maintgate", "release", "demo")
+    with maintenance_window("demo", using=using):
+        pass
+    assert not store.get("demo").active

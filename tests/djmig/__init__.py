@@ -1,0 +1,1 @@
+"""A Django app with real migrations, for ``manage.py maintgate migrate`` (the third can be made to fail)."""
