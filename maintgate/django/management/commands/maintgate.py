@@ -78,7 +78,7 @@ class Command(BaseCommand):
 
         from maintgate.django import maintenance_window
 
-        if not args or args[0].startswith("-") and args[0] != "--all":
+        if not args or (args[0].startswith("-") and args[0] != "--all"):
             raise CommandError(MIGRATE_USAGE)
         tenant, rest = (ALL_TENANTS if args[0] == "--all" else args[0]), args[1:]
         using = _database_option(rest)
