@@ -24,17 +24,24 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, event, text
+from sqlalchemy import Connection, Engine, event, func, literal_column, select
 from sqlalchemy.pool import AssertionPool, QueuePool, SingletonThreadPool, StaticPool
 
 from .core.errors import MaintgateError, WindowBusy, WindowLost, WindowRefused
 from .core.state import FULL, MaintenanceState, Owner, Window, check_tenant
-from .core.store import DEFAULT_LEASE, MaintenanceStore, _busy_message, announce, make_sqlite_transactional
+from .core.store import (
+    DEFAULT_LEASE,
+    MaintenanceStore,
+    announce,
+    make_sqlite_transactional,
+    unprepared,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -43,6 +50,8 @@ logger = logging.getLogger("maintgate")
 
 TRANSACTIONAL_DDL = frozenset({"postgresql", "sqlite", "mssql"})
 ERROR_MAX_LENGTH = 2000
+LOCK_WAIT = 2.0
+"""Seconds the migration's transaction retries the tenant's lock that a switch-on holds for an instant."""
 CONNECTIONS_NEEDED = 2
 """Connections of the store's engine a window holds at once: the migration's and one for bookkeeping."""
 
@@ -138,7 +147,6 @@ class _Window:
         self.lease = lease
         self.atomic = dialect_name in TRANSACTIONAL_DDL
         self.postgres = store.engine.dialect.name == "postgresql"
-        self.lock_first = self.postgres
         self.owner = Owner(socket.gethostname(), os.getpid())
         self.window: Window | None = None
         self.before_close: Callable[[], None] | None = None
@@ -146,6 +154,7 @@ class _Window:
         self._ended_by_caller: str | None = None
         self._watched: Connection | None = None
         self._renewer: _Renewer | None = None
+        self._unprepared: AbstractContextManager[None] | None = None
 
     @property
     def opened(self) -> bool:
@@ -166,28 +175,30 @@ class _Window:
                 raise MaintgateError("the migration window needs a transaction, not an AUTOCOMMIT connection")
             # Without this BEGIN, pysqlite would autocommit DDL that comes before any DML.
             conn.exec_driver_sql("BEGIN")
-        if name == "postgresql":
+        if name == "postgresql" and not self.owned:  # the caller's transaction is open anyway
             level = str(conn.get_isolation_level()).upper()
             if level in ("REPEATABLE READ", "SERIALIZABLE"):
-                if not self.owned:
-                    raise MaintgateError(
-                        f"the caller's transaction is {level}: its snapshot cannot see the switch-on "
-                        "that the window commits in a transaction of its own, so it could not switch "
-                        "maintenance off. Open the window without connection= (it then owns its "
-                        "transaction, at your engine's isolation level), or join it in READ COMMITTED"
-                    )
-                # Its snapshot must come after the switch-on: lock after it, a lease covers the gap.
-                self.lock_first = False
-            if (conn.dialect.server_version_info or (0,)) >= (14,):
-                conn.exec_driver_sql("SET LOCAL client_connection_check_interval = '1s'")
-            _unprepared(conn)
-            if self.lock_first:
-                self._lock(conn)
+                raise MaintgateError(
+                    f"the caller's transaction is {level}: its snapshot cannot see the switch-on "
+                    "that the window commits in a transaction of its own, so it could not switch "
+                    "maintenance off. Open the window without connection= (it then owns its "
+                    "transaction, at your engine's isolation level), or join it in READ COMMITTED"
+                )
+        if name == "postgresql":
+            self._unprepared = unprepared(conn)
+            self._unprepared.__enter__()
         self._watch(conn)
 
     def begin(self, conn: Connection) -> None:
-        """After the switch-on: PostgreSQL under a snapshot isolation takes the lock only now."""
-        if self.postgres and not self.lock_first:
+        """PostgreSQL: the migration's transaction begins, takes the tenant's lock, checks it holds it.
+
+        Only after the switch-on: a snapshot (REPEATABLE READ) then sees it, and an owned window
+        never needs two server connections at once (a pooler's small pool cannot deadlock).
+        """
+        if self.postgres:
+            if (conn.dialect.server_version_info or (0,)) >= (14,):
+                # A backend busy in a statement notices a dead client within a second.
+                conn.exec_driver_sql("SET LOCAL client_connection_check_interval = '1s'")
             self._lock(conn)
 
     def close(self, conn: Connection) -> None:
@@ -201,17 +212,33 @@ class _Window:
             self._announce_on_commit(conn)
 
     def _lock(self, conn: Connection) -> None:
-        xid = (
-            "pg_current_xact_id()"
-            if (conn.dialect.server_version_info or (0,)) >= (13,)
-            else "txid_current()"
+        """Take the tenant's lock in the migration's transaction, as long as the row still names us.
+
+        Another window's switch-on holds the lock for the instant it checks it: try again briefly.
+        """
+        assert self.window is not None
+        t = self.store._pinned(self.window).state
+        holder = select(t.c.window_id).where(t.c.tenant == self.tenant).scalar_subquery()
+        attempt = select(
+            func.pg_try_advisory_xact_lock(self.store.window_lock_key(self.tenant)),
+            func.pg_backend_pid(),
+            literal_column(f"{_xid(conn)}::text"),
+            holder,
         )
-        got, backend_pid, token = conn.execute(
-            text(f"SELECT pg_try_advisory_xact_lock(:key), pg_backend_pid(), {xid}::text"),
-            {"key": self.store.window_lock_key(self.tenant)},
-        ).one()
-        if not got:
-            raise WindowBusy(_busy_message(self.tenant, self.store.get(self.tenant), _now()))
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            got, backend_pid, token, holder_id = conn.execute(attempt).one()
+            if holder_id != self.window.id:
+                # Our opening outlasted its lease and another window took the tenant over.
+                raise WindowLost(
+                    f"tenant {self.tenant!r} was taken over by window {holder_id} while this one was "
+                    "opening; nothing was migrated"
+                )
+            if got:
+                break
+            if time.monotonic() > deadline:
+                raise WindowLost(f"another transaction holds tenant {self.tenant!r}'s window lock")
+            time.sleep(0.01)
         self.owner = Owner(self.owner.host, self.owner.pid, backend_pid)
         self._token = token
 
@@ -235,14 +262,13 @@ class _Window:
 
     def _check_transaction(self, conn: Connection) -> None:
         why = self._ended_by_caller
-        if why is None and self._token is not None:
-            xid = (
-                "pg_current_xact_id()"
-                if (conn.dialect.server_version_info or (0,)) >= (13,)
-                else "txid_current()"
-            )
-            if conn.exec_driver_sql(f"SELECT {xid}::text").scalar() != self._token:
-                why = "ended (COMMIT or ROLLBACK sent)"
+        token = self._token
+        if (
+            why is None
+            and token is not None
+            and conn.exec_driver_sql(f"SELECT {_xid(conn)}::text").scalar() != token
+        ):
+            why = "ended (COMMIT or ROLLBACK sent)"
         if (
             why is None
             and conn.dialect.name == "sqlite"
@@ -267,7 +293,7 @@ class _Window:
             retry_after=self.retry_after,
             ends_at=self.ends_at,
             mode=self.mode,
-            lease=None if self.lock_first else self.lease,
+            lease=self.lease,
         )
         if not self.postgres:  # on PostgreSQL the lock holds the window once the gap is over
             self._renewer = _Renewer(self.store, self.window, self.lease)
@@ -321,6 +347,8 @@ class _Window:
         """Whatever the outcome: stop renewing, stop watching the connection."""
         if self._renewer is not None:
             self._renewer.stop()
+        if self._unprepared is not None:
+            self._unprepared.__exit__(None, None, None)
         self._unwatch()
 
     def _announce_on_commit(self, conn: Connection) -> None:
@@ -451,17 +479,9 @@ class _Renewer:
                     )
 
 
-def _now() -> datetime:
-    from .core.state import utcnow
-
-    return utcnow()
-
-
-def _unprepared(conn: Connection) -> None:
-    """psycopg: no server-side prepared statements on this connection (they break behind PgBouncer)."""
-    driver = conn.connection.driver_connection
-    if driver is not None and hasattr(driver, "prepare_threshold"):
-        driver.prepare_threshold = None
+def _xid(conn: Connection) -> str:
+    """SQL for the current transaction's id: it changes if the work ends the transaction."""
+    return "pg_current_xact_id()" if (conn.dialect.server_version_info or (0,)) >= (13,) else "txid_current()"
 
 
 def _sqlite_in_transaction(dbapi: Any) -> bool:

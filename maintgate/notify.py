@@ -14,8 +14,11 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import json
 import logging
 import threading
+import time
+import uuid
 import weakref
 from typing import Any
 
@@ -37,11 +40,19 @@ CONNECT_OPTIONS = {
 }
 BACKOFF_START = 0.1
 BACKOFF_MAX = 5.0
+PROBE_TIMEOUT = 2.0
+"""Seconds a new listener waits for its own test notification before it says notifications don't work."""
 
 
 def _conninfo(gate: Gate) -> str:
-    url = gate.store.engine.url.set(drivername="postgresql")  # type: ignore[attr-defined]
-    return url.render_as_string(hide_password=False)
+    store: Any = gate.store
+    url = (store.listen_url or store.engine.url).set(drivername="postgresql")
+    return str(url.render_as_string(hide_password=False))
+
+
+def _probe_payload() -> tuple[str, str]:
+    token = uuid.uuid4().hex
+    return token, json.dumps({"probe": token})
 
 
 class _Listener:
@@ -54,6 +65,7 @@ class _Listener:
         self.connected = threading.Event()
         self.received = 0
         self.reconnects = 0
+        self.given_up = False
 
     def subscribe(self, gate: Gate) -> None:
         """Drop ``gate``'s entries on every notification from now on."""
@@ -64,6 +76,8 @@ class _Listener:
     def deliver(self, payload: str) -> None:
         """Apply a tenant's new state carried by the notification, or drop what is cached of it."""
         self.received += 1
+        if payload.startswith('{"probe"'):
+            return  # another process's listener testing the channel
         tenant, state = state_from_payload(payload)
         for gate in list(self.gates):
             if tenant == ALL_TENANTS or state is None or not state.active:
@@ -82,6 +96,22 @@ class _Listener:
             f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
             delay,
             extra={"maintgate_event": "listener_down", "channel": self.channel},
+        )
+
+    def unavailable(self) -> None:
+        """LISTEN does not deliver here: say so once, plainly; gates keep their TTL."""
+        self.given_up = True
+        self.connected.clear()
+        for gate in list(self.gates):
+            gate.notifications_live = False
+        logger.warning(
+            "maintgate: notifications are off: a LISTEN on %s did not receive its own test notification "
+            "within %.0fs. A pooler in transaction mode (PgBouncer) does not forward notifications; pass "
+            "listen_url= (a direct connection to PostgreSQL) to MaintenanceStore to have them. Gates see "
+            "changes within their cache TTL meanwhile",
+            _where(self.conninfo),
+            PROBE_TIMEOUT,
+            extra={"maintgate_event": "notifications_unavailable", "channel": self.channel},
         )
 
     def established(self) -> None:
@@ -121,6 +151,11 @@ class ThreadListener(_Listener):
                 with psycopg.connect(self.conninfo, autocommit=True, **CONNECT_OPTIONS) as conn:
                     self._conn = conn
                     conn.execute(f'LISTEN "{self.channel}"')
+                    if not self._probe(conn):
+                        with contextlib.suppress(Exception):
+                            conn.execute("UNLISTEN *")
+                        self.unavailable()
+                        break
                     self.established()
                     delay = BACKOFF_START
                     while not self._stop.is_set():
@@ -135,6 +170,21 @@ class ThreadListener(_Listener):
             finally:
                 self._conn = None
         self.connected.clear()
+
+    def _probe(self, conn: Any) -> bool:
+        """Whether a notification sent from another connection reaches this LISTEN."""
+        import psycopg
+
+        token, payload = _probe_payload()
+        with psycopg.connect(self.conninfo, autocommit=True, **CONNECT_OPTIONS) as sender:
+            sender.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        while (left := deadline - time.monotonic()) > 0 and not self._stop.is_set():
+            for note in conn.notifies(timeout=left):
+                if token in note.payload:
+                    return True
+                self.deliver(note.payload)
+        return False
 
 
 class AsyncListener(_Listener):
@@ -163,10 +213,15 @@ class AsyncListener(_Listener):
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    self.conninfo, autocommit=True, connect_timeout=5
+                    self.conninfo, autocommit=True, **CONNECT_OPTIONS
                 )
                 async with conn:
                     await conn.execute(f'LISTEN "{self.channel}"')
+                    if not await self._probe(conn):
+                        with contextlib.suppress(Exception):
+                            await conn.execute("UNLISTEN *")
+                        self.unavailable()
+                        return
                     self.established()
                     delay = BACKOFF_START
                     async for note in conn.notifies():
@@ -178,10 +233,33 @@ class AsyncListener(_Listener):
                 await asyncio.sleep(delay)
                 delay = min(BACKOFF_MAX, delay * 2)
 
+    async def _probe(self, conn: Any) -> bool:
+        """Whether a notification sent from another connection reaches this LISTEN."""
+        import psycopg
+
+        token, payload = _probe_payload()
+        sender = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True, **CONNECT_OPTIONS)
+        async with sender:
+            await sender.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        while (left := deadline - time.monotonic()) > 0:
+            async for note in conn.notifies(timeout=left):
+                if token in note.payload:
+                    return True
+                self.deliver(note.payload)
+        return False
+
 
 _threads: dict[tuple[str, str], ThreadListener] = {}
 _tasks: dict[tuple[int, str, str], AsyncListener] = {}
 _lock = threading.Lock()
+
+
+def _where(conninfo: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(conninfo)
+    return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
 
 
 def listen_in_thread(gate: Gate) -> ThreadListener | None:
@@ -191,7 +269,7 @@ def listen_in_thread(gate: Gate) -> ThreadListener | None:
     key = (_conninfo(gate), gate.store.channel)  # type: ignore[attr-defined]
     with _lock:
         listener = _threads.get(key)
-        if listener is None or not listener.alive():  # none yet, or its thread is gone (a fork)
+        if listener is None or not (listener.alive() or listener.given_up):  # none, or gone (a fork)
             listener = _threads[key] = ThreadListener(*key)
             listener.start()
         listener.subscribe(gate)
@@ -208,7 +286,7 @@ def listen_in_loop(gate: Gate) -> AsyncListener | None:
         for stale in [k for k, v in _tasks.items() if v.task is not None and v.task.done()]:
             del _tasks[stale]  # listeners of event loops that are gone
         listener = _tasks.get(key)
-        if listener is None or listener.task is None or listener.task.done():
+        if listener is None or listener.task is None or (listener.task.done() and not listener.given_up):
             listener = _tasks[key] = AsyncListener(key[1], key[2])
             listener.start()
         listener.subscribe(gate)

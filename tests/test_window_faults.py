@@ -121,7 +121,7 @@ def _backend_gone(store: MaintenanceStore, pid: int) -> bool:
 def test_killing_the_session_that_holds_the_exclusion_never_lets_two_windows_migrate(store, contacts):
     with ByHand(maintenance_window(store, "demo")) as (first, conn):
         rename(conn, contacts)
-        holder = store.get("demo").owner.backend_pid
+        holder = conn.execute(text("SELECT pg_backend_pid()")).scalar()  # its lock lives in this session
         with store.engine.connect() as killer:
             assert killer.execute(text("SELECT pg_terminate_backend(:p)"), {"p": holder}).scalar()
         assert eventually(lambda: _backend_gone(store, holder), 5)

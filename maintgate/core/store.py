@@ -63,6 +63,8 @@ OPERATOR = "operator"
 WINDOW = "window"
 DEFAULT_LEASE = 30.0
 """Seconds a window's lease lasts; a running window renews it every third of that."""
+OPENING_GRACE = 5.0
+"""PostgreSQL: longest a window's lease lasts; after opening, its transaction's lock holds the tenant."""
 
 
 def _KEEP_OPERATOR(t: Any) -> Any:
@@ -187,7 +189,7 @@ def _busy_message(tenant: str, holder: MaintenanceState | None, now: datetime) -
         return text_
     owner = holder.owner
     who = f" by {owner.host} pid {owner.pid}" if owner else ""
-    if holder.lease_until is None:
+    if holder.lease_until is None or holder.lease_until < now:
         until = "; its migration transaction holds the tenant's lock"
     else:
         until = f"; its lease runs until {holder.lease_until.isoformat()}"
@@ -228,6 +230,21 @@ def announce(event: str, tenant: str, *, level: int = logging.INFO, **details: A
 
 LOOKUP_TIMEOUT = 2.0
 """Seconds a connection attempt, a pool checkout or a state lookup may take on engines the store builds."""
+
+
+@contextmanager
+def unprepared(conn: Connection) -> Iterator[None]:
+    """psycopg: no server-side prepared statements on ``conn`` meanwhile (they break behind PgBouncer)."""
+    driver = conn.connection.driver_connection
+    if driver is None or not hasattr(driver, "prepare_threshold"):
+        yield
+        return
+    before, driver.prepare_threshold = driver.prepare_threshold, None
+    try:
+        yield
+    finally:
+        if not conn.invalidated:
+            driver.prepare_threshold = before
 
 
 def _wal(dbapi_connection: Any, _record: Any) -> None:
@@ -307,6 +324,7 @@ class MaintenanceStore:
         table_prefix: str = DEFAULT_PREFIX,
         schema: str | None = None,
         engine_options: Mapping[str, Any] | None = None,
+        listen_url: str | None = None,
     ) -> None:
         if isinstance(database, Engine):
             if engine_options:
@@ -327,6 +345,8 @@ class MaintenanceStore:
         name = f"{schema or ''}.{self._state.name}".encode()
         self.channel = "maintgate_" + hashlib.blake2b(name, digest_size=8).hexdigest()
         """The PostgreSQL NOTIFY channel on which this store announces every committed change."""
+        self.listen_url = None if listen_url is None else make_url(listen_url)
+        """Where gates LISTEN: a direct connection when the engine goes through PgBouncer."""
 
     def __repr__(self) -> str:
         return f"MaintenanceStore({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -639,40 +659,35 @@ class MaintenanceStore:
         retry_after: int | None = None,
         ends_at: datetime | None = None,
         mode: str = FULL,
-        lease: float | None = DEFAULT_LEASE,
+        lease: float = DEFAULT_LEASE,
     ) -> Window:
         """Switch maintenance on for a new migration window, in a committed transaction of its own.
 
         Raises :class:`WindowBusy`, having changed nothing, while another window holds the tenant:
-        one whose lease has not expired, or, on PostgreSQL, whose transaction holds the tenant's
-        lock. ``lease=None`` says the caller's migration transaction already holds that lock
-        (PostgreSQL), which then is the lease: it ends when that transaction ends.
+        one whose lease has not expired, or, on PostgreSQL, whose migration transaction holds the
+        tenant's lock. On PostgreSQL the lock is the window's proof of life once its transaction
+        takes it, so the lease only covers the opening (at most ``OPENING_GRACE`` seconds) and
+        needs no renewal; elsewhere the window renews it while it runs.
         """
         check_tenant(tenant)
         _check_retry_after(retry_after)
         _check_mode(mode)
-        postgres = self.engine.dialect.name == "postgresql"
-        if lease is None and not postgres:
-            raise InvalidArgument("lease=None (the lock is the lease) exists on PostgreSQL only")
-        if lease is not None and not lease > 0:
+        if not isinstance(lease, int | float) or not lease > 0:
             raise InvalidArgument(f"lease must be a positive number of seconds, got {lease!r}")
+        postgres = self.engine.dialect.name == "postgresql"
         window_id = uuid.uuid4().hex
         t = self._state
         with self._bookkeeping() as conn:
             now = utcnow()
-            lease_until = None if lease is None else now + timedelta(seconds=lease)
-            if lease is not None and postgres:
+            lease_until = now + timedelta(seconds=min(lease, OPENING_GRACE) if postgres else lease)
+            if postgres:
                 got = conn.execute(select(func.pg_try_advisory_xact_lock(self.window_lock_key(tenant))))
                 if not got.scalar():
-                    raise WindowBusy(
-                        f"a maintenance window for tenant {tenant!r} is already open (migrating)"
-                    )
+                    raise WindowBusy(_busy_message(tenant, self.get(tenant, connection=conn), now))
             self._ensure_row(conn, tenant)
             operators = and_(t.c.active == true(), t.c.source == OPERATOR)
-            free = or_(t.c.window_id.is_(None), t.c.lease_until < _to_db(now))
-            if postgres:
-                # We hold (or just took) the tenant's lock, so a window whose lock was its lease is over.
-                free = or_(free, t.c.lease_until.is_(None))
+            # On PostgreSQL we now hold the tenant's lock: no migration transaction holds it.
+            free = or_(t.c.window_id.is_(None), t.c.lease_until.is_(None), t.c.lease_until < _to_db(now))
             changed = conn.execute(
                 update(t)
                 .where(t.c.tenant == tenant, free)
@@ -846,7 +861,7 @@ class MaintenanceStore:
     @contextmanager
     def _bookkeeping(self) -> Iterator[Connection]:
         """A short transaction of the window's own, READ COMMITTED on PostgreSQL whatever the engine's."""
-        with self.engine.connect() as conn:
+        with self.engine.connect() as conn, unprepared(conn):
             if conn.dialect.name == "postgresql":
                 conn.execution_options(isolation_level="READ COMMITTED")
             with conn.begin():
