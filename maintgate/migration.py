@@ -24,13 +24,12 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, event, func, literal_column, select
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.pool import AssertionPool, QueuePool, SingletonThreadPool, StaticPool
 
 from .core.errors import MaintgateError, WindowBusy, WindowLost, WindowRefused
@@ -50,8 +49,6 @@ logger = logging.getLogger("maintgate")
 
 TRANSACTIONAL_DDL = frozenset({"postgresql", "sqlite", "mssql"})
 ERROR_MAX_LENGTH = 2000
-LOCK_WAIT = 2.0
-"""Seconds the migration's transaction retries the tenant's lock that a switch-on holds for an instant."""
 CONNECTIONS_NEEDED = 2
 """Connections of the store's engine a window holds at once: the migration's and one for bookkeeping."""
 
@@ -212,35 +209,10 @@ class _Window:
             self._announce_on_commit(conn)
 
     def _lock(self, conn: Connection) -> None:
-        """Take the tenant's lock in the migration's transaction, as long as the row still names us.
-
-        Another window's switch-on holds the lock for the instant it checks it: try again briefly.
-        """
         assert self.window is not None
-        t = self.store._pinned(self.window).state
-        holder = select(t.c.window_id).where(t.c.tenant == self.tenant).scalar_subquery()
-        attempt = select(
-            func.pg_try_advisory_xact_lock(self.store.window_lock_key(self.tenant)),
-            func.pg_backend_pid(),
-            literal_column(f"{_xid(conn)}::text"),
-            holder,
-        )
-        deadline = time.monotonic() + LOCK_WAIT
-        while True:
-            got, backend_pid, token, holder_id = conn.execute(attempt).one()
-            if holder_id != self.window.id:
-                # Our opening outlasted its lease and another window took the tenant over.
-                raise WindowLost(
-                    f"tenant {self.tenant!r} was taken over by window {holder_id} while this one was "
-                    "opening; nothing was migrated"
-                )
-            if got:
-                break
-            if time.monotonic() > deadline:
-                raise WindowLost(f"another transaction holds tenant {self.tenant!r}'s window lock")
-            time.sleep(0.01)
+        backend_pid = self.store.hold_window(self.window, conn)
         self.owner = Owner(self.owner.host, self.owner.pid, backend_pid)
-        self._token = token
+        self._token = conn.exec_driver_sql(f"SELECT {_xid(conn)}::text").scalar()
 
     def _watch(self, conn: Connection) -> None:
         """Notice the work ending the window's transaction through SQLAlchemy (commit or rollback)."""
@@ -302,8 +274,7 @@ class _Window:
     def close_alone(self) -> None:
         """Degraded mode (DDL that commits itself): the switch-off after the work, on its own."""
         assert self.window is not None
-        with self.store._bookkeeping() as conn:
-            self.store.close_window(self.window, conn)
+        self.store.close_window(self.window)
 
     def fail(self, exc: BaseException) -> None:
         """Record the error in a new transaction; if even that fails, log it and carry on."""
@@ -334,8 +305,7 @@ class _Window:
     def withdraw(self, exc: BaseException) -> None:
         """The work refused to start: end the window as if it never opened, and say why."""
         assert self.window is not None
-        with self.store._bookkeeping() as conn:
-            self.store.close_window(self.window, conn, logged_as="window_withdrawn")
+        self.store.close_window(self.window, logged_as="window_withdrawn")
         announce("window_withdrawn", self.tenant, window=self.window.id, why=str(exc), level=logging.WARNING)
 
     def committed(self) -> None:

@@ -118,6 +118,7 @@ def test_the_stock_env_py_is_refused_before_it_migrates_and_the_logger_stays_on(
     table = f"contacts_{uuid.uuid4().hex[:8]}"
     with store.engine.begin() as conn:
         conn.execute(text(f'CREATE TABLE {table} (id INTEGER PRIMARY KEY, "primary-email" VARCHAR(200))'))
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))  # the stock env.py's version table
     ini = tmp_path / "alembic.ini"
     config = Config(str(ini))
     command.init(config, str(tmp_path / "migrations"))  # writes the stock env.py and alembic.ini

@@ -117,11 +117,26 @@ def _backend_gone(store: MaintenanceStore, pid: int) -> bool:
         )
 
 
+def _lock_holder(store: MaintenanceStore) -> int:
+    """The backend that holds the tenant's advisory lock: the session the exclusion lives in."""
+    from maintgate.migration import advisory_key
+
+    key = advisory_key(store, "demo")
+    with store.engine.connect() as conn:
+        return conn.execute(
+            text(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND classid = :hi AND objid = :lo AND objsubid = 1"
+            ),
+            {"hi": (key >> 32) & 0xFFFFFFFF, "lo": key & 0xFFFFFFFF},
+        ).scalar_one()
+
+
 @postgres_only
 def test_killing_the_session_that_holds_the_exclusion_never_lets_two_windows_migrate(store, contacts):
     with ByHand(maintenance_window(store, "demo")) as (first, conn):
         rename(conn, contacts)
-        holder = conn.execute(text("SELECT pg_backend_pid()")).scalar()  # its lock lives in this session
+        holder = _lock_holder(store)
         with store.engine.connect() as killer:
             assert killer.execute(text("SELECT pg_terminate_backend(:p)"), {"p": holder}).scalar()
         assert eventually(lambda: _backend_gone(store, holder), 5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -64,6 +65,8 @@ WINDOW = "window"
 DEFAULT_LEASE = 30.0
 """Seconds a window's lease lasts; a running window renews it every third of that."""
 OPENING_GRACE = 5.0
+LOCK_WAIT = 2.0
+"""Seconds a migration's transaction retries the tenant's lock, which a switch-on holds for an instant."""
 """PostgreSQL: longest a window's lease lasts; after opening, its transaction's lock holds the tenant."""
 
 
@@ -716,15 +719,52 @@ class MaintenanceStore:
         announce("window_opened", tenant, owner=owner, message=message, mode=mode, window=window_id)
         return Window(window_id, tenant, owner, mode, message, lease_until, schema)
 
+    def hold_window(self, window: Window, connection: Connection) -> int:
+        """PostgreSQL: take the tenant's lock in the migration's transaction on ``connection``.
+
+        Checks that the row still names ``window`` (an opening that outlasted its lease may have
+        been taken over) and raises :class:`WindowLost` otherwise. A switch-on holds the lock
+        for the instant it checks it, so this tries again for up to ``LOCK_WAIT`` seconds.
+        Returns the backend pid of the migration's session.
+        """
+        t = self._pinned(window).state
+        attempt = select(
+            func.pg_try_advisory_xact_lock(self.window_lock_key(window.tenant)),
+            func.pg_backend_pid(),
+            select(t.c.window_id).where(t.c.tenant == window.tenant).scalar_subquery(),
+        )
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            got, backend_pid, holder = connection.execute(attempt).one()
+            if holder != window.id:
+                raise WindowLost(
+                    f"tenant {window.tenant!r} was taken over by window {holder} while window "
+                    f"{window.id} was opening; nothing was migrated"
+                )
+            if got:
+                return int(backend_pid)
+            if time.monotonic() > deadline:
+                raise WindowLost(f"another transaction holds tenant {window.tenant!r}'s window lock")
+            time.sleep(0.01)
+
     def close_window(
-        self, window: Window, connection: Connection, *, logged_as: str = "window_committed"
+        self,
+        window: Window,
+        connection: Connection | None = None,
+        *,
+        logged_as: str = "window_committed",
     ) -> None:
-        """Switch maintenance off on the migration's ``connection``, in its transaction: fenced.
+        """Switch maintenance off for ``window``: fenced, on the migration's ``connection``.
 
         Changes the window's own row or nothing: if another window or an operator's ``release``
         took the tenant, raises :class:`WindowLost` and the caller's transaction must roll back.
-        An operator's maintenance stays on, as the row says at this moment.
+        An operator's maintenance stays on, as the row says at this moment. Without
+        ``connection`` it runs in a transaction of its own (DDL that commits itself, a withdrawal).
         """
+        if connection is None:
+            with self._bookkeeping() as conn:
+                self.close_window(window, conn, logged_as=logged_as)
+            return
         tables = self._pinned(window)
         t = tables.state
         now = utcnow()
