@@ -6,7 +6,7 @@ maintenance off in the same transaction as the migration.
 """
 
 from .asgi import MaintenanceMiddleware
-from .core.errors import InvalidArgument, InvalidTenant, MaintgateError, WindowBusy, WindowLost
+from .core.errors import InvalidArgument, InvalidTenant, MaintgateError, WindowBusy, WindowLost, WindowRefused
 from .core.gate import Gate
 from .core.render import Renderer
 from .core.schema import metadata
@@ -34,6 +34,7 @@ __all__ = [
     "Window",
     "WindowBusy",
     "WindowLost",
+    "WindowRefused",
     "async_maintenance_window",
     "maintenance_window",
     "metadata",

@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .core.errors import MaintgateError
 from .core.state import ALL_TENANTS, FULL, MODES, HistoryEntry, MaintenanceState, Schedule, utcnow
-from .core.store import MaintenanceStore
+from .core.store import MaintenanceStore, state_fields
 from .migration import owner_alive
 
 DEFAULT_URL = "sqlite:///maintgate.db"
@@ -126,14 +126,7 @@ def state_json(
     alive = owner_alive(store, state)
     return {
         "tenant": state.tenant,
-        "active": state.active,
-        "mode": state.mode,
-        "message": state.message,
-        "error": state.error,
-        "retry_after": state.retry_after,
-        "ends_at": _iso(state.ends_at),
-        "started_at": _iso(state.started_at),
-        "updated_at": _iso(state.updated_at),
+        **state_fields(state),
         "owner": None
         if owner is None
         else {"host": owner.host, "pid": owner.pid, "backend_pid": owner.backend_pid},

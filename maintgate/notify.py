@@ -30,7 +30,7 @@ logger = logging.getLogger("maintgate")
 
 APPLICATION_NAME = "maintgate-listener"
 # TCP keepalives: a listener connection that dies silently is noticed within about 20 s.
-CONNECT_OPTIONS = {
+CONNECT_OPTIONS: dict[str, Any] = {
     "connect_timeout": 5,
     "application_name": APPLICATION_NAME,
     "keepalives": 1,

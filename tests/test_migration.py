@@ -10,7 +10,7 @@ import socket
 import uuid
 
 import pytest
-from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy import create_engine, event, text
 
 from maintgate import (
     MaintenanceStore,
@@ -21,37 +21,14 @@ from maintgate import (
     owner_alive,
 )
 from maintgate.core.store import make_sqlite_transactional
-
-
-class Boom(Exception):
-    pass
-
-
-def columns(store: MaintenanceStore, table: str) -> set[str]:
-    return {c["name"] for c in inspect(store.engine).get_columns(table)}
-
-
-def rename(conn, table: str) -> None:
-    conn.execute(text(f'ALTER TABLE {table} RENAME COLUMN "primary-email" TO "main-email-contact"'))
-
-
-def events(store: MaintenanceStore, tenant: str = "demo") -> list[str]:
-    return [e.event for e in store.history(tenant)]
-
-
-def assert_migrated_and_off(store, table):
-    assert columns(store, table) == {"id", "main-email-contact"}
-    state = store.get("demo")
-    assert state is not None and not state.active and state.owner is None and state.error is None
-    assert store.effective("demo") is None
-
-
-def assert_not_migrated_on_and_error(store, table, error_fragment):
-    assert columns(store, table) == {"id", "primary-email"}
-    state = store.get("demo")
-    assert state is not None and state.active and state.owner is None
-    assert error_fragment.lower() in (state.error or "").lower()
-    assert events(store)[-1] == "window_failed"
+from tests.helpers import (
+    Boom,
+    assert_migrated_and_off,
+    assert_not_migrated_on_and_error,
+    columns,
+    events,
+    rename,
+)
 
 
 def test_success_commits_the_migration_and_the_switch_off_together(store, contacts):

@@ -9,9 +9,10 @@ import textwrap
 import time
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import text
 
 from maintgate import maintenance_window, owner_alive
+from tests.helpers import columns, eventually
 
 MIGRATOR = textwrap.dedent(
     """
@@ -27,19 +28,6 @@ MIGRATOR = textwrap.dedent(
         time.sleep(120)
     """
 )
-
-
-def columns(store, table):
-    return {c["name"] for c in inspect(store.engine).get_columns(table)}
-
-
-def eventually(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 def test_sigkill_mid_work_leaves_maintenance_on_and_the_owner_gone(store, contacts):

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, text
 
 from maintgate import (
     ALL_TENANTS,
@@ -24,19 +24,7 @@ from maintgate import (
 from maintgate.core.cache import StateCache
 from maintgate.migration import advisory_key
 from tests.conftest import asgi_call, ok_app
-from tests.helpers import eventually
-
-
-class Boom(Exception):
-    pass
-
-
-def columns(store, table):
-    return {c["name"] for c in inspect(store.engine).get_columns(table)}
-
-
-def rename(conn, table):
-    conn.execute(text(f'ALTER TABLE {table} RENAME COLUMN "primary-email" TO "main-email-contact"'))
+from tests.helpers import Boom, columns, eventually, rename
 
 
 def lock_is_free(store: MaintenanceStore, tenant: str = "demo") -> bool:

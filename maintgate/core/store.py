@@ -125,6 +125,21 @@ def _effective_mode(t: Any) -> Any:
     return case((and_(t.c.window_id.is_not(None), t.c.window_mode == FULL), FULL), else_=t.c.mode)
 
 
+def state_fields(state: MaintenanceState) -> dict[str, Any]:
+    """A state's own fields as JSON values (times in ISO 8601): what notifications and the CLI show."""
+    return {
+        "active": state.active,
+        "mode": state.mode,
+        "message": state.message,
+        "error": state.error,
+        "retry_after": state.retry_after,
+        "ends_at": _iso(state.ends_at),
+        "started_at": _iso(state.started_at),
+        "updated_at": _iso(state.updated_at),
+        "source": state.source,
+    }
+
+
 def notification_payload(tenant: str, state: MaintenanceState | None) -> str:
     """The NOTIFY payload for a change of ``tenant``: JSON with its new row, or the tenant alone.
 
@@ -133,17 +148,7 @@ def notification_payload(tenant: str, state: MaintenanceState | None) -> str:
     """
     data: dict[str, Any] = {"tenant": tenant}
     if state is not None:
-        data["state"] = {
-            "active": state.active,
-            "mode": state.mode,
-            "message": state.message,
-            "error": state.error,
-            "retry_after": state.retry_after,
-            "ends_at": _iso(state.ends_at),
-            "started_at": _iso(state.started_at),
-            "updated_at": _iso(state.updated_at),
-            "source": state.source,
-        }
+        data["state"] = state_fields(state)
     payload = json.dumps(data, separators=(",", ":"))
     if len(payload.encode()) > 7900:
         payload = json.dumps({"tenant": tenant})
