@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from datetime import datetime
@@ -97,6 +98,7 @@ def check_pool(engine: Engine, needed: int = CONNECTIONS_NEEDED) -> None:
 
 
 # What a driver does for each step of the sequence.
+CHECK = "check"  # fn(connection): refusals before anything changes (Django's window has none to make)
 TX = "tx"  # fn(connection) on the migration's connection, in its transaction
 BOOK = "book"  # fn(*args), a blocking call on the store's engine (a worker thread under asyncio)
 WORK = "work"  # hand the connection to the caller's block
@@ -160,18 +162,20 @@ class _Window:
     # -- steps on the migration's connection -----------------------------------------------------
 
     def prepare(self, conn: Connection) -> None:
-        """Refuse what cannot be atomic; make sure the driver is in a transaction; PostgreSQL: lock."""
+        """Refuse what cannot be atomic, before anything changes; sends nothing that starts a transaction."""
+        autocommit = MaintgateError("the migration window needs a transaction, not an AUTOCOMMIT connection")
         if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
-            raise MaintgateError("the migration window needs a transaction, not an AUTOCOMMIT connection")
+            raise autocommit
         dbapi = conn.connection.dbapi_connection
         name = conn.dialect.name
         if name == "postgresql" and getattr(conn.connection.driver_connection, "autocommit", False):
-            raise MaintgateError("the migration window needs a transaction, not an AUTOCOMMIT connection")
-        if name == "sqlite" and not _sqlite_in_transaction(dbapi):
-            if getattr(dbapi, "isolation_level", "") is None:
-                raise MaintgateError("the migration window needs a transaction, not an AUTOCOMMIT connection")
-            # Without this BEGIN, pysqlite would autocommit DDL that comes before any DML.
-            conn.exec_driver_sql("BEGIN")
+            raise autocommit
+        if (
+            name == "sqlite"
+            and not _sqlite_in_transaction(dbapi)
+            and getattr(dbapi, "isolation_level", "") is None
+        ):
+            raise autocommit
         if name == "postgresql" and not self.owned:  # the caller's transaction is open anyway
             level = str(conn.get_isolation_level()).upper()
             if level in ("REPEATABLE READ", "SERIALIZABLE"):
@@ -181,18 +185,20 @@ class _Window:
                     "maintenance off. Open the window without connection= (it then owns its "
                     "transaction, at your engine's isolation level), or join it in READ COMMITTED"
                 )
-        if name == "postgresql":
-            self._unprepared = unprepared(conn)
-            self._unprepared.__enter__()
-        self._watch(conn)
 
     def begin(self, conn: Connection) -> None:
-        """PostgreSQL: the migration's transaction begins, takes the tenant's lock, checks it holds it.
+        """After the switch-on, the migration's transaction begins; PostgreSQL: it takes the tenant's lock.
 
-        Only after the switch-on: a snapshot (REPEATABLE READ) then sees it, and an owned window
-        never needs two server connections at once (a pooler's small pool cannot deadlock).
+        Only now: a snapshot (REPEATABLE READ) then sees the switch-on, and an owned window never
+        needs two server connections at once (a pooler's small pool cannot deadlock it).
         """
+        if conn.dialect.name == "sqlite" and not _sqlite_in_transaction(conn.connection.dbapi_connection):
+            # Without this BEGIN, pysqlite would autocommit DDL that comes before any DML.
+            conn.exec_driver_sql("BEGIN")
+        self._watch(conn)
         if self.postgres:
+            self._unprepared = unprepared(conn)
+            self._unprepared.__enter__()
             if (conn.dialect.server_version_info or (0,)) >= (14,):
                 # A backend busy in a statement notices a dead client within a second.
                 conn.exec_driver_sql("SET LOCAL client_connection_check_interval = '1s'")
@@ -257,16 +263,28 @@ class _Window:
     # -- bookkeeping steps, each in a transaction of its own --------------------------------------
 
     def open(self) -> None:
-        """Switch maintenance on; start renewing the lease where no lock covers the window."""
-        self.window = self.store.open_window(
-            self.tenant,
-            self.owner,
-            message=self.message,
-            retry_after=self.retry_after,
-            ends_at=self.ends_at,
-            mode=self.mode,
-            lease=self.lease,
-        )
+        """Switch maintenance on; start renewing the lease where no lock covers the window.
+
+        A failure at the switch-on's COMMIT leaves it unknown whether it landed (a lost reply):
+        the window then counts as open, so that its failure is recorded, fenced on its id.
+        """
+        window_id = uuid.uuid4().hex
+        try:
+            self.window = self.store.open_window(
+                self.tenant,
+                self.owner,
+                message=self.message,
+                retry_after=self.retry_after,
+                ends_at=self.ends_at,
+                mode=self.mode,
+                lease=self.lease,
+                window_id=window_id,
+            )
+        except MaintgateError:
+            raise  # refused before its transaction committed: nothing changed
+        except BaseException:
+            self.window = Window(window_id, self.tenant, self.owner, self.mode, self.message)
+            raise
         if not self.postgres:  # on PostgreSQL the lock holds the window once the gap is over
             self._renewer = _Renewer(self.store, self.window, self.lease)
             self._renewer.start()
@@ -345,7 +363,7 @@ class _Window:
 def _steps(w: _Window) -> Generator[Step, Any, None]:
     """The window's one sequence of steps; a driver carries out each step it yields."""
     try:
-        yield (TX, w.prepare)
+        yield (CHECK, w.prepare)
         try:
             yield (BOOK, w.open)
             yield (TX, w.begin)
@@ -359,7 +377,8 @@ def _steps(w: _Window) -> Generator[Step, Any, None]:
                 yield (BOOK, w.close_alone)
         except BaseException as exc:
             if w.opened:  # a refusal before the switch-on changed nothing and records nothing
-                yield (ABORT,)
+                with contextlib.suppress(BaseException):  # a cancellation meanwhile: record all the same
+                    yield (ABORT,)
                 yield (BOOK, w.withdraw if isinstance(exc, WindowRefused) else w.fail, exc)
             raise
     finally:
@@ -375,8 +394,15 @@ def drive(
     commit: Callable[[], object],
     abort: Callable[[], object],
     handed: Any,
+    begin: Callable[[], object] | None = None,
+    checks: bool = True,
 ) -> Iterator[Any]:
-    """Carry out the steps synchronously; yields ``handed`` to the caller's block at the work step."""
+    """Carry out the steps synchronously; yields ``handed`` to the caller's block at the work step.
+
+    ``begin`` starts the migration's transaction just before its first step (Django's atomic
+    block, entered only after the switch-on); ``checks=False`` skips the refusals a driver
+    makes impossible itself.
+    """
     result: Any = None
     step = next(steps)
     while True:
@@ -385,7 +411,12 @@ def drive(
             if kind == WORK:
                 yield handed
                 result = None
+            elif kind == CHECK:
+                result = step[1](conn) if checks else None
             elif kind == TX:
+                if begin is not None:
+                    begin, starting = None, begin
+                    starting()
                 result = step[1](conn)
             elif kind == BOOK:
                 result = step[1](*step[2:])
@@ -630,15 +661,15 @@ async def _drive_async(
             if kind == WORK:
                 yield conn
                 result = None
-            elif kind == TX:
+            elif kind in (TX, CHECK):
                 result = await conn.run_sync(step[1])
             elif kind == BOOK:
                 result = await _to_the_end(step[1], *step[2:])
             elif kind == COMMIT:
                 await conn.commit()
                 result = None
-            else:
-                result = await conn.run_sync(_discard if owned else _rollback_caller)
+            else:  # a rollback a cancellation must not cut short: the error record follows it
+                result = await _uncancelled(conn.run_sync(_discard if owned else _rollback_caller))
         except BaseException as exc:
             try:
                 step = steps.throw(exc)

@@ -258,3 +258,32 @@ def test_manage_py_maintgate_release_clears_a_dead_window(using):
     with maintenance_window("demo", using=using):
         pass
     assert not store.get("demo").active
+
+
+@pytest.fixture
+def isolated(request, using) -> Iterator[str]:
+    """``using``, reconnected with a stricter transaction setting: REPEATABLE READ, or SQLite IMMEDIATE."""
+    connection = connections[using]
+    connection.close()
+    options = connection.settings_dict.setdefault("OPTIONS", {})
+    saved = dict(options)
+    if connection.vendor == "postgresql":
+        from psycopg import IsolationLevel
+
+        options["isolation_level"] = IsolationLevel.REPEATABLE_READ
+    else:
+        options["transaction_mode"] = "IMMEDIATE"  # Django 5.1+: the write lock at BEGIN
+    yield using
+    connection.close()
+    options.clear()
+    options.update(saved)
+
+
+def test_a_window_under_repeatable_read_or_sqlite_immediate_commits_with_its_switch_off(isolated):
+    store = get_store(isolated)
+    old, new = renamed_field()
+    with maintenance_window("demo", using=isolated) as connection, connection.schema_editor() as editor:
+        editor.alter_field(Contact, old, new)
+    assert contact_columns(isolated) == {"id", "name", "main-email-contact"}
+    state = store.get("demo")
+    assert not state.active and state.window_id is None

@@ -543,3 +543,120 @@ def test_expose_error_shows_clients_only_the_first_line_of_a_database_error(stor
     assert "ada@example.com" in state.error, "the operator's record keeps the detail"
     body = Renderer(expose_error=True).render(PROBLEM_JSON, state, "demo", 60).decode()
     assert "duplicate key" in body and "ada@example.com" not in body and "DETAIL" not in body
+
+
+# Found by review: each reproduced first, then fixed ---------------------------------------------
+
+
+def test_a_cancellation_while_the_async_window_rolls_back_still_records_the_error(store):
+    async def window():
+        task = asyncio.current_task()
+        async with async_maintenance_window(store, "demo", lease=3) as conn:
+            await conn.execute(text("SELECT 1"))
+            asyncio.get_running_loop().call_soon(task.cancel)  # lands while the window rolls back
+            raise Boom("migration failed")
+
+    async def main():
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(asyncio.ensure_future(window()), 10)
+
+    asyncio.run(main())
+    state = store.get("demo")
+    assert state.active and "migration failed" in state.error and state.window_id is None
+    assert events(store)[-1] == "window_failed"
+
+
+@postgres_only
+def test_a_joined_window_after_the_caller_wrote_the_tenants_row_is_refused_not_hung(store):
+    with store.engine.connect() as conn:
+        conn.begin()
+        store.activate("demo", message="caller's", connection=conn)  # the caller holds the row
+        started = time.monotonic()
+        with (
+            pytest.raises(MaintgateError, match="open the window first"),
+            maintenance_window(store, "demo", connection=conn),
+        ):
+            pytest.fail("the body must not run")
+        assert time.monotonic() - started < 10
+        conn.rollback()
+    assert store.get("demo") is None or not store.get("demo").active
+
+
+@postgres_only
+def test_a_search_path_left_on_a_pooled_connection_does_not_misdirect_the_store(store):
+    schema = f"tenant_{uuid.uuid4().hex[:8]}"
+    with store.engine.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    # Last in, first out: the next checkout gets the connection the migration left its search_path on.
+    lifo = MaintenanceStore(
+        store.engine.url.render_as_string(hide_password=False),
+        table_prefix=store.tables.state.name.removesuffix("state"),
+        engine_options={"pool_use_lifo": True},
+    )
+    try:
+        with maintenance_window(lifo, "demo") as conn:
+            conn.execute(text(f"SET search_path TO {schema}"))  # session-level: it outlives the window
+        assert lifo.lookup("demo").state is None
+        with pytest.raises(Boom), maintenance_window(lifo, "demo"):
+            raise Boom("recorded all the same")
+        assert "recorded all the same" in store.get("demo").error
+    finally:
+        lifo.engine.dispose()
+        with store.engine.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+
+
+@postgres_only
+def test_a_lost_reply_to_the_switch_ons_commit_still_ends_in_an_allowed_state(store):
+    """The COMMIT lands but its reply is lost: the window must not leave an orphan switch-on."""
+    import socket
+
+    class CutAfterCommit:
+        def __init__(self) -> None:
+            self.armed, self.cut = True, False
+            self.server = socket.create_server(("127.0.0.1", 0))
+            self.port = self.server.getsockname()[1]
+            threading.Thread(target=self.accept, daemon=True).start()
+
+        def accept(self) -> None:
+            while True:
+                try:
+                    client, _ = self.server.accept()
+                except OSError:
+                    return
+                upstream = socket.create_connection(("127.0.0.1", 5432))
+                lost = threading.Event()
+                threading.Thread(target=self.pipe, args=(client, upstream, True, lost), daemon=True).start()
+                threading.Thread(target=self.pipe, args=(upstream, client, False, lost), daemon=True).start()
+
+        def pipe(self, src, dst, outbound: bool, lost: threading.Event) -> None:
+            with contextlib.suppress(OSError), src, dst:
+                while data := src.recv(65536):
+                    if lost.is_set():
+                        continue
+                    cutting = outbound and self.armed and data.startswith(b"Q") and b"COMMIT\x00" in data
+                    if cutting:
+                        lost.set()
+                    dst.sendall(data)
+                    if cutting:
+                        self.armed, self.cut = False, True
+                        time.sleep(0.5)  # the server commits and answers; the answer never arrives
+                        for s in (src, dst):
+                            with contextlib.suppress(OSError):
+                                s.shutdown(socket.SHUT_RDWR)
+                                s.close()
+                        return
+
+    proxy = CutAfterCommit()
+    prefix = store.tables.state.name.removesuffix("state")
+    cut = MaintenanceStore(f"postgresql+psycopg://postgres@127.0.0.1:{proxy.port}/test", table_prefix=prefix)
+    try:
+        with pytest.raises(Exception), maintenance_window(cut, "demo"):  # noqa: B017
+            pytest.fail("the work must not run: the window does not know it opened")
+        assert proxy.cut
+        state = store.get("demo")
+        # Either the switch-on never landed, or it did and the failure is on record: never an orphan.
+        assert state is None or not state.active or (state.error and state.window_id is None)
+    finally:
+        cut.engine.dispose()
+        proxy.server.close()

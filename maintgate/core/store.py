@@ -41,7 +41,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from .errors import InvalidArgument, WindowBusy, WindowLost
+from .errors import InvalidArgument, MaintgateError, WindowBusy, WindowLost
 from .schema import DEFAULT_PREFIX, Tables, build_tables
 from .state import (
     ALL_TENANTS,
@@ -190,6 +190,20 @@ def _from_iso(value: Any) -> datetime | None:
     return datetime.fromisoformat(value) if isinstance(value, str) else None
 
 
+@contextmanager
+def _refusing(tenant: str) -> Iterator[None]:
+    """A database error inside the switch-on's transaction (before its commit): nothing changed."""
+    try:
+        yield
+    except sa_exc.DBAPIError as exc:
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise MaintgateError(
+            f"could not switch maintenance on for tenant {tenant!r}; nothing changed: {first}. If the "
+            "tenant's row is locked by your own transaction (a joined window opened after writing "
+            "maintgate's row), open the window first"
+        ) from exc
+
+
 def _busy_message(tenant: str, holder: MaintenanceState | None, now: datetime) -> str:
     """Why a new window for ``tenant`` is refused: who holds it, and until when."""
     text_ = f"a maintenance window for tenant {tenant!r} is already open"
@@ -236,6 +250,11 @@ def announce(event: str, tenant: str, *, level: int = logging.INFO, **details: A
     )
 
 
+RESET_SEARCH_PATH = (
+    "SELECT set_config('search_path', reset_val, true) FROM pg_settings WHERE name = 'search_path'"
+)
+BOOKKEEPING_LOCK_TIMEOUT = 5.0
+"""Seconds a window's own write waits for the tenant's row before it gives up."""
 LOOKUP_TIMEOUT = 2.0
 """Seconds a connection attempt, a pool checkout or a state lookup may take on engines the store builds."""
 
@@ -348,8 +367,7 @@ class MaintenanceStore:
         self.tables: Tables = build_tables(table_prefix, schema)
         self._state = self.tables.state
         self.lookup_timeout = LOOKUP_TIMEOUT
-        self._resolved_schema: str | None = None
-        self._pinned_tables: dict[str, Tables] = {}
+        self._qualified: Tables | None = None
         name = f"{schema or ''}.{self._state.name}".encode()
         self.channel = "maintgate_" + hashlib.blake2b(name, digest_size=8).hexdigest()
         """The PostgreSQL NOTIFY channel on which this store announces every committed change."""
@@ -381,6 +399,8 @@ class MaintenanceStore:
                         conn.execute(
                             text(f"ALTER TABLE {_quoted(conn, table)} ADD COLUMN {column.name} {kind}")
                         )
+        if connection is None:
+            self._t()  # where they are, found once now rather than by the first lookup
 
     def drop_tables(self, connection: Connection | None = None) -> None:
         """Drop maintgate's tables (tests and uninstall)."""
@@ -391,7 +411,8 @@ class MaintenanceStore:
         """The recorded state of ``tenant`` (or the global switch), or None if it has none."""
         check_tenant(tenant)
         with self._begin(connection) as conn:
-            row = conn.execute(select(self._state).where(self._state.c.tenant == tenant)).first()
+            t = self._t().state
+            row = conn.execute(select(t).where(t.c.tenant == tenant)).first()
         return None if row is None else self._from_row(row)
 
     def effective(self, tenant: str | None, now: datetime | None = None) -> MaintenanceState | None:
@@ -407,7 +428,7 @@ class MaintenanceStore:
         """
         now = now or utcnow()
         wanted = [ALL_TENANTS] if tenant is None or tenant == ALL_TENANTS else [tenant, ALL_TENANTS]
-        t, sc = self._state, self.tables.schedule
+        t, sc = self._t().state, self._t().schedule
         manual = select(
             literal("state").label("kind"),
             cast(null(), Integer).label("id"),
@@ -487,7 +508,7 @@ class MaintenanceStore:
                 f"ends_at ({end.isoformat()}) must come after starts_at ({start.isoformat()})"
             )
         now = utcnow()
-        sc = self.tables.schedule
+        sc = self._t().schedule
         values = {
             "tenant": tenant,
             "starts_at": start,
@@ -507,7 +528,7 @@ class MaintenanceStore:
 
     def schedules(self, tenant: str | None = None) -> list[Schedule]:
         """Planned windows that are on now or still to come, soonest first (of one tenant, or all)."""
-        sc = self.tables.schedule
+        sc = self._t().schedule
         query = select(sc).where(or_(sc.c.ends_at.is_(None), sc.c.ends_at > _to_db(utcnow())))
         if tenant is not None:
             query = query.where(sc.c.tenant == check_tenant(tenant))
@@ -517,7 +538,7 @@ class MaintenanceStore:
 
     def unschedule(self, schedule_id: int, *, connection: Connection | None = None) -> bool:
         """Cancel a planned window; False if there was none with that id."""
-        sc = self.tables.schedule
+        sc = self._t().schedule
         with self._begin(connection) as conn:
             row = conn.execute(select(sc).where(sc.c.id == schedule_id)).first()
             if row is None:
@@ -529,7 +550,7 @@ class MaintenanceStore:
 
     def all(self) -> list[MaintenanceState]:
         """Every recorded state, the global switch first."""
-        t = self._state
+        t = self._t().state
         with self.engine.connect() as conn:
             rows = conn.execute(select(t).order_by(t.c.tenant)).all()
         states = [self._from_row(r) for r in rows]
@@ -560,7 +581,8 @@ class MaintenanceStore:
         """Switch maintenance off for ``tenant``; returns the new state, or None if it had none."""
         with self._begin(connection) as conn:
             changed = self._deactivate(tenant, conn)
-            row = conn.execute(select(self._state).where(self._state.c.tenant == tenant)).first()
+            t = self._t().state
+            row = conn.execute(select(t).where(t.c.tenant == tenant)).first()
         if changed:
             announce("deactivated", tenant)
         return None if row is None else self._from_row(row)
@@ -570,7 +592,7 @@ class MaintenanceStore:
         check_tenant(tenant)
         if not isinstance(limit, int) or limit < 1:
             raise InvalidArgument(f"limit must be a positive int, got {limit!r}")
-        h = self.tables.history
+        h = self._t().history
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(h).where(h.c.tenant == tenant).order_by(h.c.id.desc()).limit(limit)
@@ -603,7 +625,7 @@ class MaintenanceStore:
         _check_retry_after(retry_after)
         _check_mode(mode)
         now = utcnow()
-        t = self._state
+        t = self._t().state
         values: list[tuple[Any, Any]] = [
             # First: MySQL evaluates SET left to right, and this must see the old `active`.
             (t.c.started_at, case((t.c.active == true(), t.c.started_at), else_=now)),
@@ -630,11 +652,11 @@ class MaintenanceStore:
         Returns whether there was anything to switch off.
         """
         check_tenant(tenant)
-        t = self._state
+        t = self._t().state
         now = utcnow()
         values = {"active": False, "error": None, "ends_at": None, "updated_at": now, "source": None}
         changed = conn.execute(update(t).where(t.c.tenant == tenant, t.c.active).values(**values)).rowcount
-        sc = self.tables.schedule
+        sc = self._t().schedule
         changed += conn.execute(
             delete(sc).where(
                 sc.c.tenant == tenant,
@@ -668,6 +690,7 @@ class MaintenanceStore:
         ends_at: datetime | None = None,
         mode: str = FULL,
         lease: float = DEFAULT_LEASE,
+        window_id: str | None = None,
     ) -> Window:
         """Switch maintenance on for a new migration window, in a committed transaction of its own.
 
@@ -675,7 +698,9 @@ class MaintenanceStore:
         one whose lease has not expired, or, on PostgreSQL, whose migration transaction holds the
         tenant's lock. On PostgreSQL the lock is the window's proof of life once its transaction
         takes it, so the lease only covers the opening (at most ``OPENING_GRACE`` seconds) and
-        needs no renewal; elsewhere the window renews it while it runs.
+        needs no renewal; elsewhere the window renews it while it runs. A database error before
+        the commit is a refusal too (:class:`MaintgateError`); one at the commit leaves it unknown
+        whether the window opened: record its failure with ``window_id``, which is fenced.
         """
         check_tenant(tenant)
         _check_retry_after(retry_after)
@@ -683,9 +708,9 @@ class MaintenanceStore:
         if not isinstance(lease, int | float) or not lease > 0:
             raise InvalidArgument(f"lease must be a positive number of seconds, got {lease!r}")
         postgres = self.engine.dialect.name == "postgresql"
-        window_id = uuid.uuid4().hex
-        t = self._state
-        with self._bookkeeping() as conn:
+        window_id = window_id or uuid.uuid4().hex
+        t = self._t().state
+        with self._bookkeeping() as conn, _refusing(tenant):
             now = utcnow()
             lease_until = now + timedelta(seconds=min(lease, OPENING_GRACE) if postgres else lease)
             if postgres:
@@ -720,7 +745,7 @@ class MaintenanceStore:
                 holder = self.get(tenant, connection=conn)
                 raise WindowBusy(_busy_message(tenant, holder, now))
             self._log(conn, tenant, "window_opened", now, message=message, owner=owner, window_id=window_id)
-            schema = self._schema_of_tables(conn)
+            schema = self._t().state.schema
         announce("window_opened", tenant, owner=owner, message=message, mode=mode, window=window_id)
         return Window(window_id, tenant, owner, mode, message, lease_until, schema)
 
@@ -732,7 +757,7 @@ class MaintenanceStore:
         for the instant it checks it, so this tries again for up to ``LOCK_WAIT`` seconds.
         Returns the backend pid of the migration's session.
         """
-        t = self._pinned(window).state
+        t = self._t().state
         attempt = select(
             func.pg_try_advisory_xact_lock(self.window_lock_key(window.tenant)),
             func.pg_backend_pid(),
@@ -770,7 +795,7 @@ class MaintenanceStore:
             with self._bookkeeping() as conn:
                 self.close_window(window, conn, logged_as=logged_as)
             return
-        tables = self._pinned(window)
+        tables = self._t()
         t = tables.state
         now = utcnow()
         operators = t.c.source == OPERATOR
@@ -808,7 +833,7 @@ class MaintenanceStore:
         Fenced like the switch-off: if the window no longer holds the tenant, only the history
         records the error, and this returns False.
         """
-        t = self._state
+        t = self._t().state
         with self._bookkeeping() as conn:
             now = utcnow()
             changed = conn.execute(
@@ -836,7 +861,7 @@ class MaintenanceStore:
 
     def renew_window(self, window: Window, lease: float) -> bool:
         """Extend the window's lease by ``lease`` seconds from now; False if it no longer holds the tenant."""
-        t = self._state
+        t = self._t().state
         with self._bookkeeping() as conn:
             until = utcnow() + timedelta(seconds=lease)
             changed = conn.execute(
@@ -853,7 +878,7 @@ class MaintenanceStore:
         window's state, or None if no window held the tenant.
         """
         check_tenant(tenant)
-        t = self._state
+        t = self._t().state
         with self._bookkeeping() as conn:
             held = conn.execute(
                 select(t).where(t.c.tenant == tenant, t.c.window_id.is_not(None)).with_for_update()
@@ -907,35 +932,40 @@ class MaintenanceStore:
     def _bookkeeping(self) -> Iterator[Connection]:
         """A short transaction of the window's own, READ COMMITTED on PostgreSQL whatever the engine's."""
         with self.engine.connect() as conn, unprepared(conn):
-            if conn.dialect.name == "postgresql":
+            postgres = conn.dialect.name == "postgresql"
+            if postgres:
                 conn.execution_options(isolation_level="READ COMMITTED")
             with conn.begin():
+                if postgres:  # never wait forever on a row another transaction holds (the caller's own)
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(BOOKKEEPING_LOCK_TIMEOUT * 1000)}")
                 yield conn
 
-    def _schema_of_tables(self, conn: Connection) -> str | None:
-        """PostgreSQL: the schema the state table resolves to on ``conn`` when the store names none."""
-        if self._state.schema is not None or conn.dialect.name != "postgresql":
-            return self._state.schema
-        schema = self._resolved_schema
-        if schema is None:
-            schema = self._resolved_schema = conn.execute(
+    def _t(self) -> Tables:
+        """maintgate's tables as every statement of the store names them: with their schema.
+
+        On PostgreSQL, a store that names no schema finds where its tables are once, under the
+        session's own ``search_path`` (its reset value), so that a migration's ``SET search_path``,
+        on its own connection or left on a pooled one, cannot send maintgate's statements elsewhere.
+        """
+        qualified = self._qualified
+        if qualified is not None:
+            return qualified
+        if self._state.schema is not None or self.engine.dialect.name != "postgresql":
+            self._qualified = self.tables
+            return self.tables
+        with self.engine.connect() as conn:
+            conn.execute(text(RESET_SEARCH_PATH))
+            schema = conn.execute(
                 text(
                     "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
                     " WHERE c.oid = to_regclass(quote_ident(:name))"
                 ),
                 {"name": self._state.name},
             ).scalar()
-        return schema
-
-    def _pinned(self, window: Window) -> Tables:
-        """maintgate's tables named with the schema they were found in when ``window`` opened."""
-        if window.schema is None or window.schema == self._state.schema:
+        if schema is None:  # the tables are not created yet: look again next time
             return self.tables
-        pinned = self._pinned_tables.get(window.schema)
-        if pinned is None:
-            prefix = self._state.name.removesuffix("state")
-            pinned = self._pinned_tables[window.schema] = build_tables(prefix, window.schema)
-        return pinned
+        self._qualified = build_tables(self._state.name.removesuffix("state"), schema)
+        return self._qualified
 
     def _notify(self, conn: Connection, tenant: str, tables: Tables, carry_state: bool) -> None:
         """PostgreSQL: announce ``tenant``'s new state in the writing transaction (sent on commit only).
@@ -963,7 +993,7 @@ class MaintenanceStore:
         window_id: str | None = None,
         tables: Tables | None = None,
     ) -> None:
-        tables = tables or self.tables
+        tables = tables or self._t()
         conn.execute(
             tables.history.insert().values(
                 tenant=tenant,
@@ -980,7 +1010,7 @@ class MaintenanceStore:
 
     def _ensure_row(self, conn: Connection, tenant: str) -> None:
         """Insert an inactive row for ``tenant`` unless one exists, race-free where the dialect can."""
-        t = self._state
+        t = self._t().state
         values = {"tenant": tenant, "active": False, "updated_at": utcnow()}
         name = conn.dialect.name
         if name in _UPSERT_INSERTS:

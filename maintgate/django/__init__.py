@@ -216,14 +216,27 @@ def maintenance_window(
     # and schema_editor needs them off, so switch them off around it and check before commit.
     if sqlite:
         connection.disable_constraint_checking()
-    try:
+
+    def begin() -> None:
         atomic.__enter__()
         state["open"] = True
-        try:
-            with _sqlalchemy_connection(connection, store) as conn:
-                yield from drive(_steps(window), conn, commit=commit, abort=abort, handed=connection)
-        finally:
-            abort()  # a refusal before the switch-on leaves Django's atomic block to close
+
+    try:
+        # Made before the atomic block, so SQLAlchemy's first queries run outside it: the block,
+        # and its snapshot (REPEATABLE READ) or write lock (SQLite IMMEDIATE), start after the switch-on.
+        with _sqlalchemy_connection(connection, store) as conn:
+            try:
+                yield from drive(
+                    _steps(window),
+                    conn,
+                    commit=commit,
+                    abort=abort,
+                    handed=connection,
+                    begin=begin,
+                    checks=False,  # the window makes its own atomic block: nothing to refuse
+                )
+            finally:
+                abort()  # a refusal before the work leaves Django's atomic block to close
     finally:
         if sqlite:
             connection.enable_constraint_checking()
