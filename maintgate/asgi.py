@@ -30,19 +30,19 @@ class ASGIRequest:
 
     @property
     def method(self) -> str:
-        return self.scope.get("method", "GET")
+        return str(self.scope.get("method", "GET"))
 
     @property
     def path(self) -> str:
-        return self.scope.get("path", "")
+        return str(self.scope.get("path", ""))
 
     @property
     def scheme(self) -> str:
-        return self.scope.get("scheme", "http")
+        return str(self.scope.get("scheme", "http"))
 
     @property
     def query(self) -> str:
-        return self.scope.get("query_string", b"").decode("latin-1")
+        return bytes(self.scope.get("query_string", b"")).decode("latin-1")
 
     @property
     def host(self) -> str | None:

@@ -245,9 +245,9 @@ def run(args: argparse.Namespace, out: Any) -> int:
             print(f"cancelled planned window #{args.id}", file=out)
         elif args.command == "off":
             tenant = ALL_TENANTS if args.all else args.tenant
-            state = store.deactivate(tenant)
+            ended = store.deactivate(tenant)
             print(
-                _status_line(state_json(store, state)) if state else f"{tenant}: was not in maintenance",
+                _status_line(state_json(store, ended)) if ended else f"{tenant}: was not in maintenance",
                 file=out,
             )
         elif args.command == "release":

@@ -415,7 +415,7 @@ def drive(
                 result = step[1](conn) if checks else None
             elif kind == TX:
                 if begin is not None:
-                    begin, starting = None, begin
+                    starting, begin = begin, None
                     starting()
                 result = step[1](conn)
             elif kind == BOOK:

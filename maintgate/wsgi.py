@@ -27,7 +27,7 @@ class WSGIRequest:
 
     @property
     def method(self) -> str:
-        return self.environ.get("REQUEST_METHOD", "GET")
+        return str(self.environ.get("REQUEST_METHOD", "GET"))
 
     @property
     def path(self) -> str:
@@ -35,11 +35,11 @@ class WSGIRequest:
 
     @property
     def scheme(self) -> str:
-        return self.environ.get("wsgi.url_scheme", "http")
+        return str(self.environ.get("wsgi.url_scheme", "http"))
 
     @property
     def query(self) -> str:
-        return self.environ.get("QUERY_STRING", "")
+        return str(self.environ.get("QUERY_STRING", ""))
 
     @property
     def host(self) -> str | None:
@@ -106,7 +106,7 @@ class WSGIMaintenanceMiddleware:
         if state is None:
             return self.app(environ, start_response)
         response = self.gate.check_uncommon(WSGIRequest(environ), raw, state)
-        if type(response) is Pending:
+        if isinstance(response, Pending):
             response = self.gate.resolve(response)
         if response is None:
             return self.app(environ, start_response)

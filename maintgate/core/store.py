@@ -75,7 +75,7 @@ def _KEEP_OPERATOR(t: Any) -> Any:
     return case((and_(t.c.active == true(), t.c.source == OPERATOR), OPERATOR), else_=WINDOW)
 
 
-_UPSERT_INSERTS = {"postgresql": pg_insert, "sqlite": sqlite_insert}
+_UPSERT_INSERTS: dict[str, Any] = {"postgresql": pg_insert, "sqlite": sqlite_insert}
 
 
 def make_sqlite_transactional(engine: Engine) -> None:
@@ -103,7 +103,7 @@ def _aware(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC)
 
 
-def _state(m: Mapping[str, Any], *, active: bool, **extra: Any) -> MaintenanceState:
+def _state(m: Mapping[Any, Any], *, active: bool, **extra: Any) -> MaintenanceState:
     """A state from a row of the state table (or the lookup's union of it with schedules)."""
     return MaintenanceState(
         tenant=m["tenant"],
@@ -221,7 +221,7 @@ def _busy_message(tenant: str, holder: MaintenanceState | None, now: datetime) -
     )
 
 
-def _owner(m: Mapping[str, Any]) -> Owner | None:
+def _owner(m: Mapping[Any, Any]) -> Owner | None:
     if m["owner_host"] is None:
         return None
     return Owner(m["owner_host"], m["owner_pid"], m["owner_backend_pid"])
@@ -309,7 +309,7 @@ def _bounded_options(url: str, options: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _schedule(m: Mapping[str, Any]) -> Schedule:
+def _schedule(m: Mapping[Any, Any]) -> Schedule:
     return Schedule(
         id=m["id"],
         tenant=m["tenant"],

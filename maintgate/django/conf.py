@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from ..core.errors import InvalidArgument
 from ..core.gate import Gate
@@ -78,9 +78,9 @@ def _import(path: str, name: str) -> Any:
 def _callable(name: str) -> Callable[..., Any] | None:
     value = get(name)
     if value is None or callable(value):
-        return value
+        return cast("Callable[..., Any] | None", value)
     if isinstance(value, str):
-        return _import(value, name)
+        return cast("Callable[..., Any]", _import(value, name))
     raise InvalidArgument(f"MAINTGATE[{name!r}] must be a callable or a dotted path, got {value!r}")
 
 
@@ -88,7 +88,7 @@ def tenant_resolver() -> Callable[..., str | None] | None:
     """The resolver ``MAINTGATE["TENANT"]`` names."""
     spec = get("TENANT")
     if spec is None or callable(spec):
-        return spec
+        return cast("Callable[..., str | None] | None", spec)
     if not isinstance(spec, str):
         raise InvalidArgument(f"MAINTGATE['TENANT'] must be a string or a callable, got {spec!r}")
     kind, sep, arg = spec.partition(":")
@@ -99,7 +99,7 @@ def tenant_resolver() -> Callable[..., str | None] | None:
     if sep and kind == "path":
         return from_path_prefix(arg)
     if "." in spec and not sep:
-        return _import(spec, "TENANT")
+        return cast("Callable[..., str | None]", _import(spec, "TENANT"))
     raise InvalidArgument(
         f"MAINTGATE['TENANT'] = {spec!r}: use 'header:NAME', 'subdomain:DOMAIN', 'path:/PREFIX' "
         "or a dotted path"
@@ -153,7 +153,7 @@ def gate_options() -> dict[str, Any]:
 
 def database_alias() -> str:
     """The Django database maintgate's tables live in (``MAINTGATE["DATABASE"]``, default ``default``)."""
-    return get("DATABASE", "default")
+    return str(get("DATABASE", "default"))
 
 
 def build_gate() -> Gate:

@@ -31,7 +31,7 @@ class DjangoRequest(WSGIRequest):
 
     @property
     def path(self) -> str:
-        return self.request.path_info
+        return str(self.request.path_info)
 
     @property
     def scheme(self) -> str:
@@ -86,7 +86,7 @@ class MaintenanceMiddleware:
 
     async def __acall__(self, request: HttpRequest) -> HttpResponse:
         result = self._check(request)
-        if type(result) is Pending:
+        if isinstance(result, Pending):
             result = await self.gate.resolve_async(result)
         if result is None:
             return await self.get_response(request)
