@@ -368,7 +368,7 @@ def _steps(w: _Window) -> Generator[Step, Any, None]:
             yield (BOOK, w.open)
             yield (TX, w.begin)
             yield (WORK,)
-            if w.atomic:
+            if w.atomic or not w.owned:  # a caller's transaction is the caller's to commit
                 yield (TX, w.close)
                 if w.owned:
                     yield (COMMIT,)
@@ -444,7 +444,6 @@ class _Renewer:
         self._window = window
         self._lease = lease
         self._stop = threading.Event()
-        self.lost = False
         self._thread = threading.Thread(
             target=self._run, name=f"maintgate-lease-{window.tenant}", daemon=True
         )
@@ -460,7 +459,6 @@ class _Renewer:
         while not self._stop.wait(self._lease / 3):
             try:
                 if not self._store.renew_window(self._window, self._lease):
-                    self.lost = True
                     logger.warning(
                         "maintgate: tenant %r's window %s no longer holds the tenant (released or "
                         "taken over); it will fail instead of switching maintenance off",
@@ -506,6 +504,10 @@ def _discard(conn: Connection) -> None:
     except Exception:
         pass
     conn.invalidate()
+
+
+def _never_commit() -> None:
+    raise AssertionError("a joined window never commits the caller's transaction")
 
 
 def _rollback_caller(conn: Connection) -> None:
@@ -559,7 +561,7 @@ def maintenance_window(
         yield from drive(
             _steps(window),
             connection,
-            commit=connection.commit,
+            commit=_never_commit,
             abort=lambda: _rollback_caller(connection),
             handed=connection,
         )

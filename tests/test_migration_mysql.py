@@ -76,3 +76,14 @@ def test_started_at_is_recorded_and_kept(mysql_store):
     assert first.started_at is not None
     second = store.activate("demo", message="two")
     assert second.started_at == first.started_at
+
+
+def test_a_joined_degraded_window_leaves_the_commit_to_the_caller(mysql_store):
+    store, table = mysql_store
+    with store.engine.connect() as conn:
+        conn.begin()
+        with maintenance_window(store, "demo", connection=conn, allow_non_transactional_ddl=True):
+            conn.execute(text(f"INSERT INTO {table} (id) VALUES (41)"))
+        assert store.get("demo").active, "the switch-off waits for the caller's commit"
+        conn.commit()
+    assert not store.get("demo").active and store.get("demo").window_id is None
