@@ -217,3 +217,12 @@ def test_the_bypass_redirect_stays_on_this_site(make):
     assert code == 302 and headers["location"] == "?a=1"
     code, headers, _ = asgi_call(app, "/reports", query=f"maintgate_bypass={SECRET}")
     assert headers["location"] == "?"
+
+
+def test_ipv4_mapped_peers_of_a_dual_stack_server_match_ipv4_rules(make):
+    """A dual-stack server reports IPv4 peers as ::ffff:a.b.c.d."""
+    app = make(allow_ips=["10.0.0.0/8"], trusted_proxies=["127.0.0.1"])
+    assert status(app, client=("::ffff:10.1.2.3", 1)) == 200
+    assert status(app, client=("::ffff:203.0.113.9", 1)) == 503
+    forwarded = {"X-Forwarded-For": "::ffff:10.9.9.9"}
+    assert status(app, headers=forwarded, client=("::ffff:127.0.0.1", 1)) == 200, "a mapped trusted proxy"

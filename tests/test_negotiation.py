@@ -49,3 +49,20 @@ def test_negotiate(accept, expected):
 
 def test_a_huge_header_is_cut_short():
     assert negotiate("x" * 1_000_000 + ", text/html") == PROBLEM_JSON
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "text/html, application/xhtml+xml, image/jxr, */*",  # Internet Explorer 11, the old Edge
+        "text/html, application/xhtml+xml, */*",
+        "image/jpeg, application/x-ms-application, text/html, */*",
+    ],
+)
+def test_an_offer_named_explicitly_beats_one_matched_by_a_wildcard_at_the_same_quality(accept):
+    assert negotiate(accept) == HTML
+
+
+def test_among_explicit_offers_at_the_same_quality_the_servers_order_decides():
+    assert negotiate("text/html, application/json") == PROBLEM_JSON
+    assert negotiate("*/*") == PROBLEM_JSON

@@ -54,9 +54,12 @@ def _address(text: str | None) -> IPAddress | None:
     elif value.count(":") == 1:  # IPv4 with a port
         value = value.partition(":")[0]
     try:
-        return ipaddress.ip_address(value)
+        address = ipaddress.ip_address(value)
     except ValueError:
         return None
+    # A dual-stack server reports IPv4 peers as ::ffff:a.b.c.d: compare them as the IPv4 they are.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped if mapped is not None else address
 
 
 def _within(address: IPAddress, networks: tuple[IPNetwork, ...]) -> bool:

@@ -48,7 +48,9 @@ def negotiate(accept: str | None) -> str:
     """The media type to answer with: problem+json, HTML or plain text.
 
     For each offer the most specific matching range sets its quality; the best
-    quality wins. No usable Accept, or nothing acceptable, means JSON.
+    quality wins, and at equal quality an offer the client named beats one it only
+    matched with a wildcard (Internet Explorer's ``text/html, …, */*`` gets HTML).
+    No usable Accept, or nothing acceptable, means JSON.
     """
     if not accept:
         return PROBLEM_JSON
@@ -62,7 +64,7 @@ _CACHED_LENGTH = 512  # longer values are rare and would make the cache's memory
 
 def _negotiate(accept: str) -> str:
     ranges = _ranges(accept)
-    best, best_q = PROBLEM_JSON, 0.0
+    best, best_rank = PROBLEM_JSON, (0.0, -1)
     for main, sub, answer in _OFFERS:
         q, specificity = 0.0, -1
         for r_main, r_sub, r_q in ranges:
@@ -76,8 +78,8 @@ def _negotiate(accept: str) -> str:
                 continue
             if s > specificity:
                 q, specificity = r_q, s
-        if q > best_q:
-            best, best_q = answer, q
+        if q > 0 and (q, specificity) > best_rank:
+            best, best_rank = answer, (q, specificity)
     return best
 
 
