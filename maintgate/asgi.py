@@ -34,7 +34,8 @@ class ASGIRequest:
 
     @property
     def path(self) -> str:
-        return str(self.scope.get("path", ""))
+        """The path the app sees: relative to the mount point, as WSGI's ``PATH_INFO`` is."""
+        return app_path(self.scope)
 
     @property
     def scheme(self) -> str:
@@ -136,8 +137,17 @@ def _scope_tenant(gate: Gate) -> Callable[[Scope], str | None] | None:
         return lambda scope: from_host(host(scope))
     if isinstance(resolver, PathPrefixTenant):
         from_path = resolver.from_path
-        return lambda scope: from_path(scope.get("path", ""))
+        return lambda scope: from_path(app_path(scope))
     return lambda scope: gate.tenant_of(ASGIRequest(scope))
+
+
+def app_path(scope: Scope) -> str:
+    """``path`` without the ``root_path`` a Mount or ``--root-path`` put before it (servers differ)."""
+    path = str(scope.get("path", ""))
+    root = scope.get("root_path")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root) :] or "/"
+    return path
 
 
 def _header_reader(name: str) -> Callable[[Scope], str | None]:

@@ -80,3 +80,32 @@ def test_bad_resolver_configuration_is_refused():
         from_subdomain(".")
     with pytest.raises(ValueError, match="starting with '/'"):
         from_path_prefix("t")
+
+
+def test_asgi_paths_are_read_relative_to_the_mount_point(store):
+    """A Starlette Mount (or uvicorn --root-path) puts the mount point in root_path and path."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+    from starlette.testclient import TestClient
+
+    from maintgate import MaintenanceMiddleware
+
+    async def hello(request):
+        return PlainTextResponse("ok")
+
+    inner = Starlette(routes=[Route("/healthz", hello), Route("/t/{tenant}/x", hello)])
+    store.activate("demo")
+    by_header = MaintenanceMiddleware(
+        inner, store, tenant=from_header("X-Tenant-ID"), exempt_paths=["/healthz"], notifications=False
+    )
+    by_path = MaintenanceMiddleware(inner, store, tenant=from_path_prefix("/t"), notifications=False)
+    outer = Starlette(routes=[Mount("/api", app=by_header), Mount("/v2", app=by_path)])
+    with TestClient(outer) as client:
+        demo = {"X-Tenant-ID": "demo"}
+        assert client.get("/api/healthz", headers=demo).status_code == 200, "exempt, as under WSGI"
+        assert client.get("/api/t/x/x", headers=demo).status_code == 503
+        assert client.get("/v2/t/demo/x").status_code == 503, "the tenant after the mount point"
+        assert client.get("/v2/t/other/x").status_code == 200
+    by_header.gate.close()
+    by_path.gate.close()
