@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .core.errors import MaintgateError
 from .core.state import ALL_TENANTS, FULL, MODES, HistoryEntry, MaintenanceState, Schedule, utcnow
-from .core.store import MaintenanceStore, state_fields
+from .core.store import MaintenanceStore, iso, state_fields
 from .migration import owner_alive
 
 DEFAULT_URL = "sqlite:///maintgate.db"
@@ -103,16 +103,12 @@ def _when(value: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
-
-
 def schedule_json(schedule: Schedule) -> dict[str, Any]:
     """A planned window as ``status --json`` prints it."""
     return {
         "id": schedule.id,
-        "starts_at": _iso(schedule.starts_at),
-        "ends_at": _iso(schedule.ends_at),
+        "starts_at": iso(schedule.starts_at),
+        "ends_at": iso(schedule.ends_at),
         "mode": schedule.mode,
         "message": schedule.message,
     }
@@ -133,7 +129,7 @@ def state_json(
         "owner_alive": alive,
         "window": None
         if state.window_id is None
-        else {"id": state.window_id, "lease_until": _iso(state.lease_until), "alive": alive},
+        else {"id": state.window_id, "lease_until": iso(state.lease_until), "alive": alive},
         "scheduled": [schedule_json(s) for s in schedules or []],
     }
 
@@ -144,7 +140,7 @@ def _history_json(entry: HistoryEntry) -> dict[str, Any]:
         "id": entry.id,
         "tenant": entry.tenant,
         "event": entry.event,
-        "at": _iso(entry.at),
+        "at": iso(entry.at),
         "message": entry.message,
         "error": entry.error,
         "owner": None

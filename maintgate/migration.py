@@ -133,8 +133,6 @@ class _Window:
                 "pass allow_non_transactional_ddl=True to accept a possibly partial schema on failure "
                 "(maintenance is switched off only after all the work succeeded)"
             )
-        if not lease > 0:
-            raise MaintgateError(f"lease must be a positive number of seconds, got {lease!r}")
         check_pool(store.engine, connections_needed)
         self.store = store
         self.tenant = tenant

@@ -9,7 +9,6 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -115,14 +114,10 @@ def _state(m: Mapping[Any, Any], *, active: bool, **extra: Any) -> MaintenanceSt
         started_at=_aware(m["started_at"]),
         updated_at=_aware(m["updated_at"]),
         owner=_owner(m),
-        mode=m["mode"] or FULL,
+        # Full while an open window needs full, over an operator's read-only.
+        mode=FULL if m["window_id"] is not None and m["window_mode"] == FULL else m["mode"] or FULL,
         **extra,
     )
-
-
-def _effective_mode(t: Any) -> Any:
-    """The row's mode, or full while an open window needs full (over an operator's read-only)."""
-    return case((and_(t.c.window_id.is_not(None), t.c.window_mode == FULL), FULL), else_=t.c.mode)
 
 
 def state_fields(state: MaintenanceState) -> dict[str, Any]:
@@ -133,9 +128,9 @@ def state_fields(state: MaintenanceState) -> dict[str, Any]:
         "message": state.message,
         "error": state.error,
         "retry_after": state.retry_after,
-        "ends_at": _iso(state.ends_at),
-        "started_at": _iso(state.started_at),
-        "updated_at": _iso(state.updated_at),
+        "ends_at": iso(state.ends_at),
+        "started_at": iso(state.started_at),
+        "updated_at": iso(state.updated_at),
         "source": state.source,
     }
 
@@ -182,7 +177,8 @@ def state_from_payload(payload: str) -> tuple[str, MaintenanceState | None]:
     return tenant, state
 
 
-def _iso(value: datetime | None) -> str | None:
+def iso(value: datetime | None) -> str | None:
+    """``value`` in ISO 8601, or None."""
     return None if value is None else value.isoformat()
 
 
@@ -433,7 +429,9 @@ class MaintenanceStore:
             literal("state").label("kind"),
             cast(null(), Integer).label("id"),
             t.c.tenant,
-            _effective_mode(t).label("mode"),
+            t.c.mode,
+            t.c.window_id,
+            t.c.window_mode,
             t.c.message,
             t.c.error,
             t.c.retry_after,
@@ -449,6 +447,8 @@ class MaintenanceStore:
             sc.c.id,
             sc.c.tenant,
             sc.c.mode,
+            cast(null(), String).label("window_id"),
+            cast(null(), String).label("window_mode"),
             sc.c.message,
             cast(null(), String).label("error"),
             sc.c.retry_after,
@@ -887,11 +887,13 @@ class MaintenanceStore:
                 return None
             state = self._from_row(held)
             now = utcnow()
-            conn.execute(
+            changed = conn.execute(
                 update(t)
                 .where(t.c.tenant == tenant, t.c.window_id == state.window_id)
                 .values(updated_at=now, **{c.key: v for c, v in self._window_cleared(t)})
-            )
+            ).rowcount
+            if changed != 1:  # that window ended meanwhile: nothing of ours to release
+                return None
             self._log(conn, tenant, "window_released", now, owner=state.owner, window_id=state.window_id)
         announce("window_released", tenant, window=state.window_id, owner=state.owner)
         return state
@@ -1027,13 +1029,10 @@ class MaintenanceStore:
     @staticmethod
     def _from_row(row: Row[Any]) -> MaintenanceState:
         m = row._mapping
-        state = _state(
+        return _state(
             m,
             active=bool(m["active"]),
             source=m["source"],
             window_id=m["window_id"],
             lease_until=_aware(m["lease_until"]),
         )
-        if state.window_id is not None and m["window_mode"] == FULL and state.mode != FULL:
-            state = replace(state, mode=FULL)
-        return state
