@@ -94,7 +94,7 @@ def main() -> None:
     hot = time_wsgi(apps, n, 15)
     store.activate(ALL_TENANTS, message="Benchmarking the 503 path")
     set_maintenance_mode(True)
-    wrapped.gate.invalidate()
+    wrapped.gate.refresh()
     gated = handler(["maintgate.django.middleware.MaintenanceMiddleware"])
     blocked = time_wsgi({"maintgate_json": gated, "maintgate_wsgi_json": wrapped, "peer": apps["peer"]}, n, 9)
     html = "text/html,*/*;q=0.8"

@@ -82,17 +82,17 @@ class MaintenanceMiddleware:
         self.app = app
         self.gate = gate if gate is not None else Gate(store, **options)  # type: ignore[arg-type]
         self._tenant = _scope_tenant(self.gate)
-        self._peek = self.gate.cache.peek
-        if self.gate.start_listening is None:
-            from .notify import listen_in_loop
+        self._peek = self.gate.peek
+        if self.gate.notifications and self.gate.mirror.listen is None:
+            from .notify import listen_in_thread
 
-            self.gate.start_listening = listen_in_loop
+            self.gate.mirror.listen = listen_in_thread
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind != "http" and kind != "websocket":
-            if kind == "lifespan" and self.gate.notifications:
-                receive = _on_shutdown(receive)
+            if kind == "lifespan":
+                receive = _on_shutdown(receive, self.gate)
             await self.app(scope, receive, send)
             return
         raw = self._tenant(scope) if self._tenant is not None else None
@@ -111,15 +111,13 @@ class MaintenanceMiddleware:
             await _deny_websocket(scope, send, result)  # type: ignore[arg-type]
 
 
-def _on_shutdown(receive: Receive) -> Receive:
-    """Stop this loop's notification listeners when the server announces its shutdown."""
+def _on_shutdown(receive: Receive, gate: Gate) -> Receive:
+    """Release what the gate started (its listener, if no other gate uses it) when the server stops."""
 
     async def watched() -> Message:
         message = await receive()
         if message.get("type") == "lifespan.shutdown":
-            from .notify import stop_loop_listeners
-
-            await stop_loop_listeners()
+            gate.close()
         return message
 
     return watched

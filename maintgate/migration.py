@@ -38,6 +38,7 @@ from .core.state import FULL, MaintenanceState, Owner, Window, check_tenant
 from .core.store import (
     DEFAULT_LEASE,
     MaintenanceStore,
+    _collecting,
     announce,
     make_sqlite_transactional,
     unprepared,
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 logger = logging.getLogger("maintgate")
+PUBLISH_WAIT = 2.0
+"""Seconds a committed window waits for this process's gates to read its switch-off."""
 
 TRANSACTIONAL_DDL = frozenset({"postgresql", "sqlite", "mssql"})
 ERROR_MAX_LENGTH = 2000
@@ -152,6 +155,7 @@ class _Window:
         self._watched: Connection | None = None
         self._renewer: _Renewer | None = None
         self._unprepared: AbstractContextManager[None] | None = None
+        self._closing: list[Any] = []
 
     @property
     def opened(self) -> bool:
@@ -208,8 +212,11 @@ class _Window:
         if self.before_close is not None:
             self.before_close()
         self._check_transaction(conn)
-        self.store.close_window(self.window, conn)
-        if not self.owned:
+        if self.owned:  # shown to this process's gates once the window commits it
+            with _collecting(conn, self._closing):
+                self.store.close_window(self.window, conn)
+        else:
+            self.store.close_window(self.window, conn)
             self._announce_on_commit(conn)
 
     def _lock(self, conn: Connection) -> None:
@@ -328,6 +335,7 @@ class _Window:
         """Log that the migration and the switch-off are committed."""
         window = self.window
         announce("window_committed", self.tenant, owner=self.owner, window=window.id if window else None)
+        self.store._publish(self._closing, wait=PUBLISH_WAIT)
 
     def finish(self) -> None:
         """Whatever the outcome: stop renewing, stop watching the connection."""

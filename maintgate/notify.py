@@ -1,17 +1,16 @@
-"""PostgreSQL LISTEN/NOTIFY: every committed state change reaches every worker at once.
+"""PostgreSQL LISTEN/NOTIFY: every committed state change reaches every process at once.
 
-Every write of the store issues ``pg_notify(store.channel, tenant)`` in its own transaction,
+Every write of the store issues ``pg_notify(store.channel, payload)`` in its own transaction,
 so a notification is delivered only on commit (a rolled-back window never announces "off").
-Each process runs one listener per channel, a thread (WSGI, sync use) or an asyncio task on
-psycopg's async connection (ASGI); it drops the tenant's cache entry in every gate that
-subscribed, or all of them for the global switch. It reconnects with backoff; while it is
-down, and after it reconnects (a notification may have been missed), gates fall back to the
-TTL and a full invalidation.
+The payload carries the tenant, its change number and its new state, which each process's
+mirror applies without a query. Each process runs one listener thread per channel, for every
+gate, sync or async, on any event loop; it stops once no gate of that store is left. It
+reconnects with backoff; while it is down, gates see changes within their TTL, and once it is
+back they read what changed meanwhile (one query, nothing dropped).
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import json
@@ -22,8 +21,7 @@ import uuid
 import weakref
 from typing import Any
 
-from .core.gate import Gate
-from .core.state import ALL_TENANTS
+from .core.mirror import StateMirror
 from .core.store import state_from_payload
 
 logger = logging.getLogger("maintgate")
@@ -44,8 +42,8 @@ PROBE_TIMEOUT = 2.0
 """Seconds a new listener waits for its own test notification before it says notifications don't work."""
 
 
-def _conninfo(gate: Gate) -> str:
-    store: Any = gate.store
+def _conninfo(mirror: StateMirror) -> str:
+    store: Any = mirror.store
     url = (store.listen_url or store.engine.url).set(drivername="postgresql")
     return str(url.render_as_string(hide_password=False))
 
@@ -55,40 +53,55 @@ def _probe_payload() -> tuple[str, str]:
     return token, json.dumps({"probe": token})
 
 
-class _Listener:
-    """The subscribers of one channel and what to do with a notification; the transport is a subclass's."""
+class ThreadListener:
+    """A daemon thread that LISTENs on a channel with a blocking psycopg connection."""
 
     def __init__(self, conninfo: str, channel: str) -> None:
         self.conninfo = conninfo
         self.channel = channel
-        self.gates: weakref.WeakSet[Gate] = weakref.WeakSet()
+        self.mirrors: weakref.WeakSet[StateMirror] = weakref.WeakSet()
         self.connected = threading.Event()
         self.received = 0
         self.reconnects = 0
         self.given_up = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"maintgate-listen-{channel}", daemon=True)
 
-    def subscribe(self, gate: Gate) -> None:
-        """Drop ``gate``'s entries on every notification from now on."""
-        self.gates.add(gate)
-        if self.connected.is_set():
-            gate.notifications_live = True
+    def subscribe(self, mirror: StateMirror) -> None:
+        """Deliver this channel's notifications to ``mirror`` from now on."""
+        self.mirrors.add(mirror)
+
+    def unsubscribe(self, mirror: StateMirror) -> None:
+        """Stop delivering to ``mirror``; the thread ends by itself once nobody listens."""
+        self.mirrors.discard(mirror)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def alive(self) -> bool:
+        """Whether the thread runs, or gave up for good (then nobody should start another)."""
+        return self.given_up or self._thread.is_alive()
+
+    def live(self) -> bool:
+        """Whether notifications are being delivered right now."""
+        return self.connected.is_set() and self._thread.is_alive()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        self._stop.set()
+        if timeout:
+            self._thread.join(timeout)
 
     def deliver(self, payload: str) -> None:
-        """Apply a tenant's new state carried by the notification, or drop what is cached of it."""
+        """Apply a tenant's new state carried by the notification, or have it read."""
         self.received += 1
         if payload.startswith('{"probe"'):
             return  # another process's listener testing the channel
-        tenant, state = state_from_payload(payload)
-        for gate in list(self.gates):
-            if tenant == ALL_TENANTS or state is None or not state.active:
-                gate.invalidate(None if tenant == ALL_TENANTS else tenant)
-            else:
-                gate.apply(tenant, state)
+        tenant, state, version = state_from_payload(payload)
+        for mirror in list(self.mirrors):
+            mirror.apply(tenant, state, version)
 
-    def lost(self, exc: BaseException, delay: float) -> None:
+    def _lost(self, exc: BaseException, delay: float) -> None:
         self.connected.clear()
-        for gate in list(self.gates):
-            gate.notifications_live = False
         logger.warning(
             "maintgate: notification listener on %s lost its connection (%s); retrying in %.1fs, "
             "gates fall back to their TTL meanwhile",
@@ -98,12 +111,10 @@ class _Listener:
             extra={"maintgate_event": "listener_down", "channel": self.channel},
         )
 
-    def unavailable(self) -> None:
+    def _unavailable(self) -> None:
         """LISTEN does not deliver here: say so once, plainly; gates keep their TTL."""
         self.given_up = True
         self.connected.clear()
-        for gate in list(self.gates):
-            gate.notifications_live = False
         logger.warning(
             "maintgate: notifications are off: a LISTEN on %s did not receive its own test notification "
             "within %.0fs. A pooler in transaction mode (PgBouncer) does not forward notifications; pass "
@@ -114,62 +125,48 @@ class _Listener:
             extra={"maintgate_event": "notifications_unavailable", "channel": self.channel},
         )
 
-    def established(self) -> None:
+    def _established(self) -> None:
         self.reconnects += 1
-        # Anything may have changed while no notification could arrive.
-        for gate in list(self.gates):
-            gate.invalidate(None)
-            gate.notifications_live = True
         self.connected.set()
+        # Anything may have changed while no notification could arrive: read what did, keep the rest.
+        for mirror in list(self.mirrors):
+            mirror.changed()
 
-
-class ThreadListener(_Listener):
-    """A daemon thread that LISTENs on a channel with a blocking psycopg connection."""
-
-    def __init__(self, conninfo: str, channel: str) -> None:
-        super().__init__(conninfo, channel)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"maintgate-listen-{channel}", daemon=True)
-        self._conn: Any = None
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def stop(self, timeout: float = 1.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
+    def _wanted(self) -> bool:
+        return not self._stop.is_set() and len(self.mirrors) > 0
 
     def _run(self) -> None:
         import psycopg
 
         delay = BACKOFF_START
-        while not self._stop.is_set():
-            try:
-                with psycopg.connect(self.conninfo, autocommit=True, **CONNECT_OPTIONS) as conn:
-                    self._conn = conn
-                    conn.execute(f'LISTEN "{self.channel}"')
-                    if not self._probe(conn):
+        try:
+            while self._wanted():
+                try:
+                    with psycopg.connect(self.conninfo, autocommit=True, **CONNECT_OPTIONS) as conn:
+                        conn.execute(f'LISTEN "{self.channel}"')
+                        if not self._probe(conn):
+                            with contextlib.suppress(Exception):
+                                conn.execute("UNLISTEN *")
+                            self._unavailable()
+                            return
+                        self._established()
+                        delay = BACKOFF_START
+                        while self._wanted():
+                            for note in conn.notifies(timeout=0.5):
+                                self.deliver(note.payload)
                         with contextlib.suppress(Exception):
                             conn.execute("UNLISTEN *")
-                        self.unavailable()
+                except Exception as exc:
+                    if not self._wanted():
                         break
-                    self.established()
-                    delay = BACKOFF_START
-                    while not self._stop.is_set():
-                        for note in conn.notifies(timeout=0.5):
-                            self.deliver(note.payload)
-            except Exception as exc:
-                if self._stop.is_set():
-                    break
-                self.lost(exc, delay)
-                self._stop.wait(delay)
-                delay = min(BACKOFF_MAX, delay * 2)
-            finally:
-                self._conn = None
-        self.connected.clear()
+                    self._lost(exc, delay)
+                    self._stop.wait(delay)
+                    delay = min(BACKOFF_MAX, delay * 2)
+        finally:
+            self.connected.clear()
+            with _lock:
+                if not self.given_up and _threads.get((self.conninfo, self.channel)) is self:
+                    del _threads[(self.conninfo, self.channel)]
 
     def _probe(self, conn: Any) -> bool:
         """Whether a notification sent from another connection reaches this LISTEN."""
@@ -187,71 +184,7 @@ class ThreadListener(_Listener):
         return False
 
 
-class AsyncListener(_Listener):
-    """An asyncio task that LISTENs on a channel with psycopg's async connection."""
-
-    def __init__(self, conninfo: str, channel: str) -> None:
-        super().__init__(conninfo, channel)
-        self.task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"maintgate-listen-{self.channel}"
-        )
-
-    async def stop(self) -> None:
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-        self.connected.clear()
-
-    async def _run(self) -> None:
-        import psycopg
-
-        delay = BACKOFF_START
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(
-                    self.conninfo, autocommit=True, **CONNECT_OPTIONS
-                )
-                async with conn:
-                    await conn.execute(f'LISTEN "{self.channel}"')
-                    if not await self._probe(conn):
-                        with contextlib.suppress(Exception):
-                            await conn.execute("UNLISTEN *")
-                        self.unavailable()
-                        return
-                    self.established()
-                    delay = BACKOFF_START
-                    async for note in conn.notifies():
-                        self.deliver(note.payload)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.lost(exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(BACKOFF_MAX, delay * 2)
-
-    async def _probe(self, conn: Any) -> bool:
-        """Whether a notification sent from another connection reaches this LISTEN."""
-        import psycopg
-
-        token, payload = _probe_payload()
-        sender = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True, **CONNECT_OPTIONS)
-        async with sender:
-            await sender.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
-        deadline = time.monotonic() + PROBE_TIMEOUT
-        while (left := deadline - time.monotonic()) > 0:
-            async for note in conn.notifies(timeout=left):
-                if token in note.payload:
-                    return True
-                self.deliver(note.payload)
-        return False
-
-
 _threads: dict[tuple[str, str], ThreadListener] = {}
-_tasks: dict[tuple[int, str, str], AsyncListener] = {}
 _lock = threading.Lock()
 
 
@@ -262,48 +195,18 @@ def _where(conninfo: str) -> str:
     return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
 
 
-def listen_in_thread(gate: Gate) -> ThreadListener | None:
-    """Subscribe ``gate`` to its store's channel through this process's listener thread."""
-    if not gate.notifications:
-        return None
-    key = (_conninfo(gate), gate.store.channel)  # type: ignore[attr-defined]
+def listen_in_thread(mirror: StateMirror) -> ThreadListener:
+    """Subscribe ``mirror`` to its store's channel through this process's listener thread."""
+    key = (_conninfo(mirror), mirror.store.channel)  # type: ignore[attr-defined]
     with _lock:
         listener = _threads.get(key)
-        if listener is None or not (listener.alive() or listener.given_up):  # none, or gone (a fork)
+        if listener is None or not listener.alive():  # none, or gone (a fork, or nobody listened)
             listener = _threads[key] = ThreadListener(*key)
+            listener.subscribe(mirror)
             listener.start()
-        listener.subscribe(gate)
+        else:
+            listener.subscribe(mirror)
     return listener
-
-
-def listen_in_loop(gate: Gate) -> AsyncListener | None:
-    """Subscribe ``gate`` through this event loop's listener task (call it from the loop)."""
-    if not gate.notifications:
-        return None
-    loop = asyncio.get_running_loop()
-    key = (id(loop), _conninfo(gate), gate.store.channel)  # type: ignore[attr-defined]
-    with _lock:
-        for stale in [k for k, v in _tasks.items() if v.task is not None and v.task.done()]:
-            del _tasks[stale]  # listeners of event loops that are gone
-        listener = _tasks.get(key)
-        if listener is None or listener.task is None or (listener.task.done() and not listener.given_up):
-            listener = _tasks[key] = AsyncListener(key[1], key[2])
-            listener.start()
-        listener.subscribe(gate)
-    return listener
-
-
-async def stop_loop_listeners() -> None:
-    """Stop this event loop's listener tasks (ASGI lifespan shutdown)."""
-    loop_id = id(asyncio.get_running_loop())
-    with _lock:
-        mine = [k for k in _tasks if k[0] == loop_id]
-        listeners = [_tasks.pop(k) for k in mine]
-    for listener in listeners:
-        for gate in list(listener.gates):
-            gate.notifications_live = False
-            gate._listening = False  # a later event loop starts its own listener
-        await listener.stop()
 
 
 def stop_thread_listeners(timeout: float = 1.0) -> None:

@@ -52,3 +52,10 @@ def eventually(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
         if value or time.monotonic() > deadline:
             return value
         time.sleep(0.02)
+
+
+def elsewhere(store: MaintenanceStore) -> MaintenanceStore:
+    """Another process's view of ``store``'s tables: its writes reach this process's gates only by
+    notification or by their TTL, never directly."""
+    state = store.tables.state
+    return MaintenanceStore(store.engine, table_prefix=state.name.removesuffix("state"), schema=state.schema)

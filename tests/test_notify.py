@@ -19,7 +19,8 @@ from maintgate import (
 )
 from maintgate.tenants import from_header
 from tests import apps
-from tests.conftest import POSTGRES_URL, ok_app, wsgi_call
+from tests.conftest import POSTGRES_URL, QueryCounter, ok_app, wsgi_call
+from tests.helpers import elsewhere
 from tests.servers import uvicorn_server
 
 pytestmark = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -76,20 +77,23 @@ def test_every_committed_change_notifies_and_a_rollback_does_not(store):
         inbox.close()
 
 
-def test_thread_listener_invalidates_at_once_and_survives_a_lost_connection(store):
+def test_thread_listener_applies_changes_at_once_and_survives_a_lost_connection(store):
     app = WSGIMaintenanceMiddleware(apps.flask_app(), store, tenant=from_header("X-Tenant-ID"), cache_ttl=60)
+    other = elsewhere(store)  # another process: only the notification tells this one
     assert app.gate.notifications
-    assert wsgi_call(app, "demo") == 200  # first miss starts the listener
+    assert wsgi_call(app, "demo") == 200  # the first request starts the listener
     assert eventually(lambda: app.gate.notifications_live)
+    refreshes = QueryCounter(store.engine, only_lookups=True)
     started = time.monotonic()
-    store.activate("demo")
+    other.activate("demo", message="heard")
     assert eventually(lambda: wsgi_call(app, "demo") == 503, 1.0), "a 60 s TTL, yet the change shows at once"
     print(f"propagation {1000 * (time.monotonic() - started):.1f} ms")
-    store.activate(ALL_TENANTS)
+    other.activate(ALL_TENANTS)
     assert eventually(lambda: wsgi_call(app, "other") == 503, 1.0)
-    store.deactivate(ALL_TENANTS)
-    store.deactivate("demo")
+    other.deactivate(ALL_TENANTS)
+    other.deactivate("demo")
     assert eventually(lambda: wsgi_call(app, "other") == 200 and wsgi_call(app, "demo") == 200, 1.0)
+    assert refreshes.count == 0, "the notifications carried the states: no query"
 
     with store.engine.connect() as conn:
         killed = conn.execute(
@@ -102,25 +106,76 @@ def test_thread_listener_invalidates_at_once_and_survives_a_lost_connection(stor
     assert killed, "the listener's backend was found"
     assert eventually(lambda: not app.gate.notifications_live, 2.0)
     assert eventually(lambda: app.gate.notifications_live, 5.0), "it reconnected"
-    store.activate("demo", message="after the reconnect")
+    other.activate("demo", message="after the reconnect")
     assert eventually(lambda: wsgi_call(app, "demo") == 503, 1.0)
     app.gate.close()
 
 
-def test_asyncio_listener_under_uvicorn_and_lifespan_shutdown(store):
+def test_the_listener_connecting_keeps_what_the_gate_holds(store):
+    """The first burst is answered by one read; the listener's arrival reads only what changed."""
+    store.activate("demo")
+    refreshes = QueryCounter(store.engine, only_lookups=True)
+    app = WSGIMaintenanceMiddleware(apps.flask_app(), store, tenant=from_header("X-Tenant-ID"), cache_ttl=60)
+    waited = []
+    for _ in range(200):
+        started = time.monotonic()
+        assert wsgi_call(app, "demo") == 503 and wsgi_call(app, "x") == 200
+        waited.append(time.monotonic() - started)
+        if app.gate.notifications_live:
+            break
+        time.sleep(0.01)
+    assert eventually(lambda: app.gate.notifications_live)
+    for _ in range(50):
+        started = time.monotonic()
+        assert wsgi_call(app, "demo") == 503 and wsgi_call(app, "x") == 200
+        waited.append(time.monotonic() - started)
+    assert refreshes.count <= 2, "the first read, and one read of what changed when the listener connected"
+    assert max(waited[1:]) < 0.05, "nobody waited after the first request"
+    app.gate.close()
+
+
+def test_one_listener_serves_asgi_gates_on_any_event_loop_and_lifespan_shutdown_stops_it(store):
+    import asyncio
+
     app = MaintenanceMiddleware(apps.starlette_app(), store, tenant=from_header("X-Tenant-ID"), cache_ttl=60)
+    other = elsewhere(store)
     demo = {"X-Tenant-ID": "demo"}
+    for round_ in range(2):  # two event loops one after the other, without lifespan (a test client, say)
+        assert asyncio.run(asgi_request(app, demo)) == 200
+        assert eventually(lambda: app.gate.notifications_live), f"listening in loop {round_}"
+        other.activate("demo", message="heard")
+        assert eventually(lambda: asyncio.run(asgi_request(app, demo)) == 503, 1.0)
+        other.deactivate("demo")
+        assert eventually(lambda: asyncio.run(asgi_request(app, demo)) == 200, 1.0)
     with uvicorn_server(app) as base, httpx.Client(base_url=base) as client:
         assert client.get("/", headers=demo).status_code == 200
-        assert eventually(lambda: app.gate.notifications_live)
-        assert any(k[2] == store.channel for k in notify._tasks)
-        store.activate("demo", message="heard")
+        assert any(k[1] == store.channel for k in notify._threads)
+        other.activate("demo", message="heard")
         assert eventually(lambda: client.get("/", headers=demo).status_code == 503, 1.0)
-        store.deactivate("demo")
-        assert eventually(lambda: client.get("/", headers=demo).status_code == 200, 1.0)
-    mine = [k for k in notify._tasks if k[2] == store.channel]
-    assert not mine, "lifespan shutdown stopped the listener task"
-    app.gate.close()
+    assert eventually(lambda: not any(k[1] == store.channel for k in notify._threads), 2.0), (
+        "lifespan shutdown released the listener, which stopped: no other gate used it"
+    )
+    assert not app.gate.notifications_live
+
+
+async def asgi_request(app, headers) -> int:
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "query_string": b"",
+    }
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent[0]["status"]
 
 
 def test_notifications_are_off_elsewhere_and_can_be_switched_off(store, tmp_path):

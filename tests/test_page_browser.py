@@ -96,7 +96,7 @@ class CountingApp:
         await self.gate_app(scope, receive, send)
         if self.end_after_first and page and len(self.hits) == 1:
             self.store.deactivate("demo")
-            self.gate_app.gate.invalidate("demo")
+            self.gate_app.gate.refresh()
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -21,7 +19,6 @@ from maintgate import (
     maintenance_window,
     owner_alive,
 )
-from maintgate.core.cache import StateCache
 from maintgate.migration import advisory_key
 from tests.conftest import asgi_call, ok_app
 from tests.helpers import Boom, columns, eventually, rename
@@ -162,43 +159,6 @@ def test_a_caller_rolling_back_after_a_joined_window_is_visible(store, caplog):
     if store.engine.dialect.name == "postgresql":  # once the lease that covered its opening is over
         assert eventually(lambda: owner_alive(store, store.get("demo")) is False, 6)
     assert any(getattr(r, "maintgate_event", "") == "window_rolled_back_by_caller" for r in caplog.records)
-
-
-def test_invalidate_during_a_load_does_not_cache_the_stale_value():
-    started, release = threading.Event(), threading.Event()
-    values = iter(["stale", "fresh"])
-
-    def loader(key):
-        value = next(values)
-        if value == "stale":
-            started.set()
-            release.wait(5)
-        return value, None
-
-    cache = StateCache(loader, ttl=60)
-    first = []
-    thread = threading.Thread(target=lambda: first.append(cache.load("a")))
-    thread.start()
-    started.wait(5)
-    cache.invalidate("a")
-    release.set()
-    thread.join(5)
-    assert first == ["stale"]
-    assert cache.load("a") == "fresh"
-
-
-def test_a_closed_pool_or_a_hung_load_never_hangs_requests():
-    cache = StateCache(lambda key: ("v", None), ttl=60, default="fallback")
-    cache.close()
-    cache._pool().shutdown()  # the pool exists but refuses work, as at interpreter exit
-    assert asyncio.run(cache.load_async("a")) == "fallback"
-    hung = threading.Event()
-    slow = StateCache(lambda key: (hung.wait(10), None), ttl=60, default="fallback", load_timeout=0.2)
-    start = time.monotonic()
-    assert asyncio.run(slow.load_async("b")) == "fallback"
-    assert time.monotonic() - start < 2
-    hung.set()
-    slow.close()
 
 
 def test_misbehaving_custom_code_never_makes_the_gate_answer_500(store):

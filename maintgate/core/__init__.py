@@ -1,11 +1,11 @@
-"""maintgate's framework-agnostic core: state, store, cache, tenants, negotiation, rendering, gate.
+"""maintgate's framework-agnostic core: state, store, mirror, tenants, negotiation, rendering, gate.
 
 It imports only the standard library, SQLAlchemy and cachetools.
 """
 
-from .cache import MISS, StateCache
 from .errors import InvalidTenant, MaintgateError
 from .gate import ExemptPaths, Gate, Pending
+from .mirror import MISS, StateMirror
 from .negotiation import HTML, PROBLEM_JSON, TEXT, negotiate
 from .render import Renderer
 from .request import RequestView
@@ -31,7 +31,7 @@ __all__ = [
     "Renderer",
     "RequestView",
     "Response",
-    "StateCache",
+    "StateMirror",
     "Tables",
     "build_tables",
     "is_valid_tenant",

@@ -6,16 +6,15 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from cachetools import LRUCache
 
-from .breaker import CircuitBreaker
 from .bypass import Bypass, SecretSource
-from .cache import MISS, StateCache
 from .errors import InvalidArgument
+from .mirror import MISS, ChangeSource, StateMirror, mirror_for
 from .negotiation import negotiate
 from .render import Renderer
 from .request import RequestView
@@ -23,10 +22,8 @@ from .response import Response
 from .state import (
     ALL_TENANTS,
     TENANT_MAX_LENGTH,
-    Lookup,
     MaintenanceState,
     is_valid_tenant,
-    strictness,
     utcnow,
 )
 from .tenants import TenantResolver
@@ -35,12 +32,8 @@ logger = logging.getLogger("maintgate")
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 STORE_ERROR_POLICIES = ("last_known", "open", "closed")
-
-
-class StateSource(Protocol):
-    """What the gate reads: anything with ``lookup(tenant, now)``, a MaintenanceStore above all."""
-
-    def lookup(self, tenant: str | None, now: datetime | None = None) -> Lookup: ...
+DEFAULT_MAX_STALENESS = 30.0
+"""Seconds the state in memory answers for while the store cannot be read; then ``on_store_error`` decides."""
 
 
 class Pending:
@@ -99,11 +92,10 @@ class Gate:
 
     def __init__(
         self,
-        store: StateSource,
+        store: ChangeSource,
         *,
         tenant: TenantResolver | None = None,
         cache_ttl: float = 1.0,
-        cache_size: int = 10_000,
         exempt_paths: Iterable[str | re.Pattern[str]] = (),
         allow_ips: Iterable[str] = (),
         trusted_proxies: Iterable[str] = (),
@@ -122,11 +114,11 @@ class Gate:
         on_store_error: str = "last_known",
         tenant_pattern: str | re.Pattern[str] | None = None,
         tenant_max_length: int = TENANT_MAX_LENGTH,
-        max_concurrent_loads: int = 8,
         load_timeout: float = 5.0,
+        max_staleness: float | None = None,
     ) -> None:
-        if not callable(getattr(store, "lookup", None)):
-            raise TypeError(f"store must be a MaintenanceStore (or have .lookup()), got {store!r}")
+        if not callable(getattr(store, "changes", None)):
+            raise TypeError(f"store must be a MaintenanceStore (or have .changes()), got {store!r}")
         if tenant is not None and not callable(tenant):
             raise TypeError(f"tenant must be a resolver callable or None, got {tenant!r}")
         if not isinstance(default_retry_after, int) or default_retry_after < 1:
@@ -156,25 +148,23 @@ class Gate:
         self.default_retry_after = default_retry_after
         self._now = now
         self._clock = clock
-        self._log_interval = log_interval
-        self._last_warning = float("-inf")
-        self._suppressed = 0
         dialect = getattr(getattr(store, "engine", None), "dialect", None)
         listenable = (
             getattr(dialect, "name", None) == "postgresql" and getattr(dialect, "driver", None) == "psycopg"
         )
         self.notifications = listenable if notifications is None else bool(notifications)
         """Whether this gate subscribes to the store's PostgreSQL notifications (default: on PostgreSQL)."""
-        self.notifications_live = False
-        """Whether a listener is connected right now (else the TTL alone bounds staleness)."""
-        self.start_listening: Callable[[Gate], object] | None = None
-        """Set by an adapter: starts the notification listener on the first cache miss."""
-        self._listening = False
         if on_store_error not in STORE_ERROR_POLICIES:
             raise InvalidArgument(
                 f"on_store_error must be one of {STORE_ERROR_POLICIES}, got {on_store_error!r}"
             )
         self.on_store_error = on_store_error
+        self._unknown = MaintenanceState(
+            tenant=ALL_TENANTS,
+            active=True,
+            message="The service cannot check its maintenance status right now.",
+            retry_after=default_retry_after,
+        )
         if not isinstance(tenant_max_length, int) or not 1 <= tenant_max_length <= TENANT_MAX_LENGTH:
             raise InvalidArgument(f"tenant_max_length must be an int from 1 to {TENANT_MAX_LENGTH}")
         try:
@@ -183,50 +173,62 @@ class Gate:
             raise InvalidArgument(f"tenant_pattern {tenant_pattern!r} is not a regex: {exc}") from None
         self._tenant_max_length = tenant_max_length
         self._tenant_pattern = pattern
-        if not isinstance(max_concurrent_loads, int) or max_concurrent_loads < 1:
-            raise InvalidArgument(
-                f"max_concurrent_loads must be a positive int, got {max_concurrent_loads!r}"
-            )
-        # The probe is a real lookup: the breaker closes only once lookups work again.
-        self.breaker = CircuitBreaker(lambda: store.lookup(None), self._recovered)
-        self.cache: StateCache[MaintenanceState | None] = StateCache(
-            self._load,
-            ttl=cache_ttl,
-            maxsize=cache_size,
-            timer=clock,
-            on_error=self._store_error,
-            fallback=self._fallback,
-            max_workers=max_concurrent_loads,
-            load_timeout=load_timeout,
+        if max_staleness is None:
+            max_staleness = max(DEFAULT_MAX_STALENESS, cache_ttl)
+        seconds = {
+            "cache_ttl": cache_ttl,
+            "load_timeout": load_timeout,
+            "log_interval": log_interval,
+            "max_staleness": max_staleness,
+        }
+        for name, value in seconds.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise InvalidArgument(f"{name} must be a positive number of seconds, got {value!r}")
+        if max_staleness < cache_ttl:
+            raise InvalidArgument(f"max_staleness ({max_staleness}s) must not be shorter than cache_ttl")
+        self.load_timeout = float(load_timeout)
+        self.max_staleness = float(max_staleness)
+        self.mirror: StateMirror = mirror_for(
+            store,
+            ttl=float(cache_ttl),
+            clock=clock,
+            now=now,
+            refresh_timeout=float(load_timeout),
+            log_interval=float(log_interval),
         )
+        """Every tenant's state in this process, shared with the other gates of this store and settings."""
+        self.mirror.gates.add(self)
+        self.peek = self.mirror.peek
+        """The hot path: a tenant's state from memory while fresh, else ``MISS``."""
+
+    @property
+    def notifications_live(self) -> bool:
+        """Whether a listener delivers this store's changes right now (else the TTL bounds staleness)."""
+        listener = self.mirror.listener
+        return bool(self.notifications and listener is not None and listener.live())
 
     def check(self, request: RequestView) -> Response | Pending | None:
         """None to pass the request on, a Response to send, or Pending when the state must be loaded."""
         raw = self.tenant_of(request) if self.tenant is not None else None
-        state = self.cache.peek(ALL_TENANTS if raw is None else raw)
+        state = self.peek(ALL_TENANTS if raw is None else raw)
         if state is None:
             return None
         return self.check_uncommon(request, raw, state)
 
     def check_uncommon(self, request: RequestView, raw: str | None, state: Any) -> Response | Pending | None:
-        """The rest of :meth:`check` once the cache says anything but "cached, not in maintenance".
+        """The rest of :meth:`check` once memory says anything but "fresh, not in maintenance".
 
-        Adapters that resolve the tenant and peek at the cache themselves (the hot
-        path, without a request view) call this with the raw tenant id and ``state``.
+        Adapters that resolve the tenant and peek themselves (the hot path, without a
+        request view) call this with the raw tenant id and what :meth:`peek` returned.
         """
         if request.path in self.exempt:
             return None
         tenant = raw if raw is not None and self.accepts_tenant(raw) else None
-        if tenant != raw:
-            state = self.cache.peek(ALL_TENANTS)  # an invalid id is not a tenant: global only
-        if state is MISS:
-            if not self._listening and self.notifications and self.start_listening is not None:
-                self._listening = True  # every process's first request misses: no cost on the hot path
-                try:
-                    self.start_listening(self)
-                except Exception:
-                    logger.exception("maintgate: could not start the notification listener; using the TTL")
-            return Pending(request, tenant, ALL_TENANTS if tenant is None else tenant)
+        key = ALL_TENANTS if tenant is None else tenant
+        if state is MISS or tenant != raw:  # stale, or an invalid id, which is no tenant: global only
+            state = self._known(key)
+            if state is MISS:
+                return Pending(request, tenant, key)
         return self.respond(request, tenant, state)
 
     def accepts_tenant(self, tenant: str) -> bool:
@@ -249,13 +251,14 @@ class Gate:
         return tenant if isinstance(tenant, str) else None
 
     def resolve(self, pending: Pending) -> Response | None:
-        """Finish a Pending check by loading the state in this thread."""
-        return self.respond(pending.request, pending.tenant, self.cache.load(pending.key))
+        """Finish a Pending check: wait (at most ``load_timeout``) for the state, in this thread."""
+        self.mirror.wait(self.load_timeout)
+        return self.respond(pending.request, pending.tenant, self._settled(pending.key))
 
     async def resolve_async(self, pending: Pending) -> Response | None:
         """Finish a Pending check without blocking the event loop."""
-        state = await self.cache.load_async(pending.key)
-        return self.respond(pending.request, pending.tenant, state)
+        await self.mirror.wait_async(self.load_timeout)
+        return self.respond(pending.request, pending.tenant, self._settled(pending.key))
 
     def decide(self, request: RequestView) -> Response | None:
         """:meth:`check` and, if needed, :meth:`resolve`, for synchronous adapters."""
@@ -340,71 +343,39 @@ class Gate:
             except Exception:
                 logger.exception("maintgate: on_block hook %r failed", self.on_block)
 
-    def apply(self, tenant: str, own: MaintenanceState) -> None:
-        """Take ``tenant``'s own new state from a notification: cached at once, and as last known.
-
-        A global switch or a schedule cached for the tenant still counts: the strictest wins.
-        """
-        current = self.cache.peek(tenant)
-        chosen = own
-        if isinstance(current, MaintenanceState) and (current.is_global or current.schedule_id is not None):
-            chosen = min((own, current), key=strictness)
-        self.cache.put(tenant, chosen)
-
-    def invalidate(self, tenant: str | None = None) -> None:
-        """Drop the cached state of ``tenant``, or of everyone (for the global switch or None)."""
-        self.cache.invalidate(None if tenant in (None, ALL_TENANTS) else tenant)
+    def refresh(self, timeout: float | None = None) -> bool:
+        """Read what changed from the store now, and wait for it (``load_timeout`` at most by default)."""
+        return self.mirror.sync(self.load_timeout if timeout is None else timeout)
 
     def close(self) -> None:
-        """Release the worker threads used for asynchronous loads, and the store prober."""
-        self.breaker.stop()
-        self.cache.close()
+        """Stop using the shared state: the last gate of a store leaves its notification listener."""
+        self.mirror.gates.discard(self)
+        if not self.mirror.gates:
+            self.mirror.close()
 
-    def _load(self, key: Hashable) -> tuple[MaintenanceState | None, float | None]:
-        self.breaker.check()
-        now = self._now()
-        try:
-            found = self.store.lookup(None if key == ALL_TENANTS else str(key), now)
-        except Exception:
-            self.breaker.failed()
-            raise
-        max_age = None if found.changes_at is None else (found.changes_at - now).total_seconds()
-        return found.state, max_age
+    def _known(self, key: str) -> Any:
+        """``key``'s state from memory, the outage policy's answer, or ``MISS`` when worth waiting for."""
+        mirror = self.mirror
+        mirror.poll()
+        if not mirror.loaded:
+            return MISS  # the process's first state: wait for it, once
+        if mirror.age() > self.max_staleness:
+            if not mirror.failing:
+                return MISS  # after an idle spell: the refresh under way answers soon
+            return self._outage(key)
+        return mirror.state_of(key)
 
-    def _fallback(self, key: Hashable, last_known: Any) -> MaintenanceState | None:
-        """The outage policy's answer for ``key`` when its state cannot be read."""
+    def _settled(self, key: str) -> MaintenanceState | None:
+        """After waiting: the state in memory if it is recent enough, else the outage policy's answer."""
+        mirror = self.mirror
+        if not mirror.loaded or mirror.age() > self.max_staleness:
+            return self._outage(key)
+        return mirror.state_of(key)
+
+    def _outage(self, key: str) -> MaintenanceState | None:
+        """What ``on_store_error`` answers while the state in memory is missing or too old."""
         if self.on_store_error == "closed":
-            return MaintenanceState(
-                tenant=str(key),
-                active=True,
-                message="The service cannot check its maintenance status right now.",
-                retry_after=self.default_retry_after,
-            )
-        if self.on_store_error == "open" or last_known is MISS or last_known is None:
+            return self._unknown
+        if self.on_store_error == "open" or not self.mirror.loaded:
             return None
-        ends_at = last_known.ends_at
-        if last_known.schedule_id is not None and ends_at is not None and ends_at <= self._now():
-            return None  # a planned window that is over, whatever the database says
-        return last_known  # type: ignore[no-any-return]
-
-    def _recovered(self) -> None:
-        self.invalidate(None)
-
-    def _store_error(self, key: Hashable, exc: BaseException) -> None:
-        if isinstance(exc, TimeoutError):
-            self.breaker.failed()  # a load that never answers is an outage too
-        now = self._clock()
-        if now - self._last_warning < self._log_interval:
-            self._suppressed += 1
-            return
-        suppressed, self._suppressed = self._suppressed, 0
-        self._last_warning = now
-        logger.warning(
-            "maintgate: cannot read maintenance state for %r (%s: %s); using the last known "
-            "state, or letting requests through (%d similar warnings suppressed)",
-            key,
-            type(exc).__name__,
-            str(exc)[:200],
-            suppressed,
-            extra={"maintgate_event": "store_error", "tenant": key, "suppressed": suppressed},
-        )
+        return self.mirror.state_of(key)

@@ -28,6 +28,7 @@ class Tables:
     state: Table
     history: Table
     schedule: Table
+    version: Table
 
 
 def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tables:
@@ -57,6 +58,9 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         Column("window_id", String(32)),
         Column("lease_until", Timestamp),
         Column("window_mode", String(16)),
+        # The store-wide change number of the row's last change: gates read what changed since.
+        Column("version", BigInteger),
+        Index(f"ix_{prefix}state_version", "version"),
     )
     history = Table(
         f"{prefix}history",
@@ -86,7 +90,15 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         Column("created_at", Timestamp, nullable=False),
         Index(f"ix_{prefix}schedule_tenant_ends", "tenant", "ends_at"),
     )
-    return Tables(md, state, history, schedule)
+    # One row: the store's change counter. Every change takes its row lock until it commits, so
+    # change numbers become visible in order and "what changed since N" misses nothing.
+    version = Table(
+        f"{prefix}version",
+        md,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("version", BigInteger, nullable=False),
+    )
+    return Tables(md, state, history, schedule, version)
 
 
 _DEFAULT = build_tables()

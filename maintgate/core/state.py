@@ -172,3 +172,19 @@ class Lookup:
 
     state: MaintenanceState | None
     changes_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What :meth:`MaintenanceStore.changes` read: everything (``full``) or what changed since a number.
+
+    ``states`` maps each tenant read to its active state, or None when it is not on; ``schedules``
+    maps it to its planned windows not over yet; ``versions`` gives each row's change number and
+    ``version`` the highest change number the read covers.
+    """
+
+    full: bool
+    version: int
+    states: dict[str, MaintenanceState | None]
+    schedules: dict[str, list[Schedule]]
+    versions: dict[str, int]

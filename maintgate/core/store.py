@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Connection,
     Engine,
     Integer,
@@ -41,11 +42,13 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from .errors import InvalidArgument, MaintgateError, WindowBusy, WindowLost
+from .mirror import mirrors_of
 from .schema import DEFAULT_PREFIX, Tables, build_tables
 from .state import (
     ALL_TENANTS,
     FULL,
     MODES,
+    Changes,
     HistoryEntry,
     Lookup,
     MaintenanceState,
@@ -135,33 +138,35 @@ def state_fields(state: MaintenanceState) -> dict[str, Any]:
     }
 
 
-def notification_payload(tenant: str, state: MaintenanceState | None) -> str:
-    """The NOTIFY payload for a change of ``tenant``: JSON with its new row, or the tenant alone.
+def notification_payload(tenant: str, state: MaintenanceState | None, version: int | None = None) -> str:
+    """The NOTIFY payload for a change of ``tenant``: JSON with its change number and new row.
 
     PostgreSQL caps a payload at 8,000 bytes; a longer one (a long message) carries no state,
-    and gates then read the table as before.
+    and gates then read what changed from the table.
     """
-    data: dict[str, Any] = {"tenant": tenant}
+    data: dict[str, Any] = {"tenant": tenant, "version": version}
     if state is not None:
         data["state"] = state_fields(state)
     payload = json.dumps(data, separators=(",", ":"))
     if len(payload.encode()) > 7900:
-        payload = json.dumps({"tenant": tenant})
+        payload = json.dumps({"tenant": tenant, "version": version})
     return payload
 
 
-def state_from_payload(payload: str) -> tuple[str, MaintenanceState | None]:
-    """``(tenant, state)`` from a NOTIFY payload; a bare tenant id (older senders) carries no state."""
+def state_from_payload(payload: str) -> tuple[str, MaintenanceState | None, int | None]:
+    """``(tenant, state, version)`` from a NOTIFY payload; state and version are None if absent."""
     try:
         data = json.loads(payload)
     except ValueError:
-        return payload, None
+        return payload, None, None
     if not isinstance(data, dict) or not isinstance(data.get("tenant"), str):
-        return payload, None
+        return payload, None, None
     tenant = data["tenant"]
+    version = data.get("version")
+    version = version if isinstance(version, int) and not isinstance(version, bool) else None
     s = data.get("state")
     if not isinstance(s, dict):
-        return tenant, None
+        return tenant, None, version
     state = MaintenanceState(
         tenant=tenant,
         active=bool(s.get("active")),
@@ -174,7 +179,7 @@ def state_from_payload(payload: str) -> tuple[str, MaintenanceState | None]:
         updated_at=_from_iso(s.get("updated_at")),
         source=s.get("source"),
     )
-    return tenant, state
+    return tenant, state, version
 
 
 def iso(value: datetime | None) -> str | None:
@@ -215,6 +220,29 @@ def _busy_message(tenant: str, holder: MaintenanceState | None, now: datetime) -
         f"{text_} (window {holder.window_id}{who}{until}). If that process is gone, "
         f"the next window takes over once the lease expires, or run `maintgate release {tenant}`"
     )
+
+
+_PENDING = "maintgate_changes"
+_Change = tuple[str, MaintenanceState | None, int | None]
+
+
+_OWN = "maintgate_own"
+
+
+@contextmanager
+def _collecting(conn: Connection, pending: list[_Change], own: bool = False) -> Iterator[None]:
+    """Have the store's writes on ``conn`` list their changes in ``pending`` meanwhile.
+
+    ``own``: a connection of the store's engine, whose rows the store can read back (a
+    caller's, Django's say, may convert column types its own way).
+    """
+    conn.info[_PENDING] = pending
+    conn.info[_OWN] = own
+    try:
+        yield
+    finally:
+        conn.info.pop(_PENDING, None)
+        conn.info.pop(_OWN, None)
 
 
 def _owner(m: Mapping[Any, Any]) -> Owner | None:
@@ -378,9 +406,11 @@ class MaintenanceStore:
         """A connection in a transaction: the caller's (never committed here) or a new one."""
         if connection is not None:
             yield connection
-        else:
-            with self.engine.begin() as conn:
-                yield conn
+            return
+        pending: list[_Change] = []
+        with self.engine.begin() as conn, _collecting(conn, pending, own=True):
+            yield conn
+        self._publish(pending)  # committed
 
     def create_tables(self, connection: Connection | None = None) -> None:
         """Create maintgate's tables where missing, and add the columns newer versions need; idempotent."""
@@ -395,6 +425,9 @@ class MaintenanceStore:
                         conn.execute(
                             text(f"ALTER TABLE {_quoted(conn, table)} ADD COLUMN {column.name} {kind}")
                         )
+                for index in table.indexes:
+                    index.create(conn, checkfirst=True)
+            self._ensure_version_row(conn, self.tables)
         if connection is None:
             self._t()  # where they are, found once now rather than by the first lookup
 
@@ -481,6 +514,106 @@ class MaintenanceStore:
             return Lookup(None, changes_at)
         active.sort(key=strictness)
         return Lookup(active[0], changes_at)
+
+    def changes(self, since: int | None, now: datetime | None = None) -> Changes:
+        """What the gates hold in memory: every change after change number ``since``, in one query.
+
+        With ``since`` None, everything in force or planned: active rows and schedules not over.
+        Otherwise the rows of the tenants that changed after ``since`` (inactive ones too) and
+        their schedules not over. Either way one statement, so a process's refresh costs one
+        round trip however many tenants there are, and nothing when nothing changed.
+        """
+        now = now or utcnow()
+        tables = self._t()
+        t, sc, v = tables.state, tables.schedule, tables.version
+        rows = select(
+            literal("state").label("kind"),
+            cast(null(), Integer).label("id"),
+            t.c.tenant,
+            t.c.active,
+            t.c.mode,
+            t.c.window_id,
+            t.c.window_mode,
+            t.c.message,
+            t.c.error,
+            t.c.retry_after,
+            t.c.ends_at,
+            t.c.started_at,
+            t.c.updated_at,
+            t.c.owner_host,
+            t.c.owner_pid,
+            t.c.owner_backend_pid,
+            t.c.source,
+            t.c.version,
+        )
+        planned = select(
+            literal("schedule").label("kind"),
+            sc.c.id,
+            sc.c.tenant,
+            true().label("active"),
+            sc.c.mode,
+            cast(null(), String).label("window_id"),
+            cast(null(), String).label("window_mode"),
+            sc.c.message,
+            cast(null(), String).label("error"),
+            sc.c.retry_after,
+            sc.c.ends_at,
+            sc.c.starts_at.label("started_at"),
+            sc.c.created_at.label("updated_at"),
+            cast(null(), String).label("owner_host"),
+            cast(null(), Integer).label("owner_pid"),
+            cast(null(), Integer).label("owner_backend_pid"),
+            cast(null(), String).label("source"),
+            cast(null(), BigInteger).label("version"),
+        ).where(or_(sc.c.ends_at.is_(None), sc.c.ends_at > _to_db(now)))
+        if since is None:
+            counter = select(
+                literal("version").label("kind"),
+                *[cast(null(), c.type).label(c.name) for c in rows.selected_columns][1:-1],
+                v.c.version,
+            ).where(v.c.id == 1)
+            query = union_all(counter, rows.where(t.c.active), planned)
+        else:
+            changed = select(t.c.tenant).where(t.c.version > since).scalar_subquery()
+            query = union_all(rows.where(t.c.version > since), planned.where(sc.c.tenant.in_(changed)))
+        with self.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                # A gate must not hang on a stuck server: bound this read, not the app's work.
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(self.lookup_timeout * 1000)}")
+            result = conn.execute(query).all()
+        version = since or 0
+        states: dict[str, MaintenanceState | None] = {}
+        schedules: dict[str, list[Schedule]] = {}
+        versions: dict[str, int] = {}
+        for row in result:
+            m = row._mapping
+            kind = m["kind"]
+            if kind == "version":
+                version = max(version, m["version"] or 0)
+            elif kind == "state":
+                tenant = m["tenant"]
+                versions[tenant] = m["version"] or 0
+                version = max(version, versions[tenant])
+                states[tenant] = (
+                    _state(m, active=True, source=m["source"], window_id=m["window_id"])
+                    if m["active"]
+                    else None
+                )
+                schedules.setdefault(tenant, [])
+            else:
+                schedules.setdefault(m["tenant"], []).append(
+                    Schedule(
+                        id=m["id"],
+                        tenant=m["tenant"],
+                        starts_at=_aware(m["started_at"]),  # type: ignore[arg-type]
+                        ends_at=_aware(m["ends_at"]),
+                        message=m["message"],
+                        mode=m["mode"],
+                        retry_after=m["retry_after"],
+                        created_at=_aware(m["updated_at"]),
+                    )
+                )
+        return Changes(since is None, version, states, schedules, versions)
 
     def schedule(
         self,
@@ -937,10 +1070,30 @@ class MaintenanceStore:
             postgres = conn.dialect.name == "postgresql"
             if postgres:
                 conn.execution_options(isolation_level="READ COMMITTED")
-            with conn.begin():
+            pending: list[_Change] = []
+            with conn.begin(), _collecting(conn, pending, own=True):
                 if postgres:  # never wait forever on a row another transaction holds (the caller's own)
                     conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(BOOKKEEPING_LOCK_TIMEOUT * 1000)}")
                 yield conn
+        self._publish(pending)  # committed
+
+    def _publish(self, changes: list[_Change], wait: float = 0.0) -> None:
+        """Show committed changes to this process's gates at once, as a notification would.
+
+        A change whose row was not read back has them read it; ``wait`` bounds how long to
+        wait for that read, so that the caller's next request sees the change.
+        """
+        for mirror in mirrors_of(self):
+            unread = False
+            for tenant, state, version in changes:
+                if version is None:
+                    unread = True
+                else:
+                    mirror.apply(tenant, state, version)
+            if unread and wait:
+                mirror.sync(wait)
+            elif unread:
+                mirror.changed()
 
     def _t(self) -> Tables:
         """maintgate's tables as every statement of the store names them: with their schema.
@@ -969,18 +1122,44 @@ class MaintenanceStore:
         self._qualified = build_tables(self._state.name.removesuffix("state"), schema)
         return self._qualified
 
-    def _notify(self, conn: Connection, tenant: str, tables: Tables, carry_state: bool) -> None:
-        """PostgreSQL: announce ``tenant``'s new state in the writing transaction (sent on commit only).
+    def _changed(self, conn: Connection, tenant: str, tables: Tables, carry_state: bool) -> None:
+        """Number the change of ``tenant`` in the writing transaction, and announce it on PostgreSQL.
 
-        The payload carries the state, so gates apply it without reading the table (which a
-        migration may have locked); one too long for NOTIFY carries the tenant alone.
+        The tenant's row takes the store's next change number, under the counter's row lock
+        until commit, so gates that read "changed since N" never skip a change committed late.
+        The notification (sent on commit only) carries the new state, so gates apply it without
+        reading the table, which a migration may have locked; one too long carries the tenant alone.
         """
-        if conn.dialect.name != "postgresql":
-            return
-        t = tables.state
-        row = conn.execute(select(t).where(t.c.tenant == tenant)).first() if carry_state else None
-        payload = notification_payload(tenant, None if row is None else self._from_row(row))
-        conn.execute(select(func.pg_notify(self.channel, payload)))
+        t, v = tables.state, tables.version
+        bump = update(v).where(v.c.id == 1).values(version=v.c.version + 1)
+        if conn.execute(bump).rowcount != 1:
+            self._ensure_version_row(conn, tables)
+            conn.execute(bump)
+        version = conn.execute(select(v.c.version).where(v.c.id == 1)).scalar_one()
+        mark = update(t).where(t.c.tenant == tenant).values(version=version)
+        if conn.execute(mark).rowcount != 1:  # a schedule of a tenant that has no row yet
+            self._ensure_row(conn, tenant, tables)
+            conn.execute(mark)
+        pending = conn.info.get(_PENDING)
+        postgres = conn.dialect.name == "postgresql"
+        readable = carry_state and (postgres or conn.info.get(_OWN, False))
+        row = conn.execute(select(t).where(t.c.tenant == tenant)).first() if readable else None
+        state = None if row is None else self._from_row(row)
+        if pending is not None:
+            pending.append((tenant, state, version if row is not None else None))
+        if postgres:
+            payload = notification_payload(tenant, state, version)
+            conn.execute(select(func.pg_notify(self.channel, payload)))
+
+    @staticmethod
+    def _ensure_version_row(conn: Connection, tables: Tables) -> None:
+        v = tables.version
+        if conn.execute(select(v.c.id).where(v.c.id == 1)).first() is None:
+            try:
+                with conn.begin_nested():
+                    conn.execute(v.insert().values(id=1, version=0))
+            except sa_exc.IntegrityError:
+                pass  # another process created it meanwhile
 
     def _log(
         self,
@@ -1008,11 +1187,11 @@ class MaintenanceStore:
             )
         )
         # A schedule's change is not in the row: gates read it from the table.
-        self._notify(conn, tenant, tables, carry_state=event not in ("scheduled", "unscheduled"))
+        self._changed(conn, tenant, tables, carry_state=event not in ("scheduled", "unscheduled"))
 
-    def _ensure_row(self, conn: Connection, tenant: str) -> None:
+    def _ensure_row(self, conn: Connection, tenant: str, tables: Tables | None = None) -> None:
         """Insert an inactive row for ``tenant`` unless one exists, race-free where the dialect can."""
-        t = self._t().state
+        t = (tables or self._t()).state
         values = {"tenant": tenant, "active": False, "updated_at": utcnow()}
         name = conn.dialect.name
         if name in _UPSERT_INSERTS:

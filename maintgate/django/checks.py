@@ -34,7 +34,8 @@ def _id_for(message: str) -> str:
         ("from_path_prefix", IDS["TENANT"]),
         ("cache", IDS["CACHE"]),
         ("on_store_error", IDS["CACHE"]),
-        ("max_concurrent_loads", IDS["CACHE"]),
+        ("max_staleness", IDS["CACHE"]),
+        ("load_timeout", IDS["CACHE"]),
         ("tenant_pattern", IDS["TENANT"]),
         ("tenant_max_length", IDS["TENANT"]),
         ("forwarded_header", IDS["IPS"]),
@@ -54,7 +55,7 @@ def _id_for(message: str) -> str:
 
 
 class _NeverRead:
-    def lookup(self, tenant: str | None, now: Any = None) -> Any:
+    def changes(self, since: int | None, now: Any = None) -> Any:
         raise AssertionError("system checks never read the database")
 
 

@@ -31,7 +31,8 @@ KNOWN = frozenset(
         "SCHEMA",
         "TENANT",
         "CACHE_TTL",
-        "CACHE_SIZE",
+        "LOAD_TIMEOUT",
+        "MAX_STALENESS",
         "EXEMPT_PATHS",
         "ALLOW_IPS",
         "TRUSTED_PROXIES",
@@ -45,7 +46,6 @@ KNOWN = frozenset(
         "NOTIFICATIONS",
         "TENANT_PATTERN",
         "TENANT_MAX_LENGTH",
-        "MAX_CONCURRENT_LOADS",
         "LOG_BLOCKED_EVERY",
         "FORWARDED_HEADER",
     }
@@ -129,7 +129,8 @@ def gate_options() -> dict[str, Any]:
     options: dict[str, Any] = {
         "tenant": tenant_resolver(),
         "cache_ttl": get("CACHE_TTL", 1.0),
-        "cache_size": get("CACHE_SIZE", 10_000),
+        "load_timeout": get("LOAD_TIMEOUT", 5.0),
+        "max_staleness": get("MAX_STALENESS", 30.0),
         "exempt_paths": _exempt_paths(),
         "allow_ips": get("ALLOW_IPS", ()),
         "trusted_proxies": get("TRUSTED_PROXIES", ()),
@@ -142,7 +143,6 @@ def gate_options() -> dict[str, Any]:
         "notifications": get("NOTIFICATIONS"),
         "tenant_pattern": get("TENANT_PATTERN"),
         "tenant_max_length": get("TENANT_MAX_LENGTH", 128),
-        "max_concurrent_loads": get("MAX_CONCURRENT_LOADS", 8),
         "log_blocked_every": get("LOG_BLOCKED_EVERY", 100),
         "forwarded_header": get("FORWARDED_HEADER", "x-forwarded-for"),
     }

@@ -61,9 +61,9 @@ class MaintenanceMiddleware:
             markcoroutinefunction(self)
         # META is a WSGI-style environ under both handlers: resolve the tenant straight from it.
         self._tenant = _environ_tenant(self.gate)
-        self._peek = self.gate.cache.peek
-        if self.gate.start_listening is None:
-            self.gate.start_listening = listen_in_thread
+        self._peek = self.gate.peek
+        if self.gate.notifications and self.gate.mirror.listen is None:
+            self.gate.mirror.listen = listen_in_thread
 
     def _check(self, request: HttpRequest) -> Response | Pending | None:
         raw = self._tenant(request.META) if self._tenant is not None else None
