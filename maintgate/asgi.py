@@ -9,7 +9,7 @@ from .core.gate import Gate, Pending
 from .core.response import Response
 from .core.state import ALL_TENANTS
 from .core.store import MaintenanceStore
-from .core.tenants import HeaderTenant, PathPrefixTenant, SubdomainTenant
+from .core.tenants import BUILT_IN, HEADER, PATH
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -47,7 +47,7 @@ class ASGIRequest:
 
     @property
     def host(self) -> str | None:
-        return self.header("host")
+        return scope_host(self.scope)
 
     @property
     def client(self) -> str | None:
@@ -124,19 +124,30 @@ def _on_shutdown(receive: Receive, gate: Gate) -> Receive:
 
 
 def _scope_tenant(gate: Gate) -> Callable[[Scope], str | None] | None:
-    """The gate's tenant resolver as a function of the scope: built-ins skip the request view."""
-    resolver = gate.tenant
+    """The gate's tenant resolver as a function of the scope: built-ins skip the request view.
+
+    A built-in resolver's ``parse`` interprets the value on both paths; only the reading differs.
+    """
+    resolver: Any = gate.tenant
     if resolver is None:
         return None
-    if isinstance(resolver, HeaderTenant):
-        return _header_reader(resolver.name)
-    if isinstance(resolver, SubdomainTenant):
-        host, from_host = _header_reader("host"), resolver.from_host
-        return lambda scope: from_host(host(scope))
-    if isinstance(resolver, PathPrefixTenant):
-        from_path = resolver.from_path
-        return lambda scope: from_path(app_path(scope))
-    return lambda scope: gate.tenant_of(ASGIRequest(scope))
+    if type(resolver) not in BUILT_IN:
+        return lambda scope: gate.tenant_of(ASGIRequest(scope))
+    parse = resolver.parse
+    if resolver.reads == HEADER:
+        return _header_reader(resolver.name, parse)
+    if resolver.reads == PATH:
+        return lambda scope: parse(app_path(scope))
+    return lambda scope: parse(scope_host(scope))
+
+
+def scope_host(scope: Scope) -> str | None:
+    """The host an ASGI app sees: the Host header, else the server's address (as Starlette's URL)."""
+    for header, value in scope.get("headers", ()):
+        if header == b"host":
+            return str(value.decode("latin-1"))
+    server = scope.get("server")
+    return str(server[0]) if server else None
 
 
 def app_path(scope: Scope) -> str:
@@ -148,13 +159,14 @@ def app_path(scope: Scope) -> str:
     return path
 
 
-def _header_reader(name: str) -> Callable[[Scope], str | None]:
+def _header_reader(name: str, parse: Callable[[str], str | None]) -> Callable[[Scope], str | None]:
+    """``parse`` of the header's first line: what ``parse`` of all its lines joined gives too."""
     key = name.encode("latin-1")
 
     def read_header(scope: Scope) -> str | None:
         for header, value in scope.get("headers", ()):
             if header == key:
-                return value.decode("latin-1") or None
+                return parse(value.decode("latin-1"))
         return None
 
     return read_header

@@ -8,7 +8,7 @@ from typing import Any
 from .core.gate import Gate, Pending
 from .core.state import ALL_TENANTS
 from .core.store import MaintenanceStore
-from .core.tenants import HeaderTenant, PathPrefixTenant, SubdomainTenant
+from .core.tenants import BUILT_IN, HEADER, HOST
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -31,7 +31,7 @@ class WSGIRequest:
 
     @property
     def path(self) -> str:
-        return self.environ.get("PATH_INFO", "") or "/"
+        return environ_path(self.environ)
 
     @property
     def scheme(self) -> str:
@@ -43,7 +43,7 @@ class WSGIRequest:
 
     @property
     def host(self) -> str | None:
-        return self.environ.get("HTTP_HOST") or self.environ.get("SERVER_NAME")
+        return environ_host(self.environ)
 
     @property
     def client(self) -> str | None:
@@ -62,21 +62,34 @@ def _environ_key(header: str) -> str:
     return upper if upper in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + upper
 
 
+def environ_host(environ: Environ) -> str | None:
+    """The host a WSGI app sees: ``HTTP_HOST``, else ``SERVER_NAME`` (PEP 3333's URL reconstruction)."""
+    return environ.get("HTTP_HOST") or environ.get("SERVER_NAME")
+
+
+def environ_path(environ: Environ) -> str:
+    """The path a WSGI app sees, relative to its mount point."""
+    return environ.get("PATH_INFO", "") or "/"
+
+
 def _environ_tenant(gate: Gate) -> Callable[[Environ], str | None] | None:
-    """The gate's tenant resolver as a function of the environ: built-ins skip the request view."""
-    resolver = gate.tenant
+    """The gate's tenant resolver as a function of the environ: built-ins skip the request view.
+
+    A built-in resolver's ``parse`` interprets the value on both paths; the values are read by
+    the same functions as the request view's.
+    """
+    resolver: Any = gate.tenant
     if resolver is None:
         return None
-    if isinstance(resolver, HeaderTenant):
+    if type(resolver) not in BUILT_IN:
+        return lambda environ: gate.tenant_of(WSGIRequest(environ))
+    parse = resolver.parse
+    if resolver.reads == HEADER:
         key = _environ_key(resolver.name)
-        return lambda environ: environ.get(key) or None
-    if isinstance(resolver, SubdomainTenant):
-        from_host = resolver.from_host
-        return lambda environ: from_host(environ.get("HTTP_HOST"))
-    if isinstance(resolver, PathPrefixTenant):
-        from_path = resolver.from_path
-        return lambda environ: from_path(environ.get("PATH_INFO", ""))
-    return lambda environ: gate.tenant_of(WSGIRequest(environ))
+        return lambda environ: parse(environ.get(key))
+    if resolver.reads == HOST:
+        return lambda environ: parse(environ_host(environ))
+    return lambda environ: parse(environ_path(environ))
 
 
 class WSGIMaintenanceMiddleware:

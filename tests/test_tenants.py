@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from maintgate import MaintenanceMiddleware, WSGIMaintenanceMiddleware
 from maintgate.asgi import ASGIRequest
 from maintgate.tenants import from_header, from_path_prefix, from_subdomain
 from maintgate.wsgi import WSGIRequest
+from tests.conftest import asgi_call, ok_app
+
+
+def ok_wsgi(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
 
 
 def asgi(path="/", headers=()):
@@ -109,3 +116,99 @@ def test_asgi_paths_are_read_relative_to_the_mount_point(store):
         assert client.get("/v2/t/other/x").status_code == 200
     by_header.gate.close()
     by_path.gate.close()
+
+
+def _wsgi_status(app, environ: dict) -> int:
+    import io
+
+    base = {
+        "REQUEST_METHOD": "GET",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(),
+        "SERVER_PORT": "80",
+    }
+    status = []
+    b"".join(app({**base, **environ}, lambda s, h, e=None: status.append(int(s[:3]))))
+    return status[0]
+
+
+RESOLVERS = {
+    "header": from_header("X-Tenant-ID"),
+    "subdomain": from_subdomain("example.com"),
+    "path": from_path_prefix("/t"),
+}
+# (resolver, ASGI scope parts, WSGI environ, expected status with tenant "a" in maintenance)
+REQUESTS = [
+    (
+        "header",
+        {"raw_headers": [(b"x-tenant-id", b"a"), (b"x-tenant-id", b"b")]},
+        {"HTTP_X_TENANT_ID": "a, b"},
+        503,
+    ),
+    (
+        "header",
+        {"raw_headers": [(b"x-tenant-id", b"b"), (b"x-tenant-id", b"a")]},
+        {"HTTP_X_TENANT_ID": "b,a"},
+        200,
+    ),
+    ("header", {"raw_headers": [(b"x-tenant-id", b" a ")]}, {"HTTP_X_TENANT_ID": " a "}, 503),
+    ("header", {"raw_headers": [(b"x-tenant-id", b"")]}, {"HTTP_X_TENANT_ID": ""}, 200),
+    (
+        "subdomain",
+        {"raw_headers": [(b"host", b"a.example.com:8000")]},
+        {"HTTP_HOST": "a.example.com:8000"},
+        503,
+    ),
+    (
+        "subdomain",
+        {"raw_headers": [], "scope": {"server": ("a.example.com", 80)}},
+        {"SERVER_NAME": "a.example.com"},
+        503,
+    ),
+    (
+        "subdomain",
+        {"raw_headers": [(b"host", b"b.example.com")]},
+        {"HTTP_HOST": "b.example.com", "SERVER_NAME": "a.example.com"},
+        200,
+    ),
+    (
+        "path",
+        {"path": "/api/t/a/x", "scope": {"root_path": "/api"}},
+        {"SCRIPT_NAME": "/api", "PATH_INFO": "/t/a/x"},
+        503,
+    ),
+    ("path", {"path": "/t/b/x"}, {"PATH_INFO": "/t/b/x"}, 200),
+    ("path", {"path": "/t/a"}, {"PATH_INFO": "/t/a"}, 503),
+]
+
+
+@pytest.mark.parametrize(("kind", "asgi", "environ", "expected"), REQUESTS)
+def test_the_fast_path_and_the_request_view_read_a_tenant_the_same_way(store, kind, asgi, environ, expected):
+    """Each built-in resolver is one definition: the adapters' fast path and a view-based call agree."""
+    store.activate("a")
+    resolver = RESOLVERS[kind]
+    through_view = lambda request: resolver(request)  # noqa: E731 - not a built-in: the adapter builds a view
+    for tenant in (resolver, through_view):
+        gated = MaintenanceMiddleware(ok_app, store, tenant=tenant, notifications=False)
+        asgi_app = gated
+        scope = dict(asgi)
+        path, extra = scope.pop("path", "/"), scope.pop("scope", None)
+        if extra is not None:
+            asgi_app = _with_scope(asgi_app, extra)
+        assert asgi_call(asgi_app, path, **scope)[0] == expected, (tenant, "asgi")
+        wsgi_app = WSGIMaintenanceMiddleware(ok_wsgi, store, tenant=tenant, notifications=False)
+        assert _wsgi_status(wsgi_app, {"PATH_INFO": "/", "SERVER_NAME": "t", **environ}) == expected, (
+            tenant,
+            "wsgi",
+        )
+        gated.gate.close()
+        wsgi_app.gate.close()
+
+
+def _with_scope(app, extra: dict):
+    """What a server or a Mount puts in the scope: ``root_path``, ``server``."""
+
+    async def mounted(scope, receive, send):
+        await app({**scope, **extra}, receive, send)
+
+    return mounted

@@ -1,8 +1,9 @@
 """Tenant resolvers: callables that take a request view and return a tenant id or None.
 
-The built-in resolvers are small classes whose settings adapters can read, so the
-ASGI and WSGI adapters resolve them straight from the scope or environ on the hot
-path, without building a request view.
+Each built-in resolver declares what it reads (``reads``: a header, the host, the path)
+and interprets that value in one place (``parse``). Called with a request view, it reads
+through the view; the adapters read the same value straight from the scope or environ on
+the hot path, and hand it to the same ``parse``, so both paths always agree.
 """
 
 from __future__ import annotations
@@ -15,10 +16,23 @@ from .request import RequestView
 TenantResolver = Callable[[RequestView], "str | None"]
 
 
+HEADER = "header"
+HOST = "host"
+PATH = "path"
+
+
+def first_value(value: str | None) -> str | None:
+    """The first of a header's comma-separated values (a repeated header arrives joined), stripped."""
+    if not value:
+        return None
+    return value.split(",", 1)[0].strip() or None
+
+
 class HeaderTenant:
-    """Tenant id from a request header."""
+    """Tenant id from a request header: its first value, if the header is repeated or a list."""
 
     __slots__ = ("name",)
+    reads = HEADER
 
     def __init__(self, name: str) -> None:
         if not isinstance(name, str) or not name.strip():
@@ -26,7 +40,12 @@ class HeaderTenant:
         self.name = name.strip().lower()
 
     def __call__(self, request: RequestView) -> str | None:
-        return request.header(self.name) or None
+        return self.parse(request.header(self.name))
+
+    @staticmethod
+    def parse(value: str | None) -> str | None:
+        """The tenant named by the header's value, or None."""
+        return first_value(value)
 
     def __repr__(self) -> str:
         return f"from_header({self.name!r})"
@@ -36,6 +55,7 @@ class SubdomainTenant:
     """Tenant id from the one DNS label left of a base domain."""
 
     __slots__ = ("base_domain", "excluded", "suffix")
+    reads = HOST
 
     def __init__(self, base_domain: str, exclude: tuple[str, ...] = ("www",)) -> None:
         if not isinstance(base_domain, str) or not base_domain.strip(". "):
@@ -45,10 +65,11 @@ class SubdomainTenant:
         self.excluded = frozenset(label.lower() for label in exclude)
 
     def __call__(self, request: RequestView) -> str | None:
-        return self.from_host(request.host)
+        return self.parse(request.host)
 
-    def from_host(self, host: str | None) -> str | None:
+    def parse(self, host: str | None) -> str | None:
         """The tenant named by a Host header value, or None."""
+        host = first_value(host)
         if not host or host[0] == "[":
             return None
         host = host.partition(":")[0].rstrip(".").lower()
@@ -67,6 +88,7 @@ class PathPrefixTenant:
     """Tenant id from the path segment after a fixed prefix."""
 
     __slots__ = ("offset", "prefix", "start")
+    reads = PATH
 
     def __init__(self, prefix: str) -> None:
         if not isinstance(prefix, str) or not prefix.startswith("/"):
@@ -76,10 +98,10 @@ class PathPrefixTenant:
         self.offset = len(self.start)
 
     def __call__(self, request: RequestView) -> str | None:
-        return self.from_path(request.path)
+        return self.parse(request.path)
 
-    def from_path(self, path: str) -> str | None:
-        """The tenant named by a request path, or None."""
+    def parse(self, path: str) -> str | None:
+        """The tenant named by a request path (relative to the app's mount point), or None."""
         if not path.startswith(self.start):
             return None
         end = path.find("/", self.offset)
@@ -107,3 +129,7 @@ def from_subdomain(base_domain: str, *, exclude: tuple[str, ...] = ("www",)) -> 
 def from_path_prefix(prefix: str) -> PathPrefixTenant:
     """Read the tenant from the path segment after ``prefix``: ``/t/demo/x`` → ``demo``."""
     return PathPrefixTenant(prefix)
+
+
+BUILT_IN = (HeaderTenant, SubdomainTenant, PathPrefixTenant)
+"""The resolvers adapters read straight from the scope or environ (by ``reads``, then ``parse``)."""
