@@ -48,7 +48,9 @@ def test_wsgi_threads_share_one_query_for_every_tenant_and_see_toggles(store, cl
 
 def test_asgi_cold_start_one_query_for_many_concurrent_requests(store):
     store.activate("hot")
-    app = MaintenanceMiddleware(apps.starlette_app(), store, tenant=from_header("X-Tenant-ID"))
+    app = MaintenanceMiddleware(
+        apps.starlette_app(), store, tenant=from_header("X-Tenant-ID"), notifications=False
+    )
     queries = QueryCounter(store.engine)
 
     async def one(tenant: str) -> int:

@@ -1,0 +1,218 @@
+"""The gate at scale (issue 10): database load independent of tenants and traffic, never open
+under load, no request waiting on the database once the process has its state, nothing leaking."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import random
+import threading
+import time
+
+import pytest
+from sqlalchemy import event, text
+
+from maintgate import MaintenanceMiddleware, WSGIMaintenanceMiddleware
+from maintgate.tenants import from_header
+from tests.conftest import POSTGRES_URL, QueryCounter, ok_app
+from tests.helpers import elsewhere, eventually
+
+
+def ok_wsgi(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+
+async def call(app, tenant: str) -> tuple[int, float]:
+    """One request through an ASGI app: (status, seconds it took)."""
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "headers": [(b"x-tenant-id", tenant.encode())],
+        "query_string": b"",
+    }
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    started = time.perf_counter()
+    await app(scope, receive, send)
+    return sent[0]["status"], time.perf_counter() - started
+
+
+def wsgi_status(app, tenant: str) -> int:
+    import io
+
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/",
+        "SERVER_NAME": "t",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(),
+        "HTTP_X_TENANT_ID": tenant,
+    }
+    status = []
+    b"".join(app(environ, lambda s, h, e=None: status.append(int(s[:3]))))
+    return status[0]
+
+
+@pytest.mark.parametrize("tenants", [10, 1_000, 100_000])
+def test_database_load_does_not_grow_with_tenants_or_traffic(store, tenants, capsys):
+    """At most 2 state queries per TTL, from 10 to 100,000 distinct tenants, at full speed."""
+    down = {f"t{i}" for i in random.sample(range(tenants), min(100, tenants // 10))}
+    for tenant in down:
+        store.activate(tenant)
+    ttl = 0.1
+    app = WSGIMaintenanceMiddleware(ok_wsgi, store, tenant=from_header("X-Tenant-ID"), cache_ttl=ttl)
+    refreshes = QueryCounter(store.engine, only_lookups=True)
+    other = elsewhere(store)
+    started = time.monotonic()
+    served = wrong = 0
+    while time.monotonic() - started < 1.0:
+        for _ in range(500):
+            tenant = f"t{random.randrange(tenants)}"
+            served += 1
+            wrong += wsgi_status(app, tenant) != (503 if tenant in down else 200)
+    flipped = f"t{tenants - 1}" if f"t{tenants - 1}" not in down else "t0"
+    other.activate(flipped)  # another process's change: seen through a refresh (or a notification)
+    assert eventually(lambda: wsgi_status(app, flipped) == 503, 2)
+    elapsed = time.monotonic() - started
+    with capsys.disabled():
+        print(
+            f"\n{tenants:,} tenants: {served:,} requests in {elapsed:.1f}s, "
+            f"{refreshes.count} state queries (TTL {ttl}s)"
+        )
+    assert wrong == 0
+    assert refreshes.count <= 2 * (elapsed / ttl + 1), "at most 2 state queries per process per TTL"
+    app.gate.close()
+
+
+def test_a_tenant_never_seen_is_answered_from_memory_with_no_query(store, clock):
+    store.activate("down")
+    app = WSGIMaintenanceMiddleware(
+        ok_wsgi, store, tenant=from_header("X-Tenant-ID"), clock=clock, notifications=False
+    )
+    assert wsgi_status(app, "down") == 503  # the process's first state: one read
+    queries = QueryCounter(store.engine)
+    for i in range(10_000):
+        assert wsgi_status(app, f"never-seen-{i}") == 200
+    assert wsgi_status(app, "down") == 503
+    assert queries.count == 0
+    app.gate.close()
+
+
+def test_overload_never_lets_a_tenant_in_maintenance_through(store):
+    """Thousands of concurrent requests over 10,000 tenants, 100 in maintenance, while the state
+    expires every 20 ms and each refresh takes 30 ms: every request of theirs gets 503, and no
+    request waits on the database."""
+    down = {f"t{i}" for i in random.sample(range(10_000), 100)}
+    for tenant in down:
+        store.activate(tenant)
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def slow_reads(conn, cursor, statement, *args):
+        if "UNION ALL" in statement:
+            time.sleep(0.03)
+
+    app = MaintenanceMiddleware(ok_app, store, tenant=from_header("X-Tenant-ID"), cache_ttl=0.02)
+    wsgi = WSGIMaintenanceMiddleware(ok_wsgi, store, tenant=from_header("X-Tenant-ID"), cache_ttl=0.02)
+
+    async def burst():
+        await call(app, "warm-up")
+        results = []
+        for _ in range(10):
+            tenants = [f"t{random.randrange(10_000)}" for _ in range(1_000)]
+            tenants += random.sample(sorted(down), 50)
+            outcome = await asyncio.gather(*(call(app, t) for t in tenants))
+            results += [(t, status, took) for t, (status, took) in zip(tenants, outcome, strict=True)]
+            await asyncio.sleep(0.01)
+        return results
+
+    wrong: list[tuple[str, int]] = []
+
+    def hammer() -> None:
+        for _ in range(2_000):
+            tenant = random.choice(sorted(down)) if random.random() < 0.2 else f"t{random.randrange(10_000)}"
+            status = wsgi_status(wsgi, tenant)
+            if status != (503 if tenant in down else 200):
+                wrong.append((tenant, status))
+
+    wsgi_status(wsgi, "warm-up")
+    threads = [threading.Thread(target=hammer) for _ in range(16)]
+    for t in threads:
+        t.start()
+    results = asyncio.run(burst())
+    for t in threads:
+        t.join(60)
+    wrong += [(t, s) for t, s, _ in results if s != (503 if t in down else 200)]
+    assert wrong == [], wrong[:10]
+    assert sum(1 for t, _, _ in results if t in down) >= 500
+    slowest = max(took for _, _, took in results)
+    assert slowest < 0.5, f"a request waited {slowest:.3f}s: requests must not wait for refreshes"
+    event.remove(store.engine, "before_cursor_execute", slow_reads)
+    app.gate.close()
+    wsgi.gate.close()
+
+
+def _sessions(conn) -> int:
+    return conn.execute(
+        text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
+    ).scalar()
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_200_apps_created_and_dropped_leave_nothing_behind(store):
+    """Threads, file descriptors and PostgreSQL sessions return to where they started."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    watcher = create_engine(POSTGRES_URL, poolclass=NullPool)
+    other = elsewhere(store)
+    # The store's pool is the app's, not the gate's: fill it to its size first.
+    pooled = [store.engine.connect() for _ in range(store.engine.pool.size())]
+    for conn in pooled:
+        conn.close()
+    gc.collect()
+    time.sleep(0.6)
+    with watcher.connect() as conn:
+        before = (threading.active_count(), _fds(), _sessions(conn))
+
+    apps: list = []
+    for round_ in range(2):
+        for i in range(100):
+            ttl = (0.5, 1.0, 2.0, 3.0)[i % 4]  # several settings: several mirrors, and listeners
+            wsgi = WSGIMaintenanceMiddleware(ok_wsgi, store, tenant=from_header("X-Tenant-ID"), cache_ttl=ttl)
+            asgi = MaintenanceMiddleware(ok_app, store, tenant=from_header("X-Tenant-ID"), cache_ttl=ttl)
+            assert wsgi_status(wsgi, "demo") == 200
+            assert asyncio.run(call(asgi, "demo"))[0] == 200
+            apps += [wsgi, asgi]
+        first = apps[0]
+        assert eventually(lambda app=first: app.gate.notifications_live, 5)
+        other.activate("demo")
+        assert eventually(lambda app=first: wsgi_status(app, "demo") == 503, 2), f"round {round_}"
+        del first
+        other.deactivate("demo")
+        apps.clear()
+        del wsgi, asgi
+        gc.collect()
+
+    def counts() -> tuple[int, int, int]:
+        gc.collect()
+        with watcher.connect() as conn:
+            return threading.active_count(), _fds(), _sessions(conn)
+
+    # Other tests' objects may be collected meanwhile: at most the starting counts.
+    assert eventually(lambda: all(n <= b for n, b in zip(counts(), before, strict=True)), 10), (
+        f"threads, fds, sessions: before {before}, after {counts()}"
+    )
+    watcher.dispose()
