@@ -143,3 +143,48 @@ def test_schema_option_on_postgresql():
         with store.engine.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         store.engine.dispose()
+
+
+def test_changes_read_what_changed_since_a_number(store):
+    from datetime import UTC, datetime, timedelta
+
+    first = store.changes(None)
+    assert first.full and first.states == {} and first.schedules == {}
+    store.activate("a", message="on")
+    store.schedule("b", datetime.now(UTC) + timedelta(hours=1))
+    store.activate("c")
+    store.deactivate("c")
+    everything = store.changes(None)
+    assert set(everything.states) == {"a"}, "a full read holds only what is on"
+    assert [s.tenant for s in everything.schedules["b"]] == ["b"]
+    assert everything.version == first.version + 4
+    since = store.changes(first.version)
+    assert not since.full
+    assert since.states["a"].message == "on" and since.states["c"] is None, "an off is a change too"
+    assert since.schedules["b"] and since.version == everything.version
+    assert store.changes(everything.version).states == {}, "nothing changed: nothing read"
+
+
+def test_a_change_that_commits_late_is_never_skipped(store):
+    """Change numbers become visible in commit order: a reader never skips a late commit."""
+    import threading
+    import time
+
+    start = store.changes(None)
+    conn = store.engine.connect()
+    tx = conn.begin()
+    store.activate("late", connection=conn)  # numbered, not committed yet
+    done = threading.Event()
+    writer = threading.Thread(target=lambda: (store.activate("early"), done.set()))
+    writer.start()
+    time.sleep(0.3)
+    assert not done.is_set(), "a later change waits for the number the open one holds"
+    meanwhile = store.changes(start.version)
+    assert meanwhile.states == {}
+    tx.commit()
+    conn.close()
+    writer.join(5)
+    assert done.is_set()
+    after = store.changes(meanwhile.version)
+    assert set(after.states) == {"late", "early"}
+    assert after.versions["late"] < after.versions["early"]
