@@ -32,6 +32,9 @@ logger = logging.getLogger("maintgate")
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 STORE_ERROR_POLICIES = ("last_known", "open", "closed")
+STALE_WAIT = 0.025
+"""Seconds a request waits for a refresh when the state in memory is older than ``max_staleness``
+(after an idle spell): enough for a healthy database, never an outage's timeout."""
 DEFAULT_MAX_STALENESS = 30.0
 """Seconds the state in memory answers for while the store cannot be read; then ``on_store_error`` decides."""
 
@@ -174,7 +177,7 @@ class Gate:
         self._tenant_max_length = tenant_max_length
         self._tenant_pattern = pattern
         if max_staleness is None:
-            max_staleness = max(DEFAULT_MAX_STALENESS, cache_ttl)
+            max_staleness = max(DEFAULT_MAX_STALENESS, 3 * cache_ttl)
         seconds = {
             "cache_ttl": cache_ttl,
             "load_timeout": load_timeout,
@@ -184,8 +187,10 @@ class Gate:
         for name, value in seconds.items():
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise InvalidArgument(f"{name} must be a positive number of seconds, got {value!r}")
-        if max_staleness < cache_ttl:
-            raise InvalidArgument(f"max_staleness ({max_staleness}s) must not be shorter than cache_ttl")
+        if max_staleness < 2 * cache_ttl:
+            raise InvalidArgument(
+                f"max_staleness ({max_staleness}s) must be at least twice cache_ttl ({cache_ttl}s)"
+            )
         self.load_timeout = float(load_timeout)
         self.max_staleness = float(max_staleness)
         self.mirror: StateMirror = mirror_for(
@@ -251,14 +256,19 @@ class Gate:
         return tenant if isinstance(tenant, str) else None
 
     def resolve(self, pending: Pending) -> Response | None:
-        """Finish a Pending check: wait (at most ``load_timeout``) for the state, in this thread."""
-        self.mirror.wait(self.load_timeout)
+        """Finish a Pending check: wait for the state, in this thread (see :meth:`_patience`)."""
+        self.mirror.wait(self._patience())
         return self.respond(pending.request, pending.tenant, self._settled(pending.key))
 
     async def resolve_async(self, pending: Pending) -> Response | None:
         """Finish a Pending check without blocking the event loop."""
-        await self.mirror.wait_async(self.load_timeout)
+        await self.mirror.wait_async(self._patience())
         return self.respond(pending.request, pending.tenant, self._settled(pending.key))
+
+    def _patience(self) -> float:
+        """How long a request waits for a read: ``load_timeout`` for the process's first state;
+        once it has one, however old, a moment (``STALE_WAIT``) before the outage policy answers."""
+        return STALE_WAIT if self.mirror.loaded else self.load_timeout
 
     def decide(self, request: RequestView) -> Response | None:
         """:meth:`check` and, if needed, :meth:`resolve`, for synchronous adapters."""

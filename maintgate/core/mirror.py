@@ -19,7 +19,7 @@ import time
 import weakref
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -40,6 +40,9 @@ MISS: Any = _Miss()
 
 BACKOFF_START = 0.25
 BACKOFF_MAX = 5.0
+FULL_READ_EVERY = 60.0
+"""Seconds between full reads, which also find rows written without a change number (by a
+process of an earlier version, during a rolling upgrade)."""
 MAX_RUNNING = 2
 """Refreshes of one mirror that may be running at once: one, and one more if the first got stuck."""
 
@@ -98,6 +101,8 @@ class StateMirror:
         self._running = 0
         self._started_at = -math.inf
         self._again = False
+        self._want_full = False
+        self._full_at = -math.inf
         self._retry_at = -math.inf
         self._delay = BACKOFF_START
         self._pid = os.getpid()
@@ -183,7 +188,9 @@ class StateMirror:
             self._started_at = now
             if self._round.done():
                 self._round = _new_round()
-            args = (self._generation, self._since)
+            full = self._want_full or now - self._full_at >= FULL_READ_EVERY
+            self._want_full = False
+            args = (self._generation, None if full else self._since)
         threading.Thread(target=self._refresh, args=args, name="maintgate-refresh", daemon=True).start()
         return self._round
 
@@ -226,11 +233,13 @@ class StateMirror:
 
     def apply(self, tenant: str, state: MaintenanceState | None, version: int | None) -> None:
         """A notification: ``tenant``'s own state is ``state`` (None: off) as of change ``version``."""
-        if version is None:
+        if version is None:  # a sender from before change numbers: only a full read finds its rows
+            self._want_full = True
+        if version is None or version < 0 or state is None or not self.loaded:
             self.refresh_soon(force=True)
             return
         with self._lock:
-            if not self.loaded or version <= (self._since or 0):
+            if version <= (self._since or 0):
                 return
             if version <= self._seen.get(tenant, (0, None))[0]:
                 return
@@ -262,6 +271,8 @@ class StateMirror:
             if generation != self._generation:
                 return  # a later refresh started meanwhile: its answer wins
             self._merge(changes)
+            if changes.full:
+                self._full_at = started
             self.loaded = True
             self.refreshes += 1
             self._derive(refreshed_at=started)
@@ -331,6 +342,13 @@ class StateMirror:
                     boundary = edge
             return found
 
+        for tenant, schedules in list(self._planned.items()):
+            left = tuple(s for s in schedules if s.ends_at is None or s.ends_at > now)
+            if len(left) != len(schedules):
+                if left:
+                    self._planned[tenant] = left
+                else:
+                    del self._planned[tenant]
         everyone = in_force(ALL_TENANTS)
         default = min(everyone, key=strictness) if everyone else None
         effective: dict[str, MaintenanceState] = {}
@@ -385,8 +403,9 @@ class StateMirror:
         with self._lock:
             self.closed = True
             running, round_ = self._running, self._round
+            # A gate used again goes through poll(), which reopens, listens and reads.
+            self._view = replace(self._view, fresh_until=-math.inf)
             listener, self.listener = self.listener, None
-            self.listen = None
         if listener is not None:
             listener.unsubscribe(self)
         if running:

@@ -162,7 +162,11 @@ def state_from_payload(payload: str) -> tuple[str, MaintenanceState | None, int 
     if not isinstance(data, dict) or not isinstance(data.get("tenant"), str):
         return payload, None, None
     tenant = data["tenant"]
-    version = data.get("version")
+    # A change number; PENDING when the write could not take one (a caller's transaction);
+    # None when the sender predates change numbers.
+    version = data.get("version", None) if "version" in data else None
+    if "version" in data and version is None:
+        version = PENDING
     version = version if isinstance(version, int) and not isinstance(version, bool) else None
     s = data.get("state")
     if not isinstance(s, dict):
@@ -223,6 +227,8 @@ def _busy_message(tenant: str, holder: MaintenanceState | None, now: datetime) -
 
 
 _PENDING = "maintgate_changes"
+PENDING = -1
+"""Change number of a row written in a caller's transaction, until a numbered change renumbers it."""
 _Change = tuple[str, MaintenanceState | None, int | None]
 
 
@@ -392,6 +398,8 @@ class MaintenanceStore:
         self._state = self.tables.state
         self.lookup_timeout = LOOKUP_TIMEOUT
         self._qualified: Tables | None = None
+        self._has_numbers = False
+        self._warned_numbers = False
         name = f"{schema or ''}.{self._state.name}".encode()
         self.channel = "maintgate_" + hashlib.blake2b(name, digest_size=8).hexdigest()
         """The PostgreSQL NOTIFY channel on which this store announces every committed change."""
@@ -428,6 +436,7 @@ class MaintenanceStore:
                 for index in table.indexes:
                     index.create(conn, checkfirst=True)
             self._ensure_version_row(conn, self.tables)
+        self._has_numbers = True
         if connection is None:
             self._t()  # where they are, found once now rather than by the first lookup
 
@@ -526,6 +535,9 @@ class MaintenanceStore:
         now = now or utcnow()
         tables = self._t()
         t, sc, v = tables.state, tables.schedule, tables.version
+        numbered = self._numbered(tables)
+        if not numbered:
+            since = None  # tables from before change numbers: read everything, every time
         rows = select(
             literal("state").label("kind"),
             cast(null(), Integer).label("id"),
@@ -544,7 +556,7 @@ class MaintenanceStore:
             t.c.owner_pid,
             t.c.owner_backend_pid,
             t.c.source,
-            t.c.version,
+            t.c.version if numbered else cast(null(), BigInteger).label("version"),
         )
         planned = select(
             literal("schedule").label("kind"),
@@ -566,7 +578,9 @@ class MaintenanceStore:
             cast(null(), String).label("source"),
             cast(null(), BigInteger).label("version"),
         ).where(or_(sc.c.ends_at.is_(None), sc.c.ends_at > _to_db(now)))
-        if since is None:
+        if not numbered:
+            query = union_all(rows.where(t.c.active), planned)
+        elif since is None:
             counter = select(
                 literal("version").label("kind"),
                 *[cast(null(), c.type).label(c.name) for c in rows.selected_columns][1:-1],
@@ -574,8 +588,9 @@ class MaintenanceStore:
             ).where(v.c.id == 1)
             query = union_all(counter, rows.where(t.c.active), planned)
         else:
-            changed = select(t.c.tenant).where(t.c.version > since).scalar_subquery()
-            query = union_all(rows.where(t.c.version > since), planned.where(sc.c.tenant.in_(changed)))
+            news = or_(t.c.version > since, t.c.version < 0)
+            changed = select(t.c.tenant).where(news).scalar_subquery()
+            query = union_all(rows.where(news), planned.where(sc.c.tenant.in_(changed)))
         with self.engine.connect() as conn:
             if conn.dialect.name == "postgresql":
                 # A gate must not hang on a stuck server: bound this read, not the app's work.
@@ -592,7 +607,7 @@ class MaintenanceStore:
                 version = max(version, m["version"] or 0)
             elif kind == "state":
                 tenant = m["tenant"]
-                versions[tenant] = m["version"] or 0
+                versions[tenant] = max(0, m["version"] or 0)  # PENDING: committed, order unknown
                 version = max(version, versions[tenant])
                 states[tenant] = (
                     _state(m, active=True, source=m["source"], window_id=m["window_id"])
@@ -614,6 +629,29 @@ class MaintenanceStore:
                     )
                 )
         return Changes(since is None, version, states, schedules, versions)
+
+    def _numbered(self, tables: Tables) -> bool:
+        """Whether the tables have change numbers (``create_tables`` adds them to older tables)."""
+        if self._has_numbers:
+            return True
+        with self.engine.connect() as conn:
+            inspector = inspect(conn)
+            t, v = tables.state, tables.version
+            numbered = inspector.has_table(v.name, schema=v.schema) and "version" in {
+                c["name"] for c in inspector.get_columns(t.name, schema=t.schema)
+            }
+        if numbered:
+            self._has_numbers = True
+        elif not self._warned_numbers:
+            self._warned_numbers = True
+            logger.warning(
+                "maintgate: the tables %s were created by an earlier version and have no change "
+                "numbers: gates read everything in force on every refresh, and writes fail. Run "
+                "`maintgate init` (or store.create_tables()) to add them",
+                t.name,
+                extra={"maintgate_event": "tables_outdated"},
+            )
+        return numbered
 
     def schedule(
         self,
@@ -1125,21 +1163,25 @@ class MaintenanceStore:
     def _changed(self, conn: Connection, tenant: str, tables: Tables, carry_state: bool) -> None:
         """Number the change of ``tenant`` in the writing transaction, and announce it on PostgreSQL.
 
-        The tenant's row takes the store's next change number, under the counter's row lock
-        until commit, so gates that read "changed since N" never skip a change committed late.
-        The notification (sent on commit only) carries the new state, so gates apply it without
-        reading the table, which a migration may have locked; one too long carries the tenant alone.
+        In a short transaction of the store's own, the tenant's row takes the next change number
+        from the counter, whose row lock is held until commit: numbers become visible in commit
+        order, so gates that read "changed since N" never skip a change committed late. A write
+        in a caller's transaction (a joined write, a migration's switch-off) must not hold the
+        counter for as long as the caller likes: it marks the row ``PENDING``, which gates read
+        on every refresh until the next numbered change renumbers it. The tenant's row is locked
+        before the counter, always. The notification (sent on commit only) carries the state.
         """
-        t, v = tables.state, tables.version
-        bump = update(v).where(v.c.id == 1).values(version=v.c.version + 1)
-        if conn.execute(bump).rowcount != 1:
-            self._ensure_version_row(conn, tables)
-            conn.execute(bump)
-        version = conn.execute(select(v.c.version).where(v.c.id == 1)).scalar_one()
-        mark = update(t).where(t.c.tenant == tenant).values(version=version)
-        if conn.execute(mark).rowcount != 1:  # a schedule of a tenant that has no row yet
+        t = tables.state
+        touch = update(t).where(t.c.tenant == tenant).values(version=t.c.version)
+        if conn.execute(touch).rowcount != 1:  # a schedule of a tenant that has no row yet
             self._ensure_row(conn, tenant, tables)
-            conn.execute(mark)
+            conn.execute(touch)  # the row exists now, whoever inserted it: lock it
+        version: int | None = None
+        if conn.info.get(_OWN, False):
+            version = self._next_version(conn, tables)
+            conn.execute(update(t).where(t.c.tenant == tenant).values(version=version))
+        else:
+            conn.execute(update(t).where(t.c.tenant == tenant).values(version=PENDING))
         pending = conn.info.get(_PENDING)
         postgres = conn.dialect.name == "postgresql"
         readable = carry_state and (postgres or conn.info.get(_OWN, False))
@@ -1150,6 +1192,22 @@ class MaintenanceStore:
         if postgres:
             payload = notification_payload(tenant, state, version)
             conn.execute(select(func.pg_notify(self.channel, payload)))
+
+    def _next_version(self, conn: Connection, tables: Tables) -> int:
+        """Take the next change number (the counter stays locked until commit), and give it to
+        rows left ``PENDING`` by committed writes in callers' transactions."""
+        t, v = tables.state, tables.version
+        bump = update(v).where(v.c.id == 1).values(version=v.c.version + 1)
+        if conn.execute(bump).rowcount != 1:
+            self._ensure_version_row(conn, tables)
+            conn.execute(bump)
+        version: int = conn.execute(select(v.c.version).where(v.c.id == 1)).scalar_one()
+        # Rows a caller's open transaction holds are skipped: they are renumbered by a later change.
+        waiting = select(t.c.tenant).where(t.c.version < 0).with_for_update(skip_locked=True)
+        pending = conn.execute(waiting).scalars().all()
+        if pending:
+            conn.execute(update(t).where(t.c.tenant.in_(pending)).values(version=version))
+        return version
 
     @staticmethod
     def _ensure_version_row(conn: Connection, tables: Tables) -> None:
