@@ -11,6 +11,7 @@ from tests.django_setup import setup
 
 setup()
 
+from django.conf import settings  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 from django.core.handlers.wsgi import WSGIHandler  # noqa: E402
 from django.core.management import call_command  # noqa: E402
@@ -147,3 +148,13 @@ def test_management_command_uses_the_cli(configured):
     assert not store.get("demo").active
     with pytest.raises(CommandError, match="invalid tenant id"):
         call_command("maintgate", "on", "bad id")
+
+
+def test_a_long_cache_ttl_in_settings_builds_a_gate(configured):
+    """MAX_STALENESS left out follows CACHE_TTL (three TTLs), as the gate's own default does."""
+    from maintgate.django import conf
+
+    with override_settings(MAINTGATE={**settings.MAINTGATE, "CACHE_TTL": 3600}):
+        gate = conf.build_gate()
+        assert gate.max_staleness == 3 * 3600
+        gate.close()

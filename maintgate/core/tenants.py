@@ -25,7 +25,9 @@ def first_value(value: str | None) -> str | None:
     """The first of a header's comma-separated values (a repeated header arrives joined), stripped."""
     if not value:
         return None
-    return value.split(",", 1)[0].strip() or None
+    if "," in value:  # rare: keep the common case free of allocations
+        value = value[: value.index(",")]
+    return value.strip() or None
 
 
 class HeaderTenant:

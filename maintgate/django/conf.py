@@ -130,7 +130,7 @@ def gate_options() -> dict[str, Any]:
         "tenant": tenant_resolver(),
         "cache_ttl": get("CACHE_TTL", 1.0),
         "load_timeout": get("LOAD_TIMEOUT", 5.0),
-        "max_staleness": get("MAX_STALENESS", 30.0),
+        "max_staleness": get("MAX_STALENESS"),
         "exempt_paths": _exempt_paths(),
         "allow_ips": get("ALLOW_IPS", ()),
         "trusted_proxies": get("TRUSTED_PROXIES", ()),
