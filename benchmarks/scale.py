@@ -50,6 +50,8 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from typing import Any
 
+from tests.tcp_proxy import TCPProxy  # the one the outage tests use
+
 WORKERS = 4
 TTL = 1.0
 # Offered requests per second. On the 2-CPU reference machine the 10-tenant row holds 3,000 with half
@@ -415,75 +417,6 @@ def _workers(count: int, env: dict[str, str]) -> Iterator[list[int]]:
             log.close()
 
 
-class _Proxy:
-    """A TCP proxy to PostgreSQL (after tests/tcp_proxy.py): forward, then refuse or black-hole."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.mode = "forward"
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._server = socket.socket()
-        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._server.bind(("127.0.0.1", 0))
-        self._server.listen(256)
-        self.port = self._server.getsockname()[1]
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            with self._lock:
-                mode = self.mode
-                self._conns.append(client)
-            if mode == "refuse":
-                client.close()
-                continue
-            if mode == "blackhole":
-                continue  # hold it open, say nothing
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._conns.append(upstream)
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self, mode: str) -> None:
-        """Drop every open connection; new ones are refused or black-holed from now on."""
-        with self._lock:
-            self.mode = mode
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-
-    def close(self) -> None:
-        self._closed = True
-        self.cut("refuse")
-        self._server.close()
-
-
 class _Sampler:
     """Reads the run database's transaction count and state-table scans; one transaction per sample."""
 
@@ -637,7 +570,7 @@ def _outage_row(db_url: str, mode: str, *, rate: float, warmup: float, measure: 
         store.activate(f"{prefix}0", message="scale benchmark: outage row")
     finally:
         store.engine.dispose()
-    proxy = _Proxy((url.host or "127.0.0.1", url.port or 5432))
+    proxy = TCPProxy((url.host or "127.0.0.1", url.port or 5432))
     try:
         through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
         with _workers(WORKERS, _env(through)) as ports:

@@ -59,3 +59,24 @@ def elsewhere(store: MaintenanceStore) -> MaintenanceStore:
     notification or by their TTL, never directly."""
     state = store.tables.state
     return MaintenanceStore(store.engine, table_prefix=state.name.removesuffix("state"), schema=state.schema)
+
+
+async def asgi_request(app: Any, headers: dict[str, str]) -> int:
+    """One GET / through an ASGI app, in the running loop; its status."""
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "query_string": b"",
+    }
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent[0]["status"]

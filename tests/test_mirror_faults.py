@@ -15,7 +15,7 @@ from sqlalchemy import event, func, select, text, update
 from maintgate import MaintenanceMiddleware, WSGIMaintenanceMiddleware, maintenance_window
 from maintgate.tenants import from_header
 from tests.conftest import ok_app, wsgi_call
-from tests.helpers import elsewhere, eventually
+from tests.helpers import asgi_request, elsewhere, eventually
 
 postgres = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 
@@ -208,8 +208,6 @@ def test_an_asgi_gate_listens_again_after_a_lifespan_shutdown(store):
             await app({"type": "lifespan"}, receive, send)
         finally:
             app.app = inner
-
-    from tests.test_notify import asgi_request
 
     for cycle in range(2):
         assert asyncio.run(asgi_request(app, {"X-Tenant-ID": "acme"})) == 200

@@ -20,7 +20,7 @@ from maintgate import (
 from maintgate.tenants import from_header
 from tests import apps
 from tests.conftest import POSTGRES_URL, QueryCounter, ok_app, wsgi_call
-from tests.helpers import elsewhere
+from tests.helpers import asgi_request, elsewhere
 from tests.servers import uvicorn_server
 
 pytestmark = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -156,26 +156,6 @@ def test_one_listener_serves_asgi_gates_on_any_event_loop_and_lifespan_shutdown_
         "lifespan shutdown released the listener, which stopped: no other gate used it"
     )
     assert not app.gate.notifications_live
-
-
-async def asgi_request(app, headers) -> int:
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": "/",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-        "query_string": b"",
-    }
-    sent = []
-
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message):
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return sent[0]["status"]
 
 
 def test_notifications_are_off_elsewhere_and_can_be_switched_off(store, tmp_path):

@@ -15,8 +15,8 @@ from sqlalchemy import event, text
 
 from maintgate import MaintenanceMiddleware, WSGIMaintenanceMiddleware
 from maintgate.tenants import from_header
-from tests.conftest import POSTGRES_URL, QueryCounter, ok_app
-from tests.helpers import elsewhere, eventually
+from tests.conftest import POSTGRES_URL, QueryCounter, ok_app, wsgi_call
+from tests.helpers import asgi_request, elsewhere, eventually
 
 
 def ok_wsgi(environ, start_response):
@@ -26,40 +26,9 @@ def ok_wsgi(environ, start_response):
 
 async def call(app, tenant: str) -> tuple[int, float]:
     """One request through an ASGI app: (status, seconds it took)."""
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": "/",
-        "headers": [(b"x-tenant-id", tenant.encode())],
-        "query_string": b"",
-    }
-    sent: list[dict] = []
-
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message):
-        sent.append(message)
-
     started = time.perf_counter()
-    await app(scope, receive, send)
-    return sent[0]["status"], time.perf_counter() - started
-
-
-def wsgi_status(app, tenant: str) -> int:
-    import io
-
-    environ = {
-        "REQUEST_METHOD": "GET",
-        "PATH_INFO": "/",
-        "SERVER_NAME": "t",
-        "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(),
-        "HTTP_X_TENANT_ID": tenant,
-    }
-    status = []
-    b"".join(app(environ, lambda s, h, e=None: status.append(int(s[:3]))))
-    return status[0]
+    status = await asgi_request(app, {"X-Tenant-ID": tenant})
+    return status, time.perf_counter() - started
 
 
 @pytest.mark.parametrize("tenants", [10, 1_000, 100_000])
@@ -78,10 +47,10 @@ def test_database_load_does_not_grow_with_tenants_or_traffic(store, tenants, cap
         for _ in range(500):
             tenant = f"t{random.randrange(tenants)}"
             served += 1
-            wrong += wsgi_status(app, tenant) != (503 if tenant in down else 200)
+            wrong += wsgi_call(app, tenant) != (503 if tenant in down else 200)
     flipped = f"t{tenants - 1}" if f"t{tenants - 1}" not in down else "t0"
     other.activate(flipped)  # another process's change: seen through a refresh (or a notification)
-    assert eventually(lambda: wsgi_status(app, flipped) == 503, 2)
+    assert eventually(lambda: wsgi_call(app, flipped) == 503, 2)
     elapsed = time.monotonic() - started
     with capsys.disabled():
         print(
@@ -98,11 +67,11 @@ def test_a_tenant_never_seen_is_answered_from_memory_with_no_query(store, clock)
     app = WSGIMaintenanceMiddleware(
         ok_wsgi, store, tenant=from_header("X-Tenant-ID"), clock=clock, notifications=False
     )
-    assert wsgi_status(app, "down") == 503  # the process's first state: one read
+    assert wsgi_call(app, "down") == 503  # the process's first state: one read
     queries = QueryCounter(store.engine)
     for i in range(10_000):
-        assert wsgi_status(app, f"never-seen-{i}") == 200
-    assert wsgi_status(app, "down") == 503
+        assert wsgi_call(app, f"never-seen-{i}") == 200
+    assert wsgi_call(app, "down") == 503
     assert queries.count == 0
     app.gate.close()
 
@@ -139,11 +108,11 @@ def test_overload_never_lets_a_tenant_in_maintenance_through(store):
     def hammer() -> None:
         for _ in range(2_000):
             tenant = random.choice(sorted(down)) if random.random() < 0.2 else f"t{random.randrange(10_000)}"
-            status = wsgi_status(wsgi, tenant)
+            status = wsgi_call(wsgi, tenant)
             if status != (503 if tenant in down else 200):
                 wrong.append((tenant, status))
 
-    wsgi_status(wsgi, "warm-up")
+    wsgi_call(wsgi, "warm-up")
     threads = [threading.Thread(target=hammer) for _ in range(16)]
     for t in threads:
         t.start()
@@ -193,13 +162,13 @@ def test_200_apps_created_and_dropped_leave_nothing_behind(store):
             ttl = (0.5, 1.0, 2.0, 3.0)[i % 4]  # several settings: several mirrors, and listeners
             wsgi = WSGIMaintenanceMiddleware(ok_wsgi, store, tenant=from_header("X-Tenant-ID"), cache_ttl=ttl)
             asgi = MaintenanceMiddleware(ok_app, store, tenant=from_header("X-Tenant-ID"), cache_ttl=ttl)
-            assert wsgi_status(wsgi, "demo") == 200
+            assert wsgi_call(wsgi, "demo") == 200
             assert asyncio.run(call(asgi, "demo"))[0] == 200
             apps += [wsgi, asgi]
         first = apps[0]
         assert eventually(lambda app=first: app.gate.notifications_live, 5)
         other.activate("demo")
-        assert eventually(lambda app=first: wsgi_status(app, "demo") == 503, 2), f"round {round_}"
+        assert eventually(lambda app=first: wsgi_call(app, "demo") == 503, 2), f"round {round_}"
         del first
         other.deactivate("demo")
         apps.clear()

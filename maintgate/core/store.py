@@ -226,6 +226,54 @@ def _busy_message(tenant: str, holder: MaintenanceState | None, now: datetime) -
     )
 
 
+def _state_rows(t: Any, numbered: bool = False) -> Any:
+    """State rows in the shape the gate's reads share with schedules (``kind`` tells them apart)."""
+    return select(
+        literal("state").label("kind"),
+        cast(null(), Integer).label("id"),
+        t.c.tenant,
+        t.c.active,
+        t.c.mode,
+        t.c.window_id,
+        t.c.window_mode,
+        t.c.message,
+        t.c.error,
+        t.c.retry_after,
+        t.c.ends_at,
+        t.c.started_at,
+        t.c.updated_at,
+        t.c.owner_host,
+        t.c.owner_pid,
+        t.c.owner_backend_pid,
+        t.c.source,
+        t.c.version if numbered else cast(null(), BigInteger).label("version"),
+    )
+
+
+def _schedule_rows(sc: Any) -> Any:
+    """Schedules in the shape of :func:`_state_rows`: on from ``starts_at``, by ``created_at``."""
+    return select(
+        literal("schedule").label("kind"),
+        sc.c.id,
+        sc.c.tenant,
+        true().label("active"),
+        sc.c.mode,
+        cast(null(), String).label("window_id"),
+        cast(null(), String).label("window_mode"),
+        sc.c.message,
+        cast(null(), String).label("error"),
+        sc.c.retry_after,
+        sc.c.ends_at,
+        sc.c.starts_at.label("started_at"),
+        sc.c.created_at.label("updated_at"),
+        cast(null(), String).label("owner_host"),
+        cast(null(), Integer).label("owner_pid"),
+        cast(null(), Integer).label("owner_backend_pid"),
+        cast(null(), String).label("source"),
+        cast(null(), BigInteger).label("version"),
+    )
+
+
 _PENDING = "maintgate_changes"
 PENDING = -1
 """Change number of a row written in a caller's transaction, until a numbered change renumbers it."""
@@ -461,46 +509,17 @@ class MaintenanceStore:
         """What applies to ``tenant`` at ``now``, and when a schedule will change that by itself.
 
         The tenant's rows and the global switch's, manual and scheduled, come back in one
-        query, so a gate's cache miss costs one round trip. Of several active states the
-        strictest wins (full over read-only), then the tenant's own over the global one.
+        query (``status`` and the CLI read this way; gates hold everything, see :meth:`changes`).
+        Of several active states the strictest wins (full over read-only), then the tenant's
+        own over the global one.
         """
         now = now or utcnow()
         wanted = [ALL_TENANTS] if tenant is None or tenant == ALL_TENANTS else [tenant, ALL_TENANTS]
         t, sc = self._t().state, self._t().schedule
-        manual = select(
-            literal("state").label("kind"),
-            cast(null(), Integer).label("id"),
-            t.c.tenant,
-            t.c.mode,
-            t.c.window_id,
-            t.c.window_mode,
-            t.c.message,
-            t.c.error,
-            t.c.retry_after,
-            t.c.ends_at,
-            t.c.started_at,
-            t.c.updated_at,
-            t.c.owner_host,
-            t.c.owner_pid,
-            t.c.owner_backend_pid,
-        ).where(t.c.tenant.in_(wanted), t.c.active)
-        planned = select(
-            literal("schedule").label("kind"),
-            sc.c.id,
-            sc.c.tenant,
-            sc.c.mode,
-            cast(null(), String).label("window_id"),
-            cast(null(), String).label("window_mode"),
-            sc.c.message,
-            cast(null(), String).label("error"),
-            sc.c.retry_after,
-            sc.c.ends_at,
-            sc.c.starts_at.label("started_at"),
-            sc.c.created_at.label("updated_at"),
-            cast(null(), String).label("owner_host"),
-            cast(null(), Integer).label("owner_pid"),
-            cast(null(), Integer).label("owner_backend_pid"),
-        ).where(sc.c.tenant.in_(wanted), or_(sc.c.ends_at.is_(None), sc.c.ends_at > _to_db(now)))
+        manual = _state_rows(t).where(t.c.tenant.in_(wanted), t.c.active)
+        planned = _schedule_rows(sc).where(
+            sc.c.tenant.in_(wanted), or_(sc.c.ends_at.is_(None), sc.c.ends_at > _to_db(now))
+        )
         with self.engine.connect() as conn:
             if conn.dialect.name == "postgresql":
                 # A gate must not hang on a stuck server: bound this read, not the app's work.
@@ -538,46 +557,8 @@ class MaintenanceStore:
         numbered = self._numbered(tables)
         if not numbered:
             since = None  # tables from before change numbers: read everything, every time
-        rows = select(
-            literal("state").label("kind"),
-            cast(null(), Integer).label("id"),
-            t.c.tenant,
-            t.c.active,
-            t.c.mode,
-            t.c.window_id,
-            t.c.window_mode,
-            t.c.message,
-            t.c.error,
-            t.c.retry_after,
-            t.c.ends_at,
-            t.c.started_at,
-            t.c.updated_at,
-            t.c.owner_host,
-            t.c.owner_pid,
-            t.c.owner_backend_pid,
-            t.c.source,
-            t.c.version if numbered else cast(null(), BigInteger).label("version"),
-        )
-        planned = select(
-            literal("schedule").label("kind"),
-            sc.c.id,
-            sc.c.tenant,
-            true().label("active"),
-            sc.c.mode,
-            cast(null(), String).label("window_id"),
-            cast(null(), String).label("window_mode"),
-            sc.c.message,
-            cast(null(), String).label("error"),
-            sc.c.retry_after,
-            sc.c.ends_at,
-            sc.c.starts_at.label("started_at"),
-            sc.c.created_at.label("updated_at"),
-            cast(null(), String).label("owner_host"),
-            cast(null(), Integer).label("owner_pid"),
-            cast(null(), Integer).label("owner_backend_pid"),
-            cast(null(), String).label("source"),
-            cast(null(), BigInteger).label("version"),
-        ).where(or_(sc.c.ends_at.is_(None), sc.c.ends_at > _to_db(now)))
+        rows = _state_rows(t, numbered)
+        planned = _schedule_rows(sc).where(or_(sc.c.ends_at.is_(None), sc.c.ends_at > _to_db(now)))
         if not numbered:
             query = union_all(rows.where(t.c.active), planned)
         elif since is None:
