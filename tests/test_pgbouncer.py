@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, text
 from maintgate import MaintenanceStore, WindowBusy, WSGIMaintenanceMiddleware, maintenance_window, owner_alive
 from maintgate.tenants import from_header
 from tests.conftest import POSTGRES_URL, wsgi_call
-from tests.helpers import eventually
+from tests.helpers import elsewhere, eventually
 
 pytest_plugins = ["tests.pgbouncer"]
 
@@ -171,8 +171,8 @@ def test_the_gate_works_and_says_plainly_that_notifications_need_a_direct_connec
     try:
         with caplog.at_level(logging.WARNING, logger="maintgate"):
             assert wsgi_call(app, "demo") == 200
-            bounced.activate("demo")
-            assert eventually(lambda: wsgi_call(app, "demo") == 503, 3), "lookups work through the bouncer"
+            elsewhere(bounced).activate("demo")  # another process: only a refresh can tell
+            assert eventually(lambda: wsgi_call(app, "demo") == 503, 3), "reads work through the bouncer"
             assert eventually(
                 lambda: any(
                     getattr(r, "maintgate_event", "") == "notifications_unavailable" for r in caplog.records
@@ -196,8 +196,44 @@ def test_a_direct_listen_url_brings_notifications_back(bounced, pgbouncer_url):
     try:
         assert wsgi_call(app, "demo") == 200
         assert eventually(lambda: app.gate.notifications_live, 5)
-        store.activate("demo")
+        elsewhere(store).activate("demo")  # another process: only the notification can tell
         assert eventually(lambda: wsgi_call(app, "demo") == 503, 2), "seen at once despite a 60 s TTL"
     finally:
         app.gate.close()
         store.engine.dispose()
+
+
+def test_writes_under_background_reads_never_meet_a_prepared_statement(bounced, pgbouncer_url):
+    """psycopg prepares a statement after five runs; PgBouncer's transaction pooling then hands
+    the next transaction another server, where it does not exist. Engines the store builds
+    prepare nothing."""
+    apps = [
+        WSGIMaintenanceMiddleware(_ok, bounced, tenant=from_header("X-Tenant-ID"), cache_ttl=ttl)
+        for ttl in (0.02, 0.03, 0.05)
+    ]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def traffic(app):
+        while not stop.is_set():
+            try:
+                wsgi_call(app, "demo")
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+    threads = [threading.Thread(target=traffic, args=(app,)) for app in apps]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(30):
+            bounced.activate("demo", message="m")
+            bounced.schedule("demo", bounced.get("demo").updated_at)
+            bounced.deactivate("demo")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+        for app in apps:
+            app.gate.close()
+    assert errors == []
+    assert not any(app.gate.mirror.failing for app in apps), "every refresh went through"
