@@ -370,7 +370,7 @@ class Gate:
         if not mirror.loaded:
             return MISS  # the process's first state: wait for it, once
         if mirror.age() > self.max_staleness:
-            if not mirror.failing:
+            if not (mirror.failing or mirror.slow):
                 return MISS  # after an idle spell: the refresh under way answers soon
             return self._outage(key)
         return mirror.state_of(key)

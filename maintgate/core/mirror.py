@@ -115,6 +115,8 @@ class StateMirror:
         """Whether every gate using it closed: it reads nothing any more."""
         self.failing = False
         """Whether the last refresh failed or got no answer in time (the state may be old)."""
+        self.slow = False
+        """Whether a request stopped waiting for the refresh under way (cleared when it ends)."""
         self.refreshes = 0
         """Refreshes that succeeded (tests and benchmarks count them)."""
         self.listen: Callable[[StateMirror], object] | None = None
@@ -198,15 +200,17 @@ class StateMirror:
         """Read what changed, with a read that starts now, and wait up to ``timeout`` for it."""
         asked = self._clock()
         deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
+        while (left := deadline - time.monotonic()) > 0 and not self.closed:
+            round_ = self.refresh_soon(force=True)
             try:
-                self.refresh_soon(force=True).result(left)
+                round_.result(left)
             except TimeoutError:
                 return False
             if self.failing:
                 return False
             if self._view.refreshed_at >= asked:
                 return True
+            time.sleep(0.005)  # a read that began before the call ended: the next one is ours
         return False
 
     def wait(self, timeout: float) -> bool:
@@ -215,7 +219,7 @@ class StateMirror:
         try:
             round_.result(timeout)
         except TimeoutError:
-            self._timed_out()
+            self._timed_out(timeout)
             return False
         return True
 
@@ -227,7 +231,7 @@ class StateMirror:
         try:
             await asyncio.wait_for(asyncio.wrap_future(round_), timeout)
         except TimeoutError:
-            self._timed_out()
+            self._timed_out(timeout)
             return False
         return True
 
@@ -257,6 +261,7 @@ class StateMirror:
         try:
             changes = self.store.changes(since, self._now())
         except Exception as exc:
+            self.slow = False
             with self._lock:
                 self._running -= 1
                 current = generation == self._generation
@@ -266,6 +271,7 @@ class StateMirror:
             if current:
                 round_.set_result(None)
             return
+        self.slow = False
         with self._lock:
             self._running -= 1
             if generation != self._generation:
@@ -383,7 +389,11 @@ class StateMirror:
             extra={"maintgate_event": "store_error", "suppressed": suppressed},
         )
 
-    def _timed_out(self) -> None:
+    def _timed_out(self, waited: float) -> None:
+        """A waiter gave up: a failure only if it waited as long as a refresh may take."""
+        if waited < self.refresh_timeout:
+            self.slow = True  # the next requests answer from memory until this read ends
+            return
         with self._lock:
             if not self.failing:
                 self._failed(TimeoutError(f"no answer from the store within {self.refresh_timeout}s"))
