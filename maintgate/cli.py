@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -18,6 +19,30 @@ from .core.store import MaintenanceStore, iso, state_fields
 from .migration import owner_alive
 
 DEFAULT_URL = "sqlite:///maintgate.db"
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character escaped (``\\x1b``): stored data cannot move the
+    cursor, clear the screen or start a line of its own on the operator's terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class Terminal:
+    """A text stream that escapes control characters in what it is given, line ends aside.
+
+    ``print`` writes its text and its line end in two calls, so each line keeps its end while a
+    newline inside the data comes out escaped. JSON goes to the raw stream: it escapes its own.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return int(self.stream.write(text if text == "\n" else printable(text)) or 0)
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -187,6 +212,7 @@ def run(args: argparse.Namespace, out: Any) -> int:
         from .demo import run_demo
 
         return run_demo(out)
+    raw, out = out, Terminal(out)
     store = MaintenanceStore(args.database_url, table_prefix=args.table_prefix, schema=args.schema)
     try:
         if args.command == "init":
@@ -208,7 +234,7 @@ def run(args: argparse.Namespace, out: Any) -> int:
                 ]
             rows = [state_json(store, s, planned.get(s.tenant)) for s in states]
             if args.json:
-                print(json.dumps(rows, indent=2), file=out)
+                print(json.dumps(rows, indent=2), file=raw)
             else:
                 for row in rows:
                     print(_status_line(row), file=out)
@@ -260,7 +286,7 @@ def run(args: argparse.Namespace, out: Any) -> int:
         elif args.command == "history":
             entries = store.history(args.tenant, limit=args.limit)
             if args.json:
-                print(json.dumps([_history_json(e) for e in entries], indent=2), file=out)
+                print(json.dumps([_history_json(e) for e in entries], indent=2), file=raw)
             for e in [] if args.json else entries:
                 detail = e.error or e.message or ""
                 who = f" by {e.owner.host}:{e.owner.pid}" if e.owner else ""
@@ -276,10 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args, sys.stdout)
     except (MaintgateError, ValueError) as exc:
-        print(f"maintgate: error: {exc}", file=sys.stderr)
+        print(f"maintgate: error: {exc}", file=Terminal(sys.stderr))
     except SQLAlchemyError as exc:
         first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        print(f"maintgate: database error: {first}", file=sys.stderr)
+        print(f"maintgate: database error: {first}", file=Terminal(sys.stderr))
     except KeyboardInterrupt:
         print("maintgate: interrupted", file=sys.stderr)
         return 130

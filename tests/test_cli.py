@@ -140,3 +140,23 @@ def test_on_at_until_schedules_and_status_lists_upcoming_windows(store):
     assert missing.returncode == 1 and "no planned window" in missing.stderr
     bad = cli(store, "on", "demo", "--at", "tomorrow")
     assert bad.returncode == 2 and "ISO 8601" in bad.stderr
+
+
+def test_nothing_the_cli_prints_can_rewrite_the_terminal(store):
+    """Issue 11, point 3: stored text that clears the screen or forges a history line is shown
+    escaped, in status, history, and errors alike; JSON stays JSON."""
+    forged = "2026-01-01T00:00:00+00:00  window_committed  all good"
+    hostile = f"ada@example.com\x1b[2J\x1b[H\r\n{forged}\x07\x9b31m"
+    store.activate("demo", message=hostile)
+    for args in (("status",), ("status", "demo"), ("history", "demo"), ("off", "demo"), ("on", "demo")):
+        done = cli(store, *args, *(("--message", hostile) if args[0] == "on" else ()))
+        assert done.returncode == 0, done.stderr
+        shown = done.stdout
+        assert not any(ch in shown for ch in "\x1b\x07\r\x9b"), (args, shown)
+        assert args[0] == "off" or "\\x1b[2J" in shown, (args, shown)
+        lines = [line for line in shown.splitlines() if line]
+        assert not any(line.startswith("2026-01-01T00:00:00") for line in lines), (args, shown)
+    rows = json.loads(cli(store, "history", "demo", "--json").stdout)
+    assert any(hostile in (row.get("message") or "") for row in rows), "JSON keeps the data, escaped by JSON"
+    done = cli(store, "release", "x\x1b[2Jy")
+    assert done.returncode != 0 and "\x1b" not in done.stderr and "\\x1b" in done.stderr
