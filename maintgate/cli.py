@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from . import __version__
 from .core.errors import MaintgateError
 from .core.state import ALL_TENANTS, FULL, MODES, HistoryEntry, MaintenanceState, Schedule, utcnow
 from .core.store import MaintenanceStore, iso, state_fields
@@ -47,6 +49,7 @@ class Terminal:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maintgate", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"maintgate {__version__}")
     parser.add_argument(
         "--database-url",
         default=os.environ.get("MAINTGATE_DATABASE_URL", DEFAULT_URL),
@@ -213,6 +216,7 @@ def run(args: argparse.Namespace, out: Any) -> int:
 
         return run_demo(out)
     raw, out = out, Terminal(out)
+    _refuse_missing_sqlite_file(args.database_url, args.command)
     store = MaintenanceStore(args.database_url, table_prefix=args.table_prefix, schema=args.schema)
     try:
         if args.command == "init":
@@ -296,6 +300,47 @@ def run(args: argparse.Namespace, out: Any) -> int:
         store.engine.dispose()
 
 
+def _refuse_missing_sqlite_file(url: str, command: str) -> None:
+    """Reading a SQLite file that is not there would create it, empty: say what to do instead."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return  # the store says what is wrong with the URL
+    path = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:" or command == "init":
+        return
+    if not os.path.exists(path):
+        raise MaintgateError(
+            f"no SQLite database at {path}: run `maintgate init` to create maintgate's tables there, "
+            "or pass --database-url (or set MAINTGATE_DATABASE_URL)"
+        )
+
+
+DRIVER_HINTS = {
+    "postgresql": "use postgresql+psycopg:// and pip install 'maintgate[postgres]'",
+    "mysql": "use mysql+pymysql:// and pip install 'maintgate[mysql]'",
+    "mariadb": "use mariadb+pymysql:// and pip install 'maintgate[mysql]'",
+}
+
+
+def explain(exc: BaseException, url: str) -> str:
+    """One line that says what went wrong and what to do, for the mistakes people make first."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if isinstance(exc, ModuleNotFoundError):
+        backend = url.partition(":")[0].partition("+")[0]
+        hint = DRIVER_HINTS.get(backend, "install the driver the URL names")
+        return f"the database driver is not installed ({first}): {hint}"
+    if "Can't load plugin: sqlalchemy.dialects:postgres" in text:
+        return "write postgresql:// (or postgresql+psycopg://), not postgres://"
+    lowered = text.lower()
+    if "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered):
+        return f"maintgate's tables are not there ({first}): run `maintgate init`"
+    if "doesn't exist" in lowered and "table" in lowered:  # MySQL, MariaDB
+        return f"maintgate's tables are not there ({first}): run `maintgate init`"
+    return first
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``maintgate`` console script."""
     args = _parser().parse_args(argv)
@@ -303,9 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args, sys.stdout)
     except (MaintgateError, ValueError) as exc:
         print(f"maintgate: error: {exc}", file=Terminal(sys.stderr))
-    except SQLAlchemyError as exc:
-        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        print(f"maintgate: database error: {first}", file=Terminal(sys.stderr))
+    except (SQLAlchemyError, ModuleNotFoundError) as exc:
+        print(f"maintgate: error: {explain(exc, args.database_url)}", file=Terminal(sys.stderr))
     except KeyboardInterrupt:
         print("maintgate: interrupted", file=sys.stderr)
         return 130

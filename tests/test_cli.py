@@ -160,3 +160,31 @@ def test_nothing_the_cli_prints_can_rewrite_the_terminal(store):
     assert any(hostile in (row.get("message") or "") for row in rows), "JSON keeps the data, escaped by JSON"
     done = cli(store, "release", "x\x1b[2Jy")
     assert done.returncode != 0 and "\x1b" not in done.stderr and "\\x1b" in done.stderr
+
+
+def test_first_mistakes_get_one_line_that_says_what_to_do(tmp_path):
+    """Issue 11, point 2: a missing driver, postgres://, tables not created, a missing SQLite
+    file (not created by status), and --version."""
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "maintgate", *args], capture_output=True, text=True, timeout=60
+        )
+
+    assert run("--version").stdout.strip().startswith("maintgate ")
+    cases = {
+        "postgresql+pg8000://u@h/db": "maintgate[postgres]",
+        "mysql+mysqldb://u@h/db": "maintgate[mysql]",
+        "postgres://u@h/db": "postgresql://",
+        f"sqlite:///{tmp_path / 'missing.db'}": "maintgate init",
+    }
+    for url, hint in cases.items():
+        done = run("--database-url", url, "status")
+        assert done.returncode == 1 and hint in done.stderr, (url, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "missing.db").exists(), "status must not create the file"
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    done = run("--database-url", f"sqlite:///{empty}", "status")
+    assert done.returncode == 1 and "run `maintgate init`" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
