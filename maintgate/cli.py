@@ -348,8 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args, sys.stdout)
     except (MaintgateError, ValueError) as exc:
         print(f"maintgate: error: {exc}", file=Terminal(sys.stderr))
-    except (SQLAlchemyError, ModuleNotFoundError) as exc:
+    except ModuleNotFoundError as exc:
         print(f"maintgate: error: {explain(exc, args.database_url)}", file=Terminal(sys.stderr))
+    except SQLAlchemyError as exc:
+        print(f"maintgate: database error: {explain(exc, args.database_url)}", file=Terminal(sys.stderr))
     except KeyboardInterrupt:
         print("maintgate: interrupted", file=sys.stderr)
         return 130
