@@ -15,12 +15,13 @@ from sqlalchemy import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import __version__
-from .core.errors import MaintgateError
+from .core.errors import MaintgateError, explain
 from .core.state import ALL_TENANTS, FULL, MODES, HistoryEntry, MaintenanceState, Schedule, utcnow
 from .core.store import MaintenanceStore, iso, state_fields
 from .migration import owner_alive
 
 DEFAULT_URL = "sqlite:///maintgate.db"
+DESCRIPTION = "Switch tenants in and out of maintenance, and see what is going on."
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
@@ -48,7 +49,7 @@ class Terminal:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maintgate", description=__doc__)
+    parser = argparse.ArgumentParser(prog="maintgate", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"maintgate {__version__}")
     parser.add_argument(
         "--database-url",
@@ -314,31 +315,6 @@ def _refuse_missing_sqlite_file(url: str, command: str) -> None:
             f"no SQLite database at {path}: run `maintgate init` to create maintgate's tables there, "
             "or pass --database-url (or set MAINTGATE_DATABASE_URL)"
         )
-
-
-DRIVER_HINTS = {
-    "postgresql": "use postgresql+psycopg:// and pip install 'maintgate[postgres]'",
-    "mysql": "use mysql+pymysql:// and pip install 'maintgate[mysql]'",
-    "mariadb": "use mariadb+pymysql:// and pip install 'maintgate[mysql]'",
-}
-
-
-def explain(exc: BaseException, url: str) -> str:
-    """One line that says what went wrong and what to do, for the mistakes people make first."""
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    if isinstance(exc, ModuleNotFoundError):
-        backend = url.partition(":")[0].partition("+")[0]
-        hint = DRIVER_HINTS.get(backend, "install the driver the URL names")
-        return f"the database driver is not installed ({first}): {hint}"
-    if "Can't load plugin: sqlalchemy.dialects:postgres" in text:
-        return "write postgresql:// (or postgresql+psycopg://), not postgres://"
-    lowered = text.lower()
-    if "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered):
-        return f"maintgate's tables are not there ({first}): run `maintgate init`"
-    if "doesn't exist" in lowered and "table" in lowered:  # MySQL, MariaDB
-        return f"maintgate's tables are not there ({first}): run `maintgate init`"
-    return first
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -188,3 +188,16 @@ def test_first_mistakes_get_one_line_that_says_what_to_do(tmp_path):
     done = run("--database-url", f"sqlite:///{empty}", "status")
     assert done.returncode == 1 and "run `maintgate init`" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_help_texts_carry_no_markup():
+    commands = ["", "init", "status", "on", "unschedule", "off", "release", "history", "demo"]
+    for command in commands:
+        done = subprocess.run(
+            [sys.executable, "-m", "maintgate", *([command] if command else []), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0
+        assert not any(mark in done.stdout for mark in ("``", ":class:", ":func:", ":meth:")), done.stdout

@@ -262,6 +262,8 @@ def test_store_errors_use_last_known_state_and_never_500(served, store, clock, c
         warnings = [r for r in caplog.records if r.name == "maintgate"]
     assert len(warnings) == 1, "store warnings are rate-limited"
     assert "cannot read the maintenance state" in warnings[0].getMessage()
+    assert "run `maintgate init`" in warnings[0].getMessage(), "says what to do, not a cut-off SQL fragment"
+    assert "SELECT" not in warnings[0].getMessage()
     store.create_tables()
 
 

@@ -31,3 +31,28 @@ class WindowRefused(MaintgateError):
     keeping maintenance on with an error: e.g. Alembic's stock ``env.py``, which would migrate
     on a connection of its own.
     """
+
+
+DRIVER_HINTS = {
+    "postgresql": "use postgresql+psycopg:// and pip install 'maintgate[postgres]'",
+    "mysql": "use mysql+pymysql:// and pip install 'maintgate[mysql]'",
+    "mariadb": "use mariadb+pymysql:// and pip install 'maintgate[mysql]'",
+}
+
+
+def explain(exc: BaseException, url: str = "") -> str:
+    """One line that says what went wrong and what to do, for the mistakes people make first."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if isinstance(exc, ModuleNotFoundError):
+        backend = url.partition(":")[0].partition("+")[0]
+        hint = DRIVER_HINTS.get(backend, "install the driver the URL names")
+        return f"the database driver is not installed ({first}): {hint}"
+    if "Can't load plugin: sqlalchemy.dialects:postgres" in text:
+        return "write postgresql:// (or postgresql+psycopg://), not postgres://"
+    lowered = text.lower()
+    if "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered):
+        return f"maintgate's tables are not there ({first}): run `maintgate init`"
+    if "doesn't exist" in lowered and "table" in lowered:  # MySQL, MariaDB
+        return f"maintgate's tables are not there ({first}): run `maintgate init`"
+    return first

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol
 
+from .errors import explain
 from .state import ALL_TENANTS, Changes, MaintenanceState, Schedule, strictness, utcnow
 
 logger = logging.getLogger("maintgate")
@@ -378,7 +379,7 @@ class StateMirror:
             return
         suppressed, self._suppressed = self._suppressed, 0
         self._last_warning = now
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        first = explain(exc, str(getattr(getattr(self.store, "engine", None), "url", "")))[:300]
         logger.warning(
             "maintgate: cannot read the maintenance state (%s: %s); answering from the state in "
             "memory, %s, and retrying in the background (%d similar warnings suppressed)",

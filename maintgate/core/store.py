@@ -491,6 +491,16 @@ class MaintenanceStore:
     def drop_tables(self, connection: Connection | None = None) -> None:
         """Drop maintgate's tables (tests and uninstall)."""
         with self._begin(connection) as conn:
+            if conn.dialect.name == "postgresql":
+                # All at once, in the order gates read them: dropping one by one while a gate
+                # reads the next would deadlock.
+                tables = self.tables
+                inspector = inspect(conn)
+                ordered = [tables.version, tables.state, tables.schedule, tables.history]
+                there = [t for t in ordered if inspector.has_table(t.name, schema=t.schema)]
+                if there:
+                    names = ", ".join(_quoted(conn, t) for t in there)
+                    conn.execute(text(f"LOCK TABLE {names} IN ACCESS EXCLUSIVE MODE"))
             self.tables.metadata.drop_all(conn, checkfirst=True)
 
     def get(self, tenant: str, *, connection: Connection | None = None) -> MaintenanceState | None:
