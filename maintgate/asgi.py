@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, Unpack
 
-from .core.gate import Gate, Pending
+from .core.gate import Gate, GateOptions, Pending
 from .core.response import Response
 from .core.state import ALL_TENANTS
 from .core.store import MaintenanceStore
@@ -75,7 +75,12 @@ class MaintenanceMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, store: MaintenanceStore | None = None, *, gate: Gate | None = None, **options: Any
+        self,
+        app: ASGIApp,
+        store: MaintenanceStore | None = None,
+        *,
+        gate: Gate | None = None,
+        **options: Unpack[GateOptions],
     ) -> None:
         if (store is None) == (gate is None):
             raise TypeError("pass either a store (with gate options) or a ready Gate")

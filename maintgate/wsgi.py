@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Unpack
 
-from .core.gate import Gate, Pending
+from .core.gate import Gate, GateOptions, Pending
 from .core.state import ALL_TENANTS
 from .core.store import MaintenanceStore
 from .core.tenants import BUILT_IN, HEADER, HOST
@@ -100,7 +100,12 @@ class WSGIMaintenanceMiddleware:
     """
 
     def __init__(
-        self, app: WSGIApp, store: MaintenanceStore | None = None, *, gate: Gate | None = None, **options: Any
+        self,
+        app: WSGIApp,
+        store: MaintenanceStore | None = None,
+        *,
+        gate: Gate | None = None,
+        **options: Unpack[GateOptions],
     ) -> None:
         if (store is None) == (gate is None):
             raise TypeError("pass either a store (with gate options) or a ready Gate")

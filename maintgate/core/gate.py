@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from cachetools import LRUCache
 
@@ -86,11 +86,39 @@ class ExemptPaths:
         )
 
 
+class GateOptions(TypedDict, total=False):
+    """The keyword options of :class:`Gate`, for the adapters' ``**options``: type checkers see
+    each one (a misspelt option fails them), and one definition serves every adapter."""
+
+    tenant: TenantResolver | None
+    cache_ttl: float
+    exempt_paths: Iterable[str | re.Pattern[str]]
+    allow_ips: Iterable[str]
+    trusted_proxies: Iterable[str]
+    bypass_secret: SecretSource | None
+    bypass_cookie_max_age: int
+    bypass: Callable[[RequestView], bool] | None
+    forwarded_header: str
+    on_block: Callable[[RequestView, MaintenanceState], None] | None
+    log_blocked_every: int
+    renderer: Renderer | None
+    default_retry_after: int
+    clock: Callable[[], float]
+    now: Callable[[], datetime]
+    log_interval: float
+    notifications: bool | None
+    on_store_error: str
+    tenant_pattern: str | re.Pattern[str] | None
+    tenant_max_length: int
+    load_timeout: float
+    max_staleness: float | None
+
+
 class Gate:
     """Decides, per request, between passing it on and answering 503 for its tenant.
 
-    The common case (state cached, not in maintenance) costs one tenant lookup and
-    one dict read: no lock, no I/O, no parsing.
+    The common case (a tenant not in maintenance) costs one tenant lookup and one dict
+    read from the state every tenant has in memory: no lock, no I/O, no parsing.
     """
 
     def __init__(
