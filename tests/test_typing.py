@@ -65,3 +65,17 @@ def test_the_names_the_docs_use_are_importable_from_maintgate():
     assert maintgate_django.__all__, "maintgate.django names its public API"
     for name in maintgate_django.__all__:
         assert hasattr(maintgate_django, name), name
+
+
+def test_the_adapters_options_are_the_gates_keywords():
+    import inspect
+    import typing
+
+    from maintgate.core.gate import Gate, GateOptions
+
+    keywords = {
+        name
+        for name, p in inspect.signature(Gate.__init__).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    assert set(typing.get_type_hints(GateOptions)) == keywords
