@@ -83,6 +83,7 @@ def test_thread_listener_applies_changes_at_once_and_survives_a_lost_connection(
     assert app.gate.notifications
     assert wsgi_call(app, "demo") == 200  # the first request starts the listener
     assert eventually(lambda: app.gate.notifications_live)
+    assert app.gate.refresh()  # the read the listener's connecting asks for is over
     refreshes = QueryCounter(store.engine, only_lookups=True)
     started = time.monotonic()
     other.activate("demo", message="heard")

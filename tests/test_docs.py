@@ -1,0 +1,33 @@
+"""The README's examples do what the README says when copied (issue 11, point 8)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from tests.django_setup import setup
+
+setup()
+
+from django.test import override_settings  # noqa: E402
+
+from maintgate.core.gate import ExemptPaths  # noqa: E402
+from maintgate.django import conf  # noqa: E402
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def test_the_django_examples_exempt_paths_let_the_whole_admin_through():
+    line = re.search(r'"EXEMPT_PATHS": (\[.*\]),', README)
+    assert line is not None, "the README's Django example sets EXEMPT_PATHS"
+    with override_settings(MAINTGATE={"EXEMPT_PATHS": ast.literal_eval(line.group(1))}):
+        exempt = ExemptPaths(conf.gate_options()["exempt_paths"])
+    for path in ("/admin/", "/admin/login/", "/admin/auth/user/1/change/", "/healthz", "/static/app.css"):
+        assert path in exempt, path
+    for path in ("/api/contacts", "/administrator", "/"):
+        assert path not in exempt, path
+
+
+def test_the_readme_says_regexes_match_the_whole_path():
+    assert "whole path" in README and "fullmatch" in README
