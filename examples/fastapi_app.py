@@ -13,7 +13,7 @@ from fastapi import FastAPI, Header
 from maintgate import MaintenanceMiddleware, MaintenanceStore
 from maintgate.tenants import from_header
 
-DATABASE_URL = os.environ.get("MAINTGATE_DATABASE_URL", "sqlite:///example.db")
+DATABASE_URL = os.environ.get("MAINTGATE_DATABASE_URL", "sqlite:///maintgate.db")
 
 store = MaintenanceStore(DATABASE_URL)
 store.create_tables()

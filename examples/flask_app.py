@@ -12,7 +12,7 @@ from flask import Flask, jsonify, request
 from maintgate import MaintenanceStore, WSGIMaintenanceMiddleware
 from maintgate.tenants import from_header
 
-DATABASE_URL = os.environ.get("MAINTGATE_DATABASE_URL", "sqlite:///example.db")
+DATABASE_URL = os.environ.get("MAINTGATE_DATABASE_URL", "sqlite:///maintgate.db")
 
 store = MaintenanceStore(DATABASE_URL)
 store.create_tables()

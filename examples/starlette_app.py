@@ -3,7 +3,7 @@
 Then, from another shell in the same folder::
 
     curl -i -H 'X-Tenant-ID: demo' http://127.0.0.1:8000/
-    maintgate --database-url sqlite:///example.db on demo --message "Renaming a field"
+    maintgate on demo --message "Renaming a field"   (from this directory: the same maintgate.db)
     curl -i -H 'X-Tenant-ID: demo' http://127.0.0.1:8000/                         # JSON 503
     curl -i -H 'X-Tenant-ID: demo' -H 'Accept: text/html' http://127.0.0.1:8000/   # HTML 503
 """
@@ -20,7 +20,7 @@ from starlette.routing import Route
 from maintgate import MaintenanceMiddleware, MaintenanceStore
 from maintgate.tenants import from_header
 
-DATABASE_URL = os.environ.get("MAINTGATE_DATABASE_URL", "sqlite:///example.db")
+DATABASE_URL = os.environ.get("MAINTGATE_DATABASE_URL", "sqlite:///maintgate.db")
 
 
 async def home(request: Request) -> JSONResponse:

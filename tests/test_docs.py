@@ -31,3 +31,15 @@ def test_the_django_examples_exempt_paths_let_the_whole_admin_through():
 
 def test_the_readme_says_regexes_match_the_whole_path():
     assert "whole path" in README and "fullmatch" in README
+
+
+def test_the_examples_try_line_reaches_their_database():
+    """``maintgate on demo``, as the examples say to try, uses the database the example serves."""
+    from maintgate.cli import DEFAULT_URL
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    for name in ("starlette_app.py", "fastapi_app.py", "flask_app.py"):
+        source = (examples / name).read_text()
+        assert "maintgate on demo" in source, name
+        default = re.search(r'os\.environ\.get\("MAINTGATE_DATABASE_URL", "([^"]+)"\)', source)
+        assert default is not None and default.group(1) == DEFAULT_URL, name

@@ -64,3 +64,20 @@ def test_bad_templates_are_refused_when_built():
         Renderer(html_template="$")
     with pytest.raises(ValueError, match="tenant_text"):
         Renderer(tenant_text="{oops}")
+
+
+def test_a_read_only_message_is_its_own_sentence():
+    """Issue 11, point 8: "Renaming a field You can still read" read as one garbled sentence."""
+    import json as _json
+
+    from maintgate import MaintenanceState, Renderer
+
+    renderer = Renderer()
+    for message, expected in (
+        ("Renaming a field", "Renaming a field. You can still read"),
+        ("Renaming a field.", "Renaming a field. You can still read"),
+        ("Back soon!", "Back soon! You can still read"),
+    ):
+        state = MaintenanceState(tenant="demo", active=True, message=message, mode="read_only")
+        detail = _json.loads(renderer.render_json(state, "demo", 60))["detail"]
+        assert detail.startswith(expected), detail

@@ -99,6 +99,7 @@ class StateMirror:
         self._seen: dict[str, tuple[int, MaintenanceState | None]] = {}
         self._round = _new_round()
         self._generation = 0
+        self._merged = 0
         self._running = 0
         self._started_at = -math.inf
         self._again = False
@@ -199,7 +200,8 @@ class StateMirror:
 
     def sync(self, timeout: float) -> bool:
         """Read what changed, with a read that starts now, and wait up to ``timeout`` for it."""
-        asked = self._clock()
+        with self._lock:
+            asked = self._generation  # any read numbered above it started after this call
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0 and not self.closed:
             round_ = self.refresh_soon(force=True)
@@ -209,7 +211,7 @@ class StateMirror:
                 return False
             if self.failing:
                 return False
-            if self._view.refreshed_at >= asked:
+            if self._merged > asked:
                 return True
             time.sleep(0.005)  # a read that began before the call ended: the next one is ours
         return False
@@ -278,6 +280,7 @@ class StateMirror:
             if generation != self._generation:
                 return  # a later refresh started meanwhile: its answer wins
             self._merge(changes)
+            self._merged = generation
             if changes.full:
                 self._full_at = started
             self.loaded = True

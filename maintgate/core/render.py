@@ -130,7 +130,7 @@ class Renderer:
         }
         if state.read_only:
             body["read_only"] = True
-            body["detail"] = f"{body['detail']} {self.read_only_text}"
+            body["detail"] = f"{_sentence(body['detail'])} {self.read_only_text}"
         error = self.public_error(state)
         if error:
             body["error"] = error
@@ -177,3 +177,9 @@ class Renderer:
             lines.append(self.tenant_text.format(tenant=tenant))
         lines.append(f"Retry after {retry_after} seconds.")
         return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def _sentence(text: str) -> str:
+    """``text`` ending like a sentence, so that another can follow it."""
+    text = text.rstrip()
+    return text if not text or text[-1] in ".!?…:;" else text + "."
