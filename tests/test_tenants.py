@@ -212,3 +212,39 @@ def _with_scope(app, extra: dict):
         await app({**scope, **extra}, receive, send)
 
     return mounted
+
+
+def test_resolvers_tried_in_order(store):
+    """Issue 11, point 7: an API client sends a header, a browser cannot: try one, then the other."""
+    from maintgate.tenants import first_of
+
+    store.activate("acme")
+    resolver = first_of(from_header("X-Tenant-ID"), from_subdomain("example.com"))
+    assert "from_header" in repr(resolver) and "from_subdomain" in repr(resolver)
+    asgi_app = MaintenanceMiddleware(ok_app, store, tenant=resolver, notifications=False)
+    wsgi_app = WSGIMaintenanceMiddleware(ok_wsgi, store, tenant=resolver, notifications=False)
+    cases = [
+        ({"X-Tenant-ID": "acme"}, {"HTTP_X_TENANT_ID": "acme"}, 503),  # the header
+        ({"Host": "acme.example.com"}, {"HTTP_HOST": "acme.example.com"}, 503),  # no header: the host
+        (
+            {"X-Tenant-ID": "other", "Host": "acme.example.com"},
+            {"HTTP_X_TENANT_ID": "other", "HTTP_HOST": "acme.example.com"},
+            200,
+        ),
+        ({"Host": "www.example.com"}, {"HTTP_HOST": "www.example.com"}, 200),
+    ]
+    for headers, environ, expected in cases:
+        assert asgi_call(asgi_app, headers=headers)[0] == expected, headers
+        assert _wsgi_status(wsgi_app, {"PATH_INFO": "/", "SERVER_NAME": "t", **environ}) == expected, environ
+    asgi_app.gate.close()
+    wsgi_app.gate.close()
+
+
+def test_the_tenant_id_rule_is_stated_without_python_names():
+    from maintgate import InvalidTenant, MaintenanceStore
+
+    store = MaintenanceStore("sqlite://")
+    with pytest.raises(InvalidTenant) as info:
+        store.activate("no spaces")
+    message = str(info.value)
+    assert "ALL_TENANTS" not in message and "'*'" in message and "1-128" in message

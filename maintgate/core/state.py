@@ -42,7 +42,7 @@ def check_tenant(tenant: str) -> str:
         shown = repr(tenant) if len(repr(tenant)) <= 80 else repr(tenant)[:77] + "..."
         raise InvalidTenant(
             f"invalid tenant id {shown}: use 1-{TENANT_MAX_LENGTH} characters from "
-            "A-Z a-z 0-9 _ . - starting with a letter or digit, or ALL_TENANTS"
+            "A-Z a-z 0-9 _ . - starting with a letter or digit, or '*' for every tenant (the global switch)"
         )
     return tenant
 

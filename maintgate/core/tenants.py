@@ -113,6 +113,33 @@ class PathPrefixTenant:
         return f"from_path_prefix({self.prefix!r})"
 
 
+class FirstOf:
+    """The first tenant id that one of several resolvers finds, tried in order."""
+
+    __slots__ = ("resolvers",)
+
+    def __init__(self, resolvers: tuple[TenantResolver, ...]) -> None:
+        if not resolvers or not all(callable(r) for r in resolvers):
+            raise InvalidArgument(f"first_of needs one or more resolvers, got {resolvers!r}")
+        self.resolvers = resolvers
+
+    def __call__(self, request: RequestView) -> str | None:
+        for resolver in self.resolvers:
+            tenant = resolver(request)
+            if tenant:
+                return tenant
+        return None
+
+    def __repr__(self) -> str:
+        return f"first_of({', '.join(map(repr, self.resolvers))})"
+
+
+def first_of(*resolvers: TenantResolver) -> FirstOf:
+    """Try resolvers in order, e.g. ``first_of(from_header("X-Tenant-ID"), from_subdomain("example.com"))``:
+    API clients send the header, browsers cannot, and get the subdomain's tenant."""
+    return FirstOf(resolvers)
+
+
 def from_header(name: str) -> HeaderTenant:
     """Read the tenant id from a request header, e.g. ``from_header("X-Tenant-ID")``."""
     return HeaderTenant(name)
