@@ -43,3 +43,27 @@ def test_the_examples_try_line_reaches_their_database():
         assert "maintgate on demo" in source, name
         default = re.search(r'os\.environ\.get\("MAINTGATE_DATABASE_URL", "([^"]+)"\)', source)
         assert default is not None and default.group(1) == DEFAULT_URL, name
+
+
+def test_the_cors_order_the_readme_gives_lets_browsers_read_the_503(tmp_path):
+    from fastapi import FastAPI
+    from fastapi.middleware.cors import CORSMiddleware
+    from starlette.testclient import TestClient
+
+    from maintgate import MaintenanceMiddleware, MaintenanceStore
+    from maintgate.tenants import from_header
+
+    assert README.index("app.add_middleware(MaintenanceMiddleware, store=store") < README.index(
+        "app.add_middleware(CORSMiddleware"
+    ), "the README adds the gate first, CORS last (outermost)"
+    store = MaintenanceStore(f"sqlite:///{tmp_path / 'cors.db'}")
+    store.create_tables()
+    store.activate("demo")
+    app = FastAPI()
+    app.add_middleware(MaintenanceMiddleware, store=store, tenant=from_header("X-Tenant-ID"))
+    app.add_middleware(CORSMiddleware, allow_origins=["https://app.example.com"], allow_headers=["*"])
+    with TestClient(app) as client:
+        response = client.get("/", headers={"X-Tenant-ID": "demo", "Origin": "https://app.example.com"})
+    assert response.status_code == 503
+    assert response.headers["access-control-allow-origin"] == "https://app.example.com"
+    store.engine.dispose()
