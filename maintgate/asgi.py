@@ -88,10 +88,9 @@ class MaintenanceMiddleware:
         self.gate = gate if gate is not None else Gate(store, **options)  # type: ignore[arg-type]
         self._tenant = _scope_tenant(self.gate)
         self._peek = self.gate.peek
-        if self.gate.notifications and self.gate.mirror.listen is None:
-            from .notify import listen_in_thread
+        from .notify import listen_for
 
-            self.gate.mirror.listen = listen_in_thread
+        listen_for(self.gate)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

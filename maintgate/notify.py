@@ -195,6 +195,13 @@ def _where(conninfo: str) -> str:
     return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
 
 
+def listen_for(gate: Any) -> None:
+    """Have ``gate``'s mirror start (or join) this process's listener on its first uncommon request,
+    if the gate wants notifications: what every adapter does once, when it is built."""
+    if gate.notifications and gate.mirror.listen is None:
+        gate.mirror.listen = listen_in_thread
+
+
 def listen_in_thread(mirror: StateMirror) -> ThreadListener:
     """Subscribe ``mirror`` to its store's channel through this process's listener thread."""
     key = (_conninfo(mirror), mirror.store.channel)  # type: ignore[attr-defined]

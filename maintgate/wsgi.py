@@ -113,10 +113,9 @@ class WSGIMaintenanceMiddleware:
         self.gate = gate if gate is not None else Gate(store, **options)  # type: ignore[arg-type]
         self._tenant = _environ_tenant(self.gate)
         self._peek = self.gate.peek
-        if self.gate.notifications and self.gate.mirror.listen is None:
-            from .notify import listen_in_thread
+        from .notify import listen_for
 
-            self.gate.mirror.listen = listen_in_thread
+        listen_for(self.gate)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         raw = self._tenant(environ) if self._tenant is not None else None

@@ -9,6 +9,7 @@ from maintgate import MaintenanceMiddleware, WSGIMaintenanceMiddleware
 from maintgate.tenants import from_header
 from tests import apps
 from tests.conftest import QueryCounter, wsgi_call
+from tests.helpers import asgi_request
 
 
 def test_wsgi_threads_share_one_query_for_every_tenant_and_see_toggles(store, clock):
@@ -54,23 +55,7 @@ def test_asgi_cold_start_one_query_for_many_concurrent_requests(store):
     queries = QueryCounter(store.engine)
 
     async def one(tenant: str) -> int:
-        scope = {
-            "type": "http",
-            "method": "GET",
-            "path": "/",
-            "headers": [(b"x-tenant-id", tenant.encode())],
-            "query_string": b"",
-        }
-        sent: list[dict] = []
-
-        async def receive():
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message):
-            sent.append(message)
-
-        await app(scope, receive, send)
-        return sent[0]["status"]
+        return await asgi_request(app, {"X-Tenant-ID": tenant})
 
     async def main():
         return await asyncio.gather(*(one("hot") for _ in range(256)), *(one("cold") for _ in range(256)))

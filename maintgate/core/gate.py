@@ -178,7 +178,6 @@ class Gate:
         self.renderer = renderer if renderer is not None else Renderer()
         self.default_retry_after = default_retry_after
         self._now = now
-        self._clock = clock
         dialect = getattr(getattr(store, "engine", None), "dialect", None)
         listenable = (
             getattr(dialect, "name", None) == "postgresql" and getattr(dialect, "driver", None) == "psycopg"

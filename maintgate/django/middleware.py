@@ -15,7 +15,7 @@ from django.http import HttpRequest, HttpResponse
 from ..core.gate import Gate, Pending
 from ..core.response import Response
 from ..core.state import ALL_TENANTS
-from ..notify import listen_in_thread
+from ..notify import listen_for
 from ..wsgi import WSGIRequest, _environ_tenant
 from . import conf
 
@@ -62,8 +62,7 @@ class MaintenanceMiddleware:
         # META is a WSGI-style environ under both handlers: resolve the tenant straight from it.
         self._tenant = _environ_tenant(self.gate)
         self._peek = self.gate.peek
-        if self.gate.notifications and self.gate.mirror.listen is None:
-            self.gate.mirror.listen = listen_in_thread
+        listen_for(self.gate)
 
     def _check(self, request: HttpRequest) -> Response | Pending | None:
         raw = self._tenant(request.META) if self._tenant is not None else None
