@@ -226,3 +226,21 @@ def test_ipv4_mapped_peers_of_a_dual_stack_server_match_ipv4_rules(make):
     assert status(app, client=("::ffff:203.0.113.9", 1)) == 503
     forwarded = {"X-Forwarded-For": "::ffff:10.9.9.9"}
     assert status(app, headers=forwarded, client=("::ffff:127.0.0.1", 1)) == 200, "a mapped trusted proxy"
+
+
+def test_secrets_shorter_than_16_characters_are_refused_from_every_source(make, store, caplog):
+    short = ({"demo": "x"}, {"demo": "long-enough-secret-0123", "*": "short"}, {"demo": 12345678901234567})
+    for secret in short:
+        with pytest.raises(InvalidArgument, match="16 characters"):
+            MaintenanceMiddleware(ok_app, store, tenant=from_header("X-Tenant-ID"), bypass_secret=secret)
+
+    app = make(bypass_secret=lambda tenant: "x" if tenant == "demo" else "long-enough-secret-0123")
+    demo = {"X-Tenant-ID": "demo"}
+    with caplog.at_level(logging.ERROR, logger="maintgate"):
+        assert status(app, headers={**demo, "X-Maintgate-Bypass": "x"}) == 503
+        assert status(app, headers=demo, query="maintgate_bypass=x") == 503
+    refused = [r for r in caplog.records if "16 characters" in r.getMessage()]
+    assert refused and "demo" in refused[0].getMessage(), "the short value is refused and logged"
+    assert "'x'" not in refused[0].getMessage(), "the secret itself is not logged"
+    other = {"X-Tenant-ID": "other", "X-Maintgate-Bypass": "long-enough-secret-0123"}
+    assert status(app, headers=other) == 200, "a callable's long enough value still works"

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from urllib.parse import parse_qsl, urlencode
@@ -30,6 +31,15 @@ QUERY = "maintgate_bypass"
 HEADER = "x-maintgate-bypass"
 MAX_FORWARDED_LENGTH = 2048
 MAX_QUERY_LENGTH = 8192
+MIN_SECRET_LENGTH = 16
+REFUSAL_LOG_EVERY = 60.0
+
+
+def _check_secret(value: object, which: str = "") -> None:
+    if not isinstance(value, str) or len(value) < MIN_SECRET_LENGTH:
+        raise InvalidArgument(
+            f"bypass_secret{which} must be a string of at least {MIN_SECRET_LENGTH} characters"
+        )
 
 
 def _networks(name: str, values: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -86,8 +96,11 @@ class Bypass:
             raise InvalidArgument(
                 "bypass_secret must be a string, a mapping of tenant to secret, or a callable"
             )
-        if isinstance(secret, str) and len(secret) < 16:
-            raise InvalidArgument("bypass_secret must be at least 16 characters long")
+        if isinstance(secret, str):
+            _check_secret(secret)
+        elif isinstance(secret, Mapping):
+            for tenant, value in secret.items():
+                _check_secret(value, f" (the secret for {tenant!r})")
         if not isinstance(cookie_max_age, int) or cookie_max_age < 1:
             raise InvalidArgument(f"bypass_cookie_max_age must be a positive int, got {cookie_max_age!r}")
         if predicate is not None and not callable(predicate):
@@ -102,6 +115,7 @@ class Bypass:
         self.cookie_max_age = cookie_max_age
         self.predicate = predicate
         self._now = now
+        self._refusal_logged = -REFUSAL_LOG_EVERY
 
     def __bool__(self) -> bool:
         return bool(self.allow_ips or self.secret is not None or self.predicate is not None)
@@ -151,10 +165,23 @@ class Bypass:
         if isinstance(source, Mapping):
             return source.get(tenant or ALL_TENANTS) or source.get(ALL_TENANTS)
         try:
-            return source(tenant)
+            secret = source(tenant)
         except Exception:
             logger.exception("maintgate: bypass secret callable failed for tenant %r", tenant)
             return None
+        if secret is None or (isinstance(secret, str) and len(secret) >= MIN_SECRET_LENGTH):
+            return secret
+        now = time.monotonic()
+        if now - self._refusal_logged >= REFUSAL_LOG_EVERY:
+            self._refusal_logged = now
+            logger.error(
+                "maintgate: the bypass secret callable returned a %s for tenant %r instead of a string "
+                "of at least %d characters; no secret bypass for it (logged once a minute at most)",
+                "shorter string" if isinstance(secret, str) else type(secret).__name__,
+                tenant,
+                MIN_SECRET_LENGTH,
+            )
+        return None
 
     def check(self, request: RequestView, tenant: str | None) -> Response | bool:
         """True to let the request pass, a redirect that sets the bypass cookie, or False."""
