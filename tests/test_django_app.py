@@ -158,3 +158,70 @@ def test_a_long_cache_ttl_in_settings_builds_a_gate(configured):
         gate = conf.build_gate()
         assert gate.max_staleness == 3 * 3600
         gate.close()
+
+
+def readme_settings_table() -> dict[str, str]:
+    """Each key of the README's Django settings table, with the check id documented for it."""
+    import re
+    from pathlib import Path
+
+    text = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text()
+    section = text.split("### Django settings", 1)[1].split("\n#", 1)[0]
+    documented = {}
+    for row in section.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].startswith("`"):
+            check_id = re.search(r"E\d{3}", cells[2])
+            for key in re.findall(r"`([A-Z_]+)`", cells[0]):
+                documented[key] = f"maintgate.{check_id.group()}" if check_id else ""
+    return documented
+
+
+def test_the_readmes_settings_table_is_every_gate_option_and_store_setting():
+    import inspect
+
+    from maintgate.core.gate import Gate
+    from maintgate.django import conf
+
+    documented = readme_settings_table()
+    options = {name.upper() for name in inspect.signature(Gate).parameters} - {"STORE", "CLOCK", "NOW"}
+    assert set(documented) == options | {"DATABASE", "DATABASE_URL", "TABLE_PREFIX", "SCHEMA"}
+    assert set(documented) == set(conf.KEYS), "the code accepts what the README documents, no more"
+    assert documented == {key: checks.IDS[key] for key in documented}, "each key has its documented id"
+
+
+def test_every_bad_setting_is_reported_at_once_each_with_its_documented_id():
+    import re
+
+    bad = {
+        "TENNANT": "header:X-Tenant-ID",
+        "TENANT": "cookie:tenant",
+        "CACHE_TTL": "fast",
+        "EXEMPT_PATHS": ["healthz"],
+        "ALLOW_IPS": ["10.0.0.999"],
+        "BYPASS_SECRET": "short",
+        "RENDERER": {"colour": "red"},
+        "DEFAULT_RETRY_AFTER": "60",
+        "LOAD_TIMEOUT": 2.0,
+        "LOG_INTERVAL": 10,
+    }
+    with override_settings(MAINTGATE=bad):
+        errors = checks.check_settings()
+    reported = {re.match(r"MAINTGATE\['(\w+)'\]", e.msg).group(1): e.id for e in errors}
+    documented = readme_settings_table()
+    expected = {key: documented.get(key, "maintgate.E002") for key in bad}
+    del expected["LOAD_TIMEOUT"], expected["LOG_INTERVAL"]
+    assert reported == expected, errors
+    assert len(errors) == len(expected), "one error per bad key"
+    (unknown,) = [e for e in errors if e.id == "maintgate.E002"]
+    assert "'TENANT'" in unknown.hint, "a misspelt key gets the key it resembles"
+
+
+def test_a_wrong_type_in_settings_names_the_setting_at_runtime(configured):
+    from maintgate import InvalidArgument
+    from maintgate.django import conf
+
+    wrong = {**settings.MAINTGATE, "CACHE_TTL": "2"}
+    with override_settings(MAINTGATE=wrong), pytest.raises(InvalidArgument, match=r"CACHE_TTL") as info:
+        conf.build_gate()
+    assert info.value.option == "CACHE_TTL"

@@ -13,7 +13,7 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from maintgate import ALL_TENANTS, MaintenanceMiddleware, MaintenanceStore, WSGIMaintenanceMiddleware
 from maintgate.tenants import from_header
 from tests import apps
-from tests.conftest import ManualClock, QueryCounter
+from tests.conftest import ManualClock, QueryCounter, ok_app
 from tests.helpers import elsewhere, eventually
 
 BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
@@ -329,3 +329,47 @@ def test_websocket_refused_during_maintenance(store, clock, make_app):
             pass
         assert info.value.status_code == 503
         assert info.value.json()["detail"] == "ws down"
+
+
+WRONG_TYPES = {
+    "tenant": "header:X-Tenant-ID",
+    "cache_ttl": "2",
+    "exempt_paths": 5,
+    "allow_ips": 5,
+    "trusted_proxies": [None],
+    "forwarded_header": 5,
+    "bypass_secret": 5,
+    "bypass_cookie_max_age": "60",
+    "bypass": "yes",
+    "on_block": 1,
+    "log_blocked_every": "100",
+    "renderer": "fancy",
+    "default_retry_after": "60",
+    "clock": 5,
+    "now": "today",
+    "log_interval": "30",
+    "notifications": "yes",
+    "on_store_error": ["open"],
+    "tenant_pattern": 5,
+    "tenant_max_length": "128",
+    "load_timeout": "5",
+    "max_staleness": "30",
+}
+
+
+@pytest.mark.parametrize("option", sorted(WRONG_TYPES))
+def test_a_wrong_type_for_any_option_raises_invalid_argument_naming_it(store, option):
+    from typing import get_type_hints
+
+    from maintgate import InvalidArgument
+    from maintgate.core.gate import Gate, GateOptions
+
+    assert set(WRONG_TYPES) == set(get_type_hints(GateOptions)), "every option has a wrong value here"
+    for build in (
+        lambda **kw: Gate(store, **kw),
+        lambda **kw: MaintenanceMiddleware(ok_app, store, **kw),
+        lambda **kw: WSGIMaintenanceMiddleware(lambda environ, start_response: [], store, **kw),
+    ):
+        with pytest.raises(InvalidArgument) as info:
+            build(**{option: WRONG_TYPES[option]})
+        assert info.value.option == option and option in str(info.value), info.value

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from urllib.parse import parse_qsl, urlencode
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, callable_option, positive_int
 from .request import RequestView
 from .response import Response
 from .state import ALL_TENANTS, utcnow
@@ -31,6 +31,7 @@ QUERY = "maintgate_bypass"
 HEADER = "x-maintgate-bypass"
 MAX_FORWARDED_LENGTH = 2048
 MAX_QUERY_LENGTH = 8192
+FORWARDED = ("x-forwarded-for", "forwarded")
 MIN_SECRET_LENGTH = 16
 REFUSAL_LOG_EVERY = 60.0
 
@@ -38,19 +39,24 @@ REFUSAL_LOG_EVERY = 60.0
 def _check_secret(value: object, which: str = "") -> None:
     if not isinstance(value, str) or len(value) < MIN_SECRET_LENGTH:
         raise InvalidArgument(
-            f"bypass_secret{which} must be a string of at least {MIN_SECRET_LENGTH} characters"
+            f"bypass_secret{which} must be a string of at least {MIN_SECRET_LENGTH} characters",
+            "bypass_secret",
         )
 
 
 def _networks(name: str, values: Iterable[str]) -> tuple[IPNetwork, ...]:
     if isinstance(values, str):
         values = [values]
+    if not isinstance(values, Iterable):
+        raise InvalidArgument(f"{name} must be a list of IP addresses or CIDR networks, got {values!r}", name)
     networks = []
     for value in values:
         try:
-            networks.append(ipaddress.ip_network(str(value).strip(), strict=False))
+            if not isinstance(value, str):
+                raise ValueError(value)
+            networks.append(ipaddress.ip_network(value.strip(), strict=False))
         except ValueError:
-            raise InvalidArgument(f"{name}: {value!r} is not an IP address or CIDR network") from None
+            raise InvalidArgument(f"{name}: {value!r} is not an IP address or CIDR network", name) from None
     return tuple(networks)
 
 
@@ -94,22 +100,22 @@ class Bypass:
         self.trusted_proxies = _networks("trusted_proxies", trusted_proxies)
         if secret is not None and not (isinstance(secret, str | Mapping) or callable(secret)):
             raise InvalidArgument(
-                "bypass_secret must be a string, a mapping of tenant to secret, or a callable"
+                "bypass_secret must be a string, a mapping of tenant to secret, or a callable",
+                "bypass_secret",
             )
         if isinstance(secret, str):
             _check_secret(secret)
         elif isinstance(secret, Mapping):
             for tenant, value in secret.items():
                 _check_secret(value, f" (the secret for {tenant!r})")
-        if not isinstance(cookie_max_age, int) or cookie_max_age < 1:
-            raise InvalidArgument(f"bypass_cookie_max_age must be a positive int, got {cookie_max_age!r}")
-        if predicate is not None and not callable(predicate):
-            raise InvalidArgument(f"bypass must be a callable taking the request view, got {predicate!r}")
-        forwarded_header = forwarded_header.strip().lower()
-        if forwarded_header not in ("x-forwarded-for", "forwarded"):
+        positive_int("bypass_cookie_max_age", cookie_max_age)
+        callable_option("bypass", predicate, "a callable taking the request view")
+        if not isinstance(forwarded_header, str) or forwarded_header.strip().lower() not in FORWARDED:
             raise InvalidArgument(
-                f"forwarded_header must be 'x-forwarded-for' or 'forwarded', got {forwarded_header!r}"
+                f"forwarded_header must be 'x-forwarded-for' or 'forwarded', got {forwarded_header!r}",
+                "forwarded_header",
             )
+        forwarded_header = forwarded_header.strip().lower()
         self.forwarded_header = forwarded_header
         self.secret = secret
         self.cookie_max_age = cookie_max_age

@@ -10,7 +10,33 @@ class InvalidTenant(MaintgateError, ValueError):
 
 
 class InvalidArgument(MaintgateError, ValueError):
-    """A bad argument or setting, named in the message; raised when the object is built."""
+    """A bad argument or setting, named in the message and in ``option``; raised when the object is built."""
+
+    def __init__(self, message: str, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+        """The keyword argument at fault (``"cache_ttl"``), when there is one."""
+
+
+def positive_seconds(option: str, value: object) -> float:
+    """``value`` as seconds, or InvalidArgument naming ``option`` (a string or bool is not a number)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise InvalidArgument(f"{option} must be a positive number of seconds, got {value!r}", option)
+    return float(value)
+
+
+def positive_int(option: str, value: object, upto: int | None = None) -> int:
+    """``value`` as a whole number from 1 (to ``upto``), or InvalidArgument naming ``option``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (upto and value > upto):
+        limit = f"an int from 1 to {upto}" if upto else "a positive int"
+        raise InvalidArgument(f"{option} must be {limit}, got {value!r}", option)
+    return value
+
+
+def callable_option(option: str, value: object, what: str, *, none_ok: bool = True) -> None:
+    """InvalidArgument naming ``option`` unless ``value`` is a callable (or None, if ``none_ok``)."""
+    if not (callable(value) or (none_ok and value is None)):
+        raise InvalidArgument(f"{option} must be {what}, got {value!r}", option)
 
 
 class WindowBusy(MaintgateError):

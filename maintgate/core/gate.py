@@ -13,7 +13,7 @@ from typing import Any, TypedDict
 from cachetools import LRUCache
 
 from .bypass import Bypass, SecretSource
-from .errors import InvalidArgument
+from .errors import InvalidArgument, callable_option, positive_int, positive_seconds
 from .mirror import MISS, ChangeSource, StateMirror, mirror_for
 from .negotiation import negotiate
 from .render import Renderer
@@ -58,6 +58,8 @@ class ExemptPaths:
     def __init__(self, paths: Iterable[str | re.Pattern[str]] = ()) -> None:
         if isinstance(paths, str | re.Pattern):
             paths = [paths]
+        if not isinstance(paths, Iterable):
+            raise InvalidArgument(f"exempt_paths must be a list of paths, got {paths!r}", "exempt_paths")
         exact, prefixes, patterns = set(), [], []
         for path in paths:
             if isinstance(path, re.Pattern):
@@ -69,7 +71,8 @@ class ExemptPaths:
                     exact.add(path)
             else:
                 raise InvalidArgument(
-                    f"exempt path {path!r} must be a string starting with '/' or a compiled regex"
+                    f"exempt path {path!r} must be a string starting with '/' or a compiled regex",
+                    "exempt_paths",
                 )
         self.exact = frozenset(exact)
         self.prefixes = tuple(prefixes)
@@ -150,10 +153,41 @@ class Gate:
     ) -> None:
         if not callable(getattr(store, "changes", None)):
             raise TypeError(f"store must be a MaintenanceStore (or have .changes()), got {store!r}")
-        if tenant is not None and not callable(tenant):
-            raise TypeError(f"tenant must be a resolver callable or None, got {tenant!r}")
-        if not isinstance(default_retry_after, int) or default_retry_after < 1:
-            raise InvalidArgument(f"default_retry_after must be a positive int, got {default_retry_after!r}")
+        callable_option("tenant", tenant, "a resolver (from_header(...), ...) or None")
+        callable_option("on_block", on_block, "a callable (request, state)")
+        callable_option("clock", clock, "a callable returning monotonic seconds", none_ok=False)
+        callable_option("now", now, "a callable returning an aware datetime", none_ok=False)
+        if renderer is not None and not isinstance(renderer, Renderer):
+            raise InvalidArgument(f"renderer must be a maintgate Renderer, got {renderer!r}", "renderer")
+        if notifications is not None and not isinstance(notifications, bool):
+            raise InvalidArgument(
+                f"notifications must be True, False or None, got {notifications!r}", "notifications"
+            )
+        if not isinstance(on_store_error, str) or on_store_error not in STORE_ERROR_POLICIES:
+            raise InvalidArgument(
+                f"on_store_error must be one of {STORE_ERROR_POLICIES}, got {on_store_error!r}",
+                "on_store_error",
+            )
+        positive_int("default_retry_after", default_retry_after)
+        positive_int("log_blocked_every", log_blocked_every)
+        positive_int("tenant_max_length", tenant_max_length, upto=TENANT_MAX_LENGTH)
+        if tenant_pattern is not None and not isinstance(tenant_pattern, str | re.Pattern):
+            raise InvalidArgument(f"tenant_pattern must be a regex, got {tenant_pattern!r}", "tenant_pattern")
+        try:
+            pattern = re.compile(tenant_pattern) if isinstance(tenant_pattern, str) else tenant_pattern
+        except re.error as exc:
+            raise InvalidArgument(
+                f"tenant_pattern {tenant_pattern!r} is not a regex: {exc}", "tenant_pattern"
+            ) from None
+        ttl = positive_seconds("cache_ttl", cache_ttl)
+        load_timeout = positive_seconds("load_timeout", load_timeout)
+        log_interval = positive_seconds("log_interval", log_interval)
+        staleness = max(DEFAULT_MAX_STALENESS, 3 * ttl) if max_staleness is None else max_staleness
+        staleness = positive_seconds("max_staleness", staleness)
+        if staleness < 2 * ttl:
+            raise InvalidArgument(
+                f"max_staleness ({staleness}s) must be at least twice cache_ttl ({ttl}s)", "max_staleness"
+            )
         self.store = store
         self.tenant = tenant
         self.exempt = ExemptPaths(exempt_paths)
@@ -166,10 +200,6 @@ class Gate:
             forwarded_header=forwarded_header,
             now=now,
         )
-        if on_block is not None and not callable(on_block):
-            raise InvalidArgument(f"on_block must be a callable (request, state), got {on_block!r}")
-        if not isinstance(log_blocked_every, int) or log_blocked_every < 1:
-            raise InvalidArgument(f"log_blocked_every must be a positive int, got {log_blocked_every!r}")
         self.on_block = on_block
         self._rendered: LRUCache[tuple[Any, ...], tuple[MaintenanceState, Response]] = LRUCache(256)
         self._rendered_lock = threading.Lock()
@@ -184,10 +214,6 @@ class Gate:
         )
         self.notifications = listenable if notifications is None else bool(notifications)
         """Whether this gate subscribes to the store's PostgreSQL notifications (default: on PostgreSQL)."""
-        if on_store_error not in STORE_ERROR_POLICIES:
-            raise InvalidArgument(
-                f"on_store_error must be one of {STORE_ERROR_POLICIES}, got {on_store_error!r}"
-            )
         self.on_store_error = on_store_error
         self._unknown = MaintenanceState(
             tenant=ALL_TENANTS,
@@ -195,38 +221,17 @@ class Gate:
             message="The service cannot check its maintenance status right now.",
             retry_after=default_retry_after,
         )
-        if not isinstance(tenant_max_length, int) or not 1 <= tenant_max_length <= TENANT_MAX_LENGTH:
-            raise InvalidArgument(f"tenant_max_length must be an int from 1 to {TENANT_MAX_LENGTH}")
-        try:
-            pattern = re.compile(tenant_pattern) if isinstance(tenant_pattern, str) else tenant_pattern
-        except re.error as exc:
-            raise InvalidArgument(f"tenant_pattern {tenant_pattern!r} is not a regex: {exc}") from None
         self._tenant_max_length = tenant_max_length
         self._tenant_pattern = pattern
-        if max_staleness is None:
-            max_staleness = max(DEFAULT_MAX_STALENESS, 3 * cache_ttl)
-        seconds = {
-            "cache_ttl": cache_ttl,
-            "load_timeout": load_timeout,
-            "log_interval": log_interval,
-            "max_staleness": max_staleness,
-        }
-        for name, value in seconds.items():
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise InvalidArgument(f"{name} must be a positive number of seconds, got {value!r}")
-        if max_staleness < 2 * cache_ttl:
-            raise InvalidArgument(
-                f"max_staleness ({max_staleness}s) must be at least twice cache_ttl ({cache_ttl}s)"
-            )
-        self.load_timeout = float(load_timeout)
-        self.max_staleness = float(max_staleness)
+        self.load_timeout = load_timeout
+        self.max_staleness = staleness
         self.mirror: StateMirror = mirror_for(
             store,
-            ttl=float(cache_ttl),
+            ttl=ttl,
             clock=clock,
             now=now,
-            refresh_timeout=float(load_timeout),
-            log_interval=float(log_interval),
+            refresh_timeout=load_timeout,
+            log_interval=log_interval,
         )
         """Every tenant's state in this process, shared with the other gates of this store and settings."""
         self.mirror.gates.add(self)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from string import Template
 from typing import Any
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, callable_option
 from .negotiation import HTML, PROBLEM_JSON
 from .state import MaintenanceState
 
@@ -73,12 +73,29 @@ class Renderer:
         problem: ProblemBuilder | None = None,
         expose_error: bool = False,
     ) -> None:
+        texts = {
+            "html_template": html_template,
+            "title": title,
+            "default_message": default_message,
+            "tenant_text": tenant_text,
+            "retry_text": retry_text,
+            "read_only_text": read_only_text,
+            "lang": lang,
+            "problem_type": problem_type,
+        }
+        for name, value in texts.items():
+            if not isinstance(value, str):
+                raise InvalidArgument(f"{name} must be a string, got {value!r}", name)
+        callable_option("problem", problem, "a callable (state, tenant, retry_after) -> dict")
+        if not isinstance(expose_error, bool):
+            raise InvalidArgument(f"expose_error must be True or False, got {expose_error!r}", "expose_error")
         self.template = Template(html_template)
         unknown = set(self.template.get_identifiers()) - TEMPLATE_FIELDS
         if unknown or not self.template.is_valid():
             raise InvalidArgument(
                 f"html_template uses unknown or malformed placeholders {sorted(unknown)}; "
-                f"allowed: {sorted(TEMPLATE_FIELDS)}"
+                f"allowed: {sorted(TEMPLATE_FIELDS)}",
+                "html_template",
             )
         for name, text, fields in (
             ("tenant_text", tenant_text, {"tenant": "t"}),
@@ -87,7 +104,7 @@ class Renderer:
             try:
                 text.format(**fields)
             except (KeyError, IndexError, ValueError) as exc:
-                raise InvalidArgument(f"{name} {text!r} is not a valid format string: {exc}") from None
+                raise InvalidArgument(f"{name} {text!r} is not a valid format string: {exc}", name) from None
         self.title = title
         self.default_message = default_message
         self.tenant_text = tenant_text

@@ -14,6 +14,8 @@ Example::
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import re
 from collections.abc import Callable
 from typing import Any, cast
@@ -23,33 +25,13 @@ from ..core.gate import Gate
 from ..core.render import Renderer
 from ..core.tenants import from_header, from_path_prefix, from_subdomain
 
-KNOWN = frozenset(
-    {
-        "DATABASE",
-        "DATABASE_URL",
-        "TABLE_PREFIX",
-        "SCHEMA",
-        "TENANT",
-        "CACHE_TTL",
-        "LOAD_TIMEOUT",
-        "MAX_STALENESS",
-        "EXEMPT_PATHS",
-        "ALLOW_IPS",
-        "TRUSTED_PROXIES",
-        "BYPASS_SECRET",
-        "BYPASS_COOKIE_MAX_AGE",
-        "BYPASS",
-        "ON_BLOCK",
-        "DEFAULT_RETRY_AFTER",
-        "RENDERER",
-        "ON_STORE_ERROR",
-        "NOTIFICATIONS",
-        "TENANT_PATTERN",
-        "TENANT_MAX_LENGTH",
-        "LOG_BLOCKED_EVERY",
-        "FORWARDED_HEADER",
-    }
-)
+INJECTED = frozenset({"store", "clock", "now"})
+"""Gate arguments that are not settings: the store comes from ``DATABASES``; clocks are for tests."""
+GATE_KEYS = {name.upper(): name for name in inspect.signature(Gate).parameters if name not in INJECTED}
+"""Each setting that is a gate option (``CACHE_TTL``), with the option's name: one source of truth."""
+STORE_KEYS = frozenset({"DATABASE", "DATABASE_URL", "TABLE_PREFIX", "SCHEMA"})
+KEYS = frozenset(GATE_KEYS) | STORE_KEYS
+"""Every key ``settings.MAINTGATE`` accepts."""
 
 
 def raw() -> dict[str, Any]:
@@ -66,88 +48,142 @@ def get(name: str, default: Any = None) -> Any:
     return value.get(name, default) if isinstance(value, dict) else default
 
 
-def _import(path: str, name: str) -> Any:
+def _import(path: str, key: str) -> Any:
     from django.utils.module_loading import import_string
 
     try:
         return import_string(path)
     except ImportError as exc:
-        raise InvalidArgument(f"MAINTGATE[{name!r}]: cannot import {path!r} ({exc})") from None
+        raise InvalidArgument(f"cannot import {path!r} ({exc})", key) from None
 
 
-def _callable(name: str) -> Callable[..., Any] | None:
-    value = get(name)
+def _callable(value: Any, key: str) -> Callable[..., Any] | None:
+    """A hook given as a callable or a dotted path."""
     if value is None or callable(value):
         return cast("Callable[..., Any] | None", value)
     if isinstance(value, str):
-        return cast("Callable[..., Any]", _import(value, name))
-    raise InvalidArgument(f"MAINTGATE[{name!r}] must be a callable or a dotted path, got {value!r}")
+        return cast("Callable[..., Any]", _import(value, key))
+    raise InvalidArgument(f"must be a callable or a dotted path, got {value!r}", key)
 
 
-def tenant_resolver() -> Callable[..., str | None] | None:
-    """The resolver ``MAINTGATE["TENANT"]`` names."""
-    spec = get("TENANT")
+def _tenant(spec: Any, key: str) -> Callable[..., str | None] | None:
+    """The resolver ``TENANT`` names: ``"header:NAME"``, ``"subdomain:DOMAIN"``, ``"path:/PREFIX"``,
+    a dotted path, or a callable."""
     if spec is None or callable(spec):
         return cast("Callable[..., str | None] | None", spec)
-    if not isinstance(spec, str):
-        raise InvalidArgument(f"MAINTGATE['TENANT'] must be a string or a callable, got {spec!r}")
-    kind, sep, arg = spec.partition(":")
-    if sep and kind == "header":
-        return from_header(arg)
-    if sep and kind == "subdomain":
-        return from_subdomain(arg)
-    if sep and kind == "path":
-        return from_path_prefix(arg)
-    if "." in spec and not sep:
-        return cast("Callable[..., str | None]", _import(spec, "TENANT"))
+    if isinstance(spec, str):
+        kind, sep, arg = spec.partition(":")
+        try:
+            if sep and kind == "header":
+                return from_header(arg)
+            if sep and kind == "subdomain":
+                return from_subdomain(arg)
+            if sep and kind == "path":
+                return from_path_prefix(arg)
+        except InvalidArgument as exc:
+            raise InvalidArgument(str(exc), key) from None
+        if "." in spec and not sep:
+            return cast("Callable[..., str | None]", _import(spec, key))
     raise InvalidArgument(
-        f"MAINTGATE['TENANT'] = {spec!r}: use 'header:NAME', 'subdomain:DOMAIN', 'path:/PREFIX' "
-        "or a dotted path"
+        f"{spec!r}: use 'header:NAME', 'subdomain:DOMAIN', 'path:/PREFIX', a dotted path or a callable", key
     )
 
 
-def _exempt_paths() -> list[Any]:
-    paths = get("EXEMPT_PATHS", [])
+def _exempt_paths(paths: Any, key: str) -> Any:
+    """``"re:PATTERN"`` strings compiled; the gate checks the rest."""
     if isinstance(paths, str):
         paths = [paths]
-    return [re.compile(p[3:]) if isinstance(p, str) and p.startswith("re:") else p for p in paths]
+    if not isinstance(paths, list | tuple):
+        return paths
+    try:
+        return [re.compile(p[3:]) if isinstance(p, str) and p.startswith("re:") else p for p in paths]
+    except re.error as exc:
+        raise InvalidArgument(f"a 're:' pattern is not a regex: {exc}", key) from None
+
+
+def _renderer(value: Any, key: str) -> Any:
+    """A ``Renderer`` built from a dict of its options."""
+    if not isinstance(value, dict):
+        return value
+    try:
+        return Renderer(**value)
+    except TypeError:
+        names = sorted(inspect.signature(Renderer).parameters)
+        raise InvalidArgument(
+            f"unknown Renderer options {sorted(set(value) - set(names))}; known: {names}", key
+        ) from None
+    except InvalidArgument as exc:
+        raise InvalidArgument(str(exc), key) from None
+
+
+CONVERT: dict[str, Callable[[Any, str], Any]] = {
+    "TENANT": _tenant,
+    "EXEMPT_PATHS": _exempt_paths,
+    "BYPASS": _callable,
+    "ON_BLOCK": _callable,
+    "RENDERER": _renderer,
+}
+"""Settings written differently from the gate option they stand for."""
+
+
+class _NeverRead:
+    """A store for validating options: building a gate does not read it."""
+
+    def changes(self, since: int | None, now: Any = None) -> Any:
+        raise AssertionError("validating settings never reads the database")
+
+
+def read() -> tuple[dict[str, Any], dict[str, str]]:
+    """The gate options ``settings.MAINTGATE`` gives, and what is wrong with it: every bad key at
+    once, each with its message. Validated as the gate validates them, without a database."""
+    value = raw()
+    if not isinstance(value, dict):
+        return {}, {"MAINTGATE": f"must be a dict, got {type(value).__name__}"}
+    options: dict[str, Any] = {}
+    problems: dict[str, str] = {}
+    for key, setting in value.items():
+        if key not in KEYS:
+            problems[key] = "not a maintgate setting"
+        elif key in GATE_KEYS:
+            try:
+                options[GATE_KEYS[key]] = CONVERT.get(key, _same)(setting, key)
+            except InvalidArgument as exc:
+                problems[key] = str(exc)
+    while True:
+        try:
+            Gate(_NeverRead(), **options).close()
+            return options, problems
+        except InvalidArgument as exc:
+            key = (exc.option or "").upper()
+            if exc.option not in options:  # not one option's fault: name the whole setting
+                problems["MAINTGATE"] = str(exc)
+                return {}, problems
+            problems[key] = str(exc)
+            del options[exc.option]
+
+
+def _same(value: Any, key: str) -> Any:
+    return value
+
+
+def describe(key: str, message: str) -> str:
+    """A problem as it is reported: the setting, then what is wrong."""
+    return f"MAINTGATE: {message}" if key == "MAINTGATE" else f"MAINTGATE[{key!r}]: {message}"
+
+
+def suggestion(key: str) -> str | None:
+    """The known key an unknown one most resembles (``TENNANT`` → ``TENANT``), if any."""
+    close = difflib.get_close_matches(key.upper(), sorted(KEYS), n=1)
+    return close[0] if close else None
 
 
 def gate_options() -> dict[str, Any]:
-    """Keyword options for :class:`maintgate.core.Gate`, validated as far as possible without a database."""
-    value = raw()
-    if not isinstance(value, dict):
-        raise InvalidArgument(f"MAINTGATE must be a dict, got {type(value).__name__}")
-    unknown = sorted(set(value) - KNOWN)
-    if unknown:
-        raise InvalidArgument(f"MAINTGATE has unknown keys {unknown}; known: {sorted(KNOWN)}")
-    renderer = get("RENDERER")
-    if isinstance(renderer, dict):
-        renderer = Renderer(**renderer)
-    elif renderer is not None and not isinstance(renderer, Renderer):
-        raise InvalidArgument("MAINTGATE['RENDERER'] must be a dict of Renderer options or a Renderer")
-    options: dict[str, Any] = {
-        "tenant": tenant_resolver(),
-        "cache_ttl": get("CACHE_TTL", 1.0),
-        "load_timeout": get("LOAD_TIMEOUT", 5.0),
-        "max_staleness": get("MAX_STALENESS"),
-        "exempt_paths": _exempt_paths(),
-        "allow_ips": get("ALLOW_IPS", ()),
-        "trusted_proxies": get("TRUSTED_PROXIES", ()),
-        "bypass_secret": get("BYPASS_SECRET"),
-        "bypass_cookie_max_age": get("BYPASS_COOKIE_MAX_AGE", 12 * 3600),
-        "bypass": _callable("BYPASS"),
-        "on_block": _callable("ON_BLOCK"),
-        "default_retry_after": get("DEFAULT_RETRY_AFTER", 60),
-        "on_store_error": get("ON_STORE_ERROR", "last_known"),
-        "notifications": get("NOTIFICATIONS"),
-        "tenant_pattern": get("TENANT_PATTERN"),
-        "tenant_max_length": get("TENANT_MAX_LENGTH", 128),
-        "log_blocked_every": get("LOG_BLOCKED_EVERY", 100),
-        "forwarded_header": get("FORWARDED_HEADER", "x-forwarded-for"),
-    }
-    if renderer is not None:
-        options["renderer"] = renderer
+    """Keyword options for :class:`maintgate.core.Gate` from the settings; InvalidArgument names
+    every bad key."""
+    options, problems = read()
+    if problems:
+        first = next(iter(problems))
+        raise InvalidArgument("; ".join(describe(key, message) for key, message in problems.items()), first)
     return options
 
 
