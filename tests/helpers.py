@@ -1,4 +1,4 @@
-"""Helpers the window tests share: the seed incident's rename, columns, end-state checks, waiting."""
+"""Helpers the tests share: the seed incident's rename, columns, end-state checks, waiting."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ def columns(store: MaintenanceStore, table: str) -> set[str]:
 
 
 def rename(conn, table: str) -> None:
-    conn.execute(text(f'ALTER TABLE {table} RENAME COLUMN "primary-email" TO "main-email-contact"'))
+    """The seed incident's rename, quoted for the connection's dialect (MariaDB/MySQL: backticks)."""
+    old, new = map(conn.dialect.identifier_preparer.quote, ("primary-email", "main-email-contact"))
+    conn.execute(text(f"ALTER TABLE {table} RENAME COLUMN {old} TO {new}"))
 
 
 def events(store: MaintenanceStore, tenant: str = "demo") -> list[str]:

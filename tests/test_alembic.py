@@ -12,6 +12,7 @@ from sqlalchemy import inspect, text
 
 from maintgate import MaintenanceStore
 from maintgate.alembic import upgrade
+from tests.helpers import columns
 
 ENV_PY = textwrap.dedent(
     """
@@ -71,10 +72,6 @@ def project(store: MaintenanceStore, tmp_path: Path):
     with store.engine.begin() as conn:
         conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
         conn.execute(text(f"DROP TABLE IF EXISTS {version_table}"))
-
-
-def columns(store, table):
-    return {c["name"] for c in inspect(store.engine).get_columns(table)}
 
 
 def version(store, version_table):

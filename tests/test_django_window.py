@@ -154,6 +154,28 @@ def test_work_that_commits_djangos_transaction_itself_fails_the_window(using):
     assert state.active and "WindowLost" in state.error and state.window_id is None
 
 
+def test_a_window_marked_for_rollback_is_recorded(store):
+    from django.db import transaction
+    from django.test import override_settings
+
+    alias = "pg" if store.engine.dialect.name != "sqlite" else "default"
+    prefix = store.tables.state.name.removesuffix("state")
+    with override_settings(MAINTGATE={"DATABASE": alias, "TABLE_PREFIX": prefix}):
+        django_store = get_store(alias)  # the store on Django's own database, where the window must be
+        django_store.create_tables()
+        try:
+            with (
+                pytest.raises(Exception, match="marked for rollback"),
+                maintenance_window("demo", using=alias),
+            ):
+                transaction.set_rollback(True, using=alias)
+            state = django_store.get("demo")
+            assert state.active and "marked for rollback" in state.error
+        finally:
+            django_store.drop_tables()
+            django_store.engine.dispose()
+
+
 def test_a_window_is_refused_when_maintgates_tables_are_elsewhere(tmp_path):
     from django.test import override_settings
 

@@ -8,13 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx2 as httpx
 import pytest
 
 from maintgate import MaintenanceStore
+from tests.helpers import eventually
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BROWSER = "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8"
@@ -26,16 +26,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return True
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    return False
+def status(client: httpx.Client, path: str, headers: dict[str, str]) -> int | None:
+    """The status of a GET, or None while the server does not answer yet."""
+    try:
+        return client.get(path, headers=headers).status_code
+    except httpx.TransportError:
+        return None
 
 
 @pytest.mark.parametrize(
@@ -64,11 +60,11 @@ def test_example_serves_the_gate(name, command, path, tmp_path):
     try:
         with httpx.Client(base_url=base, timeout=5) as client:
             demo = {"X-Tenant-ID": "demo"}
-            assert wait_until(lambda: client.get(path, headers=demo).status_code == 200, 30), name
+            assert eventually(lambda: status(client, path, demo) == 200, 30), name
             assert client.get("/healthz").status_code == 200
             store = MaintenanceStore(f"sqlite:///{db}")
             store.activate("demo", message=f"{name} maintenance", retry_after=60)
-            assert wait_until(lambda: client.get(path, headers=demo).status_code == 503, 5)
+            assert eventually(lambda: status(client, path, demo) == 503, 5)
             api = client.get(path, headers=demo)
             assert api.headers["content-type"].startswith("application/problem+json")
             assert api.json()["detail"] == f"{name} maintenance" and api.headers["retry-after"] == "60"

@@ -27,6 +27,7 @@ from tests.helpers import (
     assert_not_migrated_on_and_error,
     columns,
     events,
+    eventually,
     rename,
 )
 
@@ -53,6 +54,16 @@ def test_failure_rolls_back_ddl_first_migrations_and_records_the_error(store, co
     assert info.value is error, "the original exception propagates unchanged"
     assert_not_migrated_on_and_error(store, contacts, "Boom: the second step failed")
     assert store.get("demo").message == "Renaming"
+
+
+def test_a_successful_retry_after_a_failed_window_switches_maintenance_off(store, contacts):
+    with pytest.raises(Boom), maintenance_window(store, "demo"):
+        raise Boom("first try")
+    with maintenance_window(store, "demo") as conn:
+        rename(conn, contacts)
+    state = store.get("demo")
+    assert not state.active and state.error is None and state.owner is None
+    assert columns(store, contacts) == {"id", "main-email-contact"}
 
 
 def test_failure_on_a_users_plain_sqlite_engine_rolls_back_too(tmp_path):
@@ -182,6 +193,23 @@ def test_joined_connection_failure_records_and_propagates(store, contacts):
     assert_not_migrated_on_and_error(store, contacts, "Boom: joined")
 
 
+def test_a_caller_rolling_back_after_a_joined_window_is_visible(store, caplog):
+    with caplog.at_level(logging.WARNING, logger="maintgate"), store.engine.connect() as conn:
+        tx = conn.begin()
+        with maintenance_window(store, "demo", connection=conn):
+            pass
+        if store.engine.dialect.name == "postgresql":
+            assert owner_alive(store, store.get("demo")) is True, "the caller's transaction holds the lock"
+            with pytest.raises(WindowBusy), maintenance_window(store, "demo"):
+                pass
+        tx.rollback()
+    state = store.get("demo")
+    assert state.active and state.owner is not None
+    if store.engine.dialect.name == "postgresql":  # once the lease that covered its opening is over
+        assert eventually(lambda: owner_alive(store, store.get("demo")) is False, 6)
+    assert any(getattr(r, "maintgate_event", "") == "window_rolled_back_by_caller" for r in caplog.records)
+
+
 def test_joined_connection_must_be_in_a_transaction(store):
     with (
         store.engine.connect() as conn,
@@ -226,6 +254,26 @@ def test_an_operators_maintenance_stays_on_after_the_window(store, contacts):
     state = store.get("demo")
     assert state.active and state.owner is None
     assert columns(store, contacts) == {"id", "main-email-contact"}
+
+
+def test_an_operators_maintenance_is_left_as_the_operator_set_it(store):
+    store.activate("demo", message="operator's", retry_after=900, mode="read_only")
+    with maintenance_window(store, "demo", message="window's", retry_after=30):
+        during = store.get("demo")
+        assert during.message == "operator's" and during.mode == "full", "the window needs full, no more"
+    state = store.get("demo")
+    assert state.active and state.message == "operator's" and state.retry_after == 900 and state.read_only
+
+
+def test_an_operators_maintenance_survives_a_failed_window_and_its_retry(store):
+    store.activate("demo", message="operator")
+    with pytest.raises(Boom), maintenance_window(store, "demo"):
+        raise Boom("first try")
+    assert store.get("demo").active
+    with maintenance_window(store, "demo"):
+        pass
+    state = store.get("demo")
+    assert state.active and state.source == "operator", "the operator switched it on; it stays on"
 
 
 def test_history_is_append_only_and_complete(store, contacts):

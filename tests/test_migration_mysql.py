@@ -6,10 +6,11 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import text
 
 from maintgate import MaintenanceStore, MaintgateError, maintenance_window
 from tests.conftest import MYSQL_URL, require_mysql
+from tests.helpers import columns, rename
 
 
 @pytest.fixture
@@ -25,14 +26,6 @@ def mysql_store() -> Iterator[tuple[MaintenanceStore, str]]:
         conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
     store.drop_tables()
     store.engine.dispose()
-
-
-def columns(store, table):
-    return {c["name"] for c in inspect(store.engine).get_columns(table)}
-
-
-def rename(conn, table):
-    conn.execute(text(f"ALTER TABLE {table} RENAME COLUMN `primary-email` TO `main-email-contact`"))
 
 
 def test_refused_before_doing_anything(mysql_store):

@@ -20,7 +20,7 @@ from maintgate import (
 from maintgate.tenants import from_header
 from tests import apps
 from tests.conftest import POSTGRES_URL, QueryCounter, ok_app, wsgi_call
-from tests.helpers import asgi_request, elsewhere
+from tests.helpers import asgi_request, elsewhere, eventually
 from tests.servers import uvicorn_server
 
 pytestmark = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -39,15 +39,6 @@ class Inbox:
 
     def close(self):
         self.conn.close()
-
-
-def eventually(predicate, timeout=3.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_every_committed_change_notifies_and_a_rollback_does_not(store):
@@ -82,7 +73,7 @@ def test_thread_listener_applies_changes_at_once_and_survives_a_lost_connection(
     other = elsewhere(store)  # another process: only the notification tells this one
     assert app.gate.notifications
     assert wsgi_call(app, "demo") == 200  # the first request starts the listener
-    assert eventually(lambda: app.gate.notifications_live)
+    assert eventually(lambda: app.gate.notifications_live, 3.0)
     assert app.gate.refresh()  # the read the listener's connecting asks for is over
     refreshes = QueryCounter(store.engine, only_lookups=True)
     started = time.monotonic()
@@ -125,7 +116,7 @@ def test_the_listener_connecting_keeps_what_the_gate_holds(store):
         if app.gate.notifications_live:
             break
         time.sleep(0.01)
-    assert eventually(lambda: app.gate.notifications_live)
+    assert eventually(lambda: app.gate.notifications_live, 3.0)
     for _ in range(50):
         started = time.monotonic()
         assert wsgi_call(app, "demo") == 503 and wsgi_call(app, "x") == 200
@@ -143,7 +134,7 @@ def test_one_listener_serves_asgi_gates_on_any_event_loop_and_lifespan_shutdown_
     demo = {"X-Tenant-ID": "demo"}
     for round_ in range(2):  # two event loops one after the other, without lifespan (a test client, say)
         assert asyncio.run(asgi_request(app, demo)) == 200
-        assert eventually(lambda: app.gate.notifications_live), f"listening in loop {round_}"
+        assert eventually(lambda: app.gate.notifications_live, 3.0), f"listening in loop {round_}"
         other.activate("demo", message="heard")
         assert eventually(lambda: asyncio.run(asgi_request(app, demo)) == 503, 1.0)
         other.deactivate("demo")

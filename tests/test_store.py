@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import inspect, text
 
-from maintgate import ALL_TENANTS, InvalidTenant, MaintenanceStore, MaintgateError, metadata
+from maintgate import ALL_TENANTS, InvalidArgument, InvalidTenant, MaintenanceStore, MaintgateError, metadata
 from tests.conftest import POSTGRES_URL, require_postgres
 
 
@@ -41,6 +41,8 @@ def test_tenant_not_in_maintenance(store: MaintenanceStore):
     state = store.get("demo")
     assert state is not None and not state.active
     assert store.effective("demo") is None
+    store.deactivate("never-seen")
+    assert store.history("never-seen") == [], "switching off a tenant never seen records nothing"
 
 
 def test_activate_records_the_full_state(store: MaintenanceStore):
@@ -103,6 +105,8 @@ def test_bad_arguments_name_the_value(store: MaintenanceStore):
         MaintenanceStore(42)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="table_prefix"):
         MaintenanceStore("sqlite://", table_prefix="bad-prefix;")
+    with pytest.raises(InvalidArgument, match="limit"):
+        store.history("demo", limit=-1)
 
 
 def test_writes_join_the_callers_transaction(store: MaintenanceStore):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from maintgate import MaintenanceMiddleware, WSGIMaintenanceMiddleware
+from maintgate import ALL_TENANTS, MaintenanceMiddleware, Renderer, WSGIMaintenanceMiddleware
 from maintgate.asgi import ASGIRequest
 from maintgate.tenants import from_header, from_path_prefix, from_subdomain
 from maintgate.wsgi import WSGIRequest
@@ -248,3 +248,18 @@ def test_the_tenant_id_rule_is_stated_without_python_names():
         store.activate("no spaces")
     message = str(info.value)
     assert "ALL_TENANTS" not in message and "'*'" in message and "1-128" in message
+
+
+def test_misbehaving_custom_code_never_makes_the_gate_answer_500(store):
+    store.activate(ALL_TENANTS, message="down")
+
+    def broken_problem(state, tenant, retry_after):
+        raise RuntimeError("template bug")
+
+    app = MaintenanceMiddleware(ok_app, store, tenant=lambda request: ["not", "a", "str"])
+    assert asgi_call(app)[0] == 503
+    app.gate.close()
+    app = MaintenanceMiddleware(ok_app, store, renderer=Renderer(problem=broken_problem))
+    status, _headers, body = asgi_call(app)
+    assert status == 503 and b'"detail": "down"' in body
+    app.gate.close()

@@ -169,6 +169,16 @@ def test_an_idle_session_timeout_during_a_long_migration_does_not_end_the_exclus
         reaped.engine.dispose()
 
 
+@postgres_only
+def test_a_refused_lock_leaves_no_setting_on_the_pooled_connection(store):
+    with maintenance_window(store, "demo"):
+        for _ in range(3):
+            with pytest.raises(WindowBusy), maintenance_window(store, "demo"):
+                pass
+        with store.engine.connect() as conn:
+            assert conn.execute(text("SHOW client_connection_check_interval")).scalar() == "0"
+
+
 # 3. Leases ------------------------------------------------------------------------------------
 
 
@@ -470,6 +480,24 @@ def test_an_operators_new_message_during_a_window_is_kept(store):
     assert state.active and state.message == "second" and state.retry_after == 120
 
 
+def test_an_operator_switching_on_during_a_window_is_respected(store):
+    with maintenance_window(store, "demo", message="window"):
+        store.activate("demo", message="keep it on")
+        assert store.get("demo").owner is not None, "the window still owns it"
+        with pytest.raises(WindowBusy), maintenance_window(store, "demo"):
+            pass
+    state = store.get("demo")
+    assert state.active and state.message == "keep it on" and state.owner is None
+
+
+def test_an_operator_switching_off_during_a_window_keeps_the_window_exclusive(store):
+    with maintenance_window(store, "demo"):
+        store.deactivate("demo")
+        with pytest.raises(WindowBusy), maintenance_window(store, "demo"):
+            pass
+    assert not store.get("demo").active and store.get("demo").owner is None
+
+
 # 10. One sequence, one store API ----------------------------------------------------------------
 
 
@@ -545,6 +573,19 @@ def test_expose_error_shows_clients_only_the_first_line_of_a_database_error(stor
     assert "duplicate key" in body and "ada@example.com" not in body and "DETAIL" not in body
 
 
+def test_a_recorded_database_error_leaves_out_the_statements_parameters(store):
+    with (
+        pytest.raises(Exception, match=r"UNIQUE|unique|duplicate"),
+        maintenance_window(store, "demo") as conn,
+    ):
+        table = store.tables.history.name
+        conn.execute(
+            text(f"INSERT INTO {table} (id, tenant, event, at) VALUES (:i, 'x', 'e', :at)"),
+            [{"i": 10**6, "at": "2026-01-01 00:00:00"}, {"i": 10**6, "at": "2026-01-01 00:00:00"}],
+        )
+    assert "[parameters:" not in store.get("demo").error
+
+
 # Found by review: each reproduced first, then fixed ---------------------------------------------
 
 
@@ -564,6 +605,67 @@ def test_a_cancellation_while_the_async_window_rolls_back_still_records_the_erro
     state = store.get("demo")
     assert state.active and "migration failed" in state.error and state.window_id is None
     assert events(store)[-1] == "window_failed"
+
+
+def _lock_is_free(store: MaintenanceStore, tenant: str = "demo") -> bool:
+    """Whether another session can take the tenant's advisory lock (always, off PostgreSQL)."""
+    from maintgate.migration import advisory_key
+
+    if store.engine.dialect.name != "postgresql":
+        return True
+    other = create_engine(store.engine.url)
+    try:
+        with other.connect() as conn:
+            key = advisory_key(store, tenant)
+            got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
+            if got:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            return bool(got)
+    finally:
+        other.dispose()
+
+
+def test_async_window_cancelled_in_the_block_records_and_releases(store, contacts):
+    async def main():
+        entered = asyncio.Event()
+
+        async def migrate():
+            async with async_maintenance_window(store, "demo") as conn:
+                await conn.execute(text(f'ALTER TABLE {contacts} RENAME COLUMN "primary-email" TO "x"'))
+                entered.set()
+                await asyncio.sleep(30)
+
+        task = asyncio.create_task(migrate())
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    state = store.get("demo")
+    assert state.active and "CancelledError" in state.error and state.owner is None
+    assert columns(store, contacts) == {"id", "primary-email"}
+    assert _lock_is_free(store)
+
+
+@pytest.mark.parametrize("delay", [0, 0.001, 0.005, 0.02, 0.05, 0.1])
+def test_async_window_cancelled_while_opening_leaves_no_lock_and_no_silent_state(store, delay):
+    async def main():
+        async def migrate():
+            async with async_maintenance_window(store, "demo"):
+                await asyncio.sleep(30)
+
+        task = asyncio.create_task(migrate())
+        await asyncio.sleep(delay)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert _lock_is_free(store)
+    state = store.get("demo")
+    if state is not None:  # it opened: then the cancellation is on record
+        assert state.active and state.owner is None and "CancelledError" in (state.error or "")
 
 
 @postgres_only
