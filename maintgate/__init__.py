@@ -10,15 +10,16 @@ from .core.errors import InvalidArgument, InvalidTenant, MaintgateError, WindowB
 from .core.gate import Gate
 from .core.render import Renderer
 from .core.schema import metadata
-from .core.state import ALL_TENANTS, HistoryEntry, MaintenanceState, Owner, Schedule, Window
+from .core.state import ALL_TENANTS, Ended, HistoryEntry, MaintenanceState, Owner, Schedule, Window
 from .core.store import MaintenanceStore
-from .migration import async_maintenance_window, maintenance_window, owner_alive
+from .migration import async_maintenance_window, maintenance_window
 from .wsgi import WSGIMaintenanceMiddleware
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALL_TENANTS",
+    "Ended",
     "Gate",
     "HistoryEntry",
     "InvalidArgument",
@@ -38,5 +39,4 @@ __all__ = [
     "async_maintenance_window",
     "maintenance_window",
     "metadata",
-    "owner_alive",
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -14,38 +13,14 @@ from typing import Any
 from sqlalchemy import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import __version__
+from . import __version__, report
 from .core.errors import MaintgateError, explain
-from .core.state import ALL_TENANTS, FULL, MODES, HistoryEntry, MaintenanceState, Schedule, utcnow
-from .core.store import MaintenanceStore, iso, state_fields
-from .migration import owner_alive
+from .core.state import ALL_TENANTS, FULL, MODES, utcnow
+from .core.store import MaintenanceStore
+from .report import Terminal
 
 DEFAULT_URL = "sqlite:///maintgate.db"
 DESCRIPTION = "Switch tenants in and out of maintenance, and see what is going on."
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
-
-
-def printable(text: str) -> str:
-    """``text`` with every control character escaped (``\\x1b``): stored data cannot move the
-    cursor, clear the screen or start a line of its own on the operator's terminal."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-class Terminal:
-    """A text stream that escapes control characters in what it is given, line ends aside.
-
-    ``print`` writes its text and its line end in two calls, so each line keeps its end while a
-    newline inside the data comes out escaped. JSON goes to the raw stream: it escapes its own.
-    """
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-
-    def write(self, text: str) -> int:
-        return int(self.stream.write(text if text == "\n" else printable(text)) or 0)
-
-    def flush(self) -> None:
-        self.stream.flush()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,84 +107,6 @@ def _when(value: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def schedule_json(schedule: Schedule) -> dict[str, Any]:
-    """A planned window as ``status --json`` prints it."""
-    return {
-        "id": schedule.id,
-        "starts_at": iso(schedule.starts_at),
-        "ends_at": iso(schedule.ends_at),
-        "mode": schedule.mode,
-        "message": schedule.message,
-    }
-
-
-def state_json(
-    store: MaintenanceStore, state: MaintenanceState, schedules: list[Schedule] | None = None
-) -> dict[str, Any]:
-    """A state as the JSON object ``status --json`` prints."""
-    owner = state.owner
-    alive = owner_alive(store, state)
-    return {
-        "tenant": state.tenant,
-        **state_fields(state),
-        "owner": None
-        if owner is None
-        else {"host": owner.host, "pid": owner.pid, "backend_pid": owner.backend_pid},
-        "owner_alive": alive,
-        "window": None
-        if state.window_id is None
-        else {"id": state.window_id, "lease_until": iso(state.lease_until), "alive": alive},
-        "scheduled": [schedule_json(s) for s in schedules or []],
-    }
-
-
-def _history_json(entry: HistoryEntry) -> dict[str, Any]:
-    owner = entry.owner
-    return {
-        "id": entry.id,
-        "tenant": entry.tenant,
-        "event": entry.event,
-        "at": iso(entry.at),
-        "message": entry.message,
-        "error": entry.error,
-        "owner": None
-        if owner is None
-        else {"host": owner.host, "pid": owner.pid, "backend_pid": owner.backend_pid},
-    }
-
-
-def _status_line(data: dict[str, Any]) -> str:
-    name = "ALL TENANTS" if data["tenant"] == ALL_TENANTS else data["tenant"]
-    parts = [f"{name}: {'IN MAINTENANCE' if data['active'] else 'serving'}"]
-    if data["active"] and data["message"]:
-        parts.append(f"message={data['message']!r}")
-    if data["active"] and data["started_at"]:
-        parts.append(f"since {data['started_at']}")
-    window = data.get("window")
-    if window:
-        owner = data["owner"] or {}
-        held = f"window {window['id']} held by {owner.get('host')} pid {owner.get('pid')}"
-        if window["alive"] and window["lease_until"]:
-            held += f", lease until {window['lease_until']}: new windows are refused until then"
-        elif window["alive"]:
-            held += ": its migration transaction holds the tenant's lock; new windows are refused"
-        else:
-            held += ": GONE (its lease expired or its transaction ended); the next window takes over"
-        parts.append(held)
-    if data["active"] and data.get("mode") == "read_only":
-        parts.append("read-only")
-    if data["error"]:
-        parts.append(f"error={data['error'].splitlines()[0]!r}")
-    lines = ["  ".join(parts)]
-    for planned in data.get("scheduled", []):
-        until = planned["ends_at"] or "until switched off"
-        what = f" {planned['message']!r}" if planned["message"] else ""
-        lines.append(
-            f"    scheduled #{planned['id']}: {planned['starts_at']} to {until} ({planned['mode']}){what}"
-        )
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace, out: Any) -> int:
     """Carry out one parsed command, printing to ``out``; returns the exit code."""
     if args.command == "demo":
@@ -226,25 +123,13 @@ def run(args: argparse.Namespace, out: Any) -> int:
                 f"maintgate tables ready in {store.engine.url.render_as_string(hide_password=True)}", file=out
             )
         elif args.command == "status":
-            planned: dict[str, list[Schedule]] = {}
-            for item in store.schedules(args.tenant):
-                planned.setdefault(item.tenant, []).append(item)
-            if args.tenant:
-                states = [store.get(args.tenant) or MaintenanceState(tenant=args.tenant, active=False)]
-            else:
-                states = store.all()
-                known = {s.tenant for s in states}
-                states += [
-                    MaintenanceState(tenant=t, active=False) for t in sorted(planned) if t not in known
-                ]
-            rows = [state_json(store, s, planned.get(s.tenant)) for s in states]
+            rows = report.status(store, args.tenant)
             if args.json:
                 print(json.dumps(rows, indent=2), file=raw)
-            else:
-                for row in rows:
-                    print(_status_line(row), file=out)
-                if not rows:
-                    print("no tenant has ever been in maintenance", file=out)
+            for row in [] if args.json else rows:
+                _lines(report.status_lines(row), out)
+            if not rows:
+                print("no tenant has ever been in maintenance", file=out)
         elif args.command == "on":
             tenant = ALL_TENANTS if args.all else args.tenant
             if args.at is not None or args.until is not None:
@@ -265,7 +150,7 @@ def run(args: argparse.Namespace, out: Any) -> int:
                 state = store.activate(
                     tenant, message=args.message, retry_after=args.retry_after, mode=args.mode
                 )
-                print(_status_line(state_json(store, state)), file=out)
+                _lines(report.status_lines(report.status(store, state.tenant)[0]), out)
         elif args.command == "unschedule":
             if not store.unschedule(args.id):
                 raise MaintgateError(f"no planned window #{args.id}")
@@ -273,10 +158,7 @@ def run(args: argparse.Namespace, out: Any) -> int:
         elif args.command == "off":
             tenant = ALL_TENANTS if args.all else args.tenant
             ended = store.deactivate(tenant)
-            print(
-                _status_line(state_json(store, ended)) if ended else f"{tenant}: was not in maintenance",
-                file=out,
-            )
+            _lines(report.ended_lines(ended, report.status(store, tenant)[0]), out)
         elif args.command == "release":
             released = store.release_window(args.tenant)
             if released is None:
@@ -291,14 +173,18 @@ def run(args: argparse.Namespace, out: Any) -> int:
         elif args.command == "history":
             entries = store.history(args.tenant, limit=args.limit)
             if args.json:
-                print(json.dumps([_history_json(e) for e in entries], indent=2), file=raw)
-            for e in [] if args.json else entries:
-                detail = e.error or e.message or ""
-                who = f" by {e.owner.host}:{e.owner.pid}" if e.owner else ""
-                print(f"{e.at.isoformat()}  {e.event:<17}{who}  {detail}".rstrip(), file=out)
+                print(json.dumps([report.history_json(e) for e in entries], indent=2), file=raw)
+            for entry in [] if args.json else entries:
+                print(report.history_line(entry), file=out)
         return 0
     finally:
         store.engine.dispose()
+
+
+def _lines(lines: list[str], out: Any) -> None:
+    """Print each line on its own: a newline inside one comes from the data, and is escaped."""
+    for line in lines:
+        print(line, file=out)
 
 
 def _refuse_missing_sqlite_file(url: str, command: str) -> None:
@@ -332,7 +218,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("maintgate: interrupted", file=sys.stderr)
         return 130
     return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,6 +23,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from sqlalchemy import text
 
+from . import report
 from .core.render import Renderer
 from .core.store import MaintenanceStore
 from .migration import maintenance_window
@@ -115,8 +116,6 @@ def _show(timeline: Timeline, who: str, response: tuple[int, Message, str]) -> N
 
 def run_demo(out: TextIO) -> int:
     """Replay the seed story; returns 0 when every step behaved as promised."""
-    from .cli import _status_line, state_json
-
     timeline = Timeline(out)
     problems: list[str] = []
 
@@ -207,7 +206,8 @@ def run_demo(out: TextIO) -> int:
             )
             state = store.get("demo")
             timeline.say("maintgate status demo")
-            timeline.detail(_status_line(state_json(store, state)))  # type: ignore[arg-type]
+            for line in report.status_lines(report.status(store, "demo")[0]):
+                timeline.detail(line)
             expect(state is not None and state.active and bool(state.error), "status shows the error")
 
             timeline.say("maintgate off demo  (an operator ends it)")

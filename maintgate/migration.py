@@ -34,7 +34,7 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.pool import AssertionPool, QueuePool, SingletonThreadPool, StaticPool
 
 from .core.errors import MaintgateError, WindowBusy, WindowLost, WindowRefused
-from .core.state import FULL, MaintenanceState, Owner, Window, check_tenant
+from .core.state import FULL, Owner, Window, check_tenant
 from .core.store import (
     DEFAULT_LEASE,
     MaintenanceStore,
@@ -56,17 +56,7 @@ ERROR_MAX_LENGTH = 2000
 CONNECTIONS_NEEDED = 2
 """Connections of the store's engine a window holds at once: the migration's and one for bookkeeping."""
 
-__all__ = ["WindowBusy", "WindowLost", "async_maintenance_window", "maintenance_window", "owner_alive"]
-
-
-def advisory_key(store: MaintenanceStore, tenant: str) -> int:
-    """The signed 64-bit PostgreSQL advisory-lock key of ``tenant``'s window in this store."""
-    return store.window_lock_key(tenant)
-
-
-def owner_alive(store: MaintenanceStore, state: MaintenanceState | None) -> bool | None:
-    """Whether the window that holds ``state``'s tenant still runs; None if no window holds it."""
-    return store.window_alive(state)
+__all__ = ["WindowBusy", "WindowLost", "async_maintenance_window", "maintenance_window"]
 
 
 def _describe(exc: BaseException) -> str:

@@ -201,3 +201,138 @@ def test_help_texts_carry_no_markup():
         )
         assert done.returncode == 0
         assert not any(mark in done.stdout for mark in ("``", ":class:", ":func:", ":meth:")), done.stdout
+
+
+def run(store: MaintenanceStore, capsys, *args: str) -> tuple[int, str, str]:
+    """The CLI in this process (faster than a subprocess where the process does not matter)."""
+    from maintgate.cli import main
+
+    url = store.engine.url.render_as_string(hide_password=False)
+    prefix = ["--table-prefix", store.tables.state.name.removesuffix("state")]
+    code = main(["--database-url", url, *prefix, *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def status_json(store, capsys, *args: str) -> dict[str, dict]:
+    code, out, err = run(store, capsys, "status", *args, "--json")
+    assert code == 0, err
+    return {row["tenant"]: row for row in json.loads(out)}
+
+
+def test_status_shows_what_the_gate_answers_now_and_why(store, capsys):
+    from datetime import timedelta
+
+    from maintgate import ALL_TENANTS, MaintenanceMiddleware
+    from maintgate.core.state import utcnow
+    from maintgate.tenants import from_header
+    from tests.conftest import asgi_call, ok_app
+
+    gate = MaintenanceMiddleware(ok_app, store, tenant=from_header("X-Tenant-ID"))
+
+    def answered(tenant: str, method: str = "POST") -> int:
+        return asgi_call(gate, headers={"X-Tenant-ID": tenant}, method=method)[0]
+
+    now = utcnow()
+    planned = store.schedule("demo", now - timedelta(minutes=1), now + timedelta(hours=1), message="Planned")
+    store.activate("other", mode="read_only")
+    rows = status_json(store, capsys)
+    assert answered("demo") == 503 and answered("other") == 503 and answered("other", "GET") == 200
+    demo = rows["demo"]
+    assert demo["active"] is False, "its own switch is off ..."
+    assert demo["effective"] == "maintenance" and demo["reason"] == f"schedule #{planned.id}", demo
+    assert rows["other"]["effective"] == "read_only" and rows["other"]["reason"] == "its own switch"
+    assert run(store, capsys, "status", "demo")[0] == 0
+    text = run(store, capsys, "status", "demo")[1]
+    assert text.startswith("demo: IN MAINTENANCE") and f"because of schedule #{planned.id}" in text, text
+
+    store.activate(ALL_TENANTS, message="Everyone")
+    rows = status_json(store, capsys)
+    assert answered("other", "GET") == 503
+    assert rows["other"]["effective"] == "maintenance", "the global switch is stricter than read-only"
+    assert rows["other"]["reason"] == "the global switch"
+    assert rows["other"]["reasons"] == ["the global switch", "its own switch"]
+    fresh = status_json(store, capsys, "fresh")["fresh"]
+    assert answered("fresh") == 503
+    assert fresh["effective"] == "maintenance" and fresh["reason"] == "the global switch", fresh
+    assert "fresh: IN MAINTENANCE because of the global switch" in run(store, capsys, "status", "fresh")[1]
+
+    store.deactivate(ALL_TENANTS)
+    store.deactivate("other")
+    rows = status_json(store, capsys)
+    assert answered("other") == 200
+    assert rows["other"]["effective"] == "serving" and rows["other"]["reason"] is None
+    assert run(store, capsys, "status", "other")[1].startswith("other: serving")
+
+    with maintenance_window(store, "busy"):
+        row = status_json(store, capsys, "busy")["busy"]
+        assert answered("busy") == 503
+        assert row["effective"] == "maintenance" and row["reason"].startswith("window "), row
+    gate.gate.close()
+
+
+def test_off_says_what_it_ended(store, capsys):
+    from datetime import timedelta
+
+    from maintgate import ALL_TENANTS
+    from maintgate.core.state import utcnow
+
+    now = utcnow()
+    first = store.schedule("demo", now - timedelta(minutes=5), now + timedelta(hours=1))
+    second = store.schedule("demo", now - timedelta(minutes=1))
+    later = store.schedule("demo", now + timedelta(days=1), now + timedelta(days=2))
+    code, out, err = run(store, capsys, "off", "demo")
+    assert code == 0, err
+    assert "was not in maintenance" not in out
+    assert f"schedule #{first.id}" in out and f"schedule #{second.id}" in out, out
+    assert f"#{later.id}" in out and "still planned" in out, "what it left is said too"
+    assert status_json(store, capsys, "demo")["demo"]["effective"] == "serving"
+
+    store.activate("demo")
+    store.activate(ALL_TENANTS)
+    out = run(store, capsys, "off", "demo")[1]
+    assert "ended its own switch" in out and "still in maintenance: the global switch" in out, out
+    code, out, _ = run(store, capsys, "off", "demo")
+    assert code == 0 and "nothing to end" in out, out
+
+
+def test_off_after_a_crashed_window_clears_its_dead_owner(store, capsys):
+    import time
+
+    from maintgate.core.state import Owner
+
+    crashed = store.open_window("demo", Owner("crashed-host", 4242), lease=0.05)
+    time.sleep(0.2)
+    row = status_json(store, capsys, "demo")["demo"]
+    assert row["window"]["id"] == crashed.id and row["window"]["alive"] is False
+    code, out, err = run(store, capsys, "off", "demo")
+    assert code == 0, err
+    assert f"cleared window {crashed.id}" in out and "crashed-host pid 4242" in out, out
+    row = status_json(store, capsys, "demo")["demo"]
+    assert row["window"] is None and row["owner"] is None and row["effective"] == "serving", row
+    assert "window_released" in [e.event for e in store.history("demo")]
+
+    with maintenance_window(store, "demo") as conn:
+        running = store.get("demo", connection=None).window_id
+        code, out, _ = run(store, capsys, "off", "demo")
+        assert f"window {running} " in out and "still runs" in out, out
+        assert store.get("demo").window_id == running, "a live window is reported, never cleared"
+        assert conn is not None
+
+
+def test_lines_of_several_rows_each_start_a_line_and_data_cannot(store, capsys):
+    from datetime import timedelta
+
+    from maintgate.core.state import utcnow
+
+    now = utcnow()
+    store.schedule("demo", now + timedelta(hours=1), now + timedelta(hours=2), message="one\nforged line")
+    store.schedule("demo", now + timedelta(days=1))
+    code, out, _ = run(store, capsys, "status", "demo")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 3, out
+    assert lines[0] == "demo: serving" and all(line.startswith("    scheduled #") for line in lines[1:])
+    assert "one\\nforged line" in lines[1], "a newline in the data is escaped"
+    code, out, _ = run(store, capsys, "off", "demo")
+    lines = out.splitlines()
+    assert len(lines) == 4 and all(line.startswith("  ") for line in lines[1:]), out

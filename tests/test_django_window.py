@@ -6,7 +6,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from maintgate import owner_alive
 from tests.conftest import require_postgres
 from tests.django_setup import setup
 
@@ -62,7 +61,7 @@ def test_schema_editor_and_orm_commit_with_the_switch_off(using):
     store = get_store(using)
     with maintenance_window("demo", using=using, message="Renaming primary-email") as connection:
         state = store.get("demo")
-        assert state.active and owner_alive(store, state) is True
+        assert state.active and store.window_alive(state) is True
         old, new = renamed_field()
         with connection.schema_editor() as editor:
             editor.alter_field(Contact, old, new)

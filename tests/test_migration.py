@@ -18,7 +18,6 @@ from maintgate import (
     WindowBusy,
     async_maintenance_window,
     maintenance_window,
-    owner_alive,
 )
 from maintgate.core.store import make_sqlite_transactional
 from tests.helpers import (
@@ -36,7 +35,7 @@ def test_success_commits_the_migration_and_the_switch_off_together(store, contac
     with maintenance_window(store, "demo", message="Renaming primary-email", retry_after=300) as conn:
         seen = store.effective("demo")
         assert seen is not None and seen.active and seen.message == "Renaming primary-email"
-        assert seen.owner is not None and owner_alive(store, store.get("demo")) is True
+        assert seen.owner is not None and store.window_alive(store.get("demo")) is True
         assert seen.owner.pid == os.getpid() and seen.owner.host == socket.gethostname()
         assert store.get("demo").window_id is not None, "the switch-on names its window"
         rename(conn, contacts)
@@ -199,14 +198,14 @@ def test_a_caller_rolling_back_after_a_joined_window_is_visible(store, caplog):
         with maintenance_window(store, "demo", connection=conn):
             pass
         if store.engine.dialect.name == "postgresql":
-            assert owner_alive(store, store.get("demo")) is True, "the caller's transaction holds the lock"
+            assert store.window_alive(store.get("demo")) is True, "the caller's transaction holds the lock"
             with pytest.raises(WindowBusy), maintenance_window(store, "demo"):
                 pass
         tx.rollback()
     state = store.get("demo")
     assert state.active and state.owner is not None
     if store.engine.dialect.name == "postgresql":  # once the lease that covered its opening is over
-        assert eventually(lambda: owner_alive(store, store.get("demo")) is False, 6)
+        assert eventually(lambda: store.window_alive(store.get("demo")) is False, 6)
     assert any(getattr(r, "maintgate_event", "") == "window_rolled_back_by_caller" for r in caplog.records)
 
 
@@ -389,9 +388,7 @@ def test_bad_arguments_are_maintgate_errors(store):
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_the_advisory_lock_is_released_for_other_sessions(store):
     """A pool reset would not release a session lock; the window must, or drop the connection."""
-    from maintgate.migration import advisory_key
-
-    key = advisory_key(store, "demo")
+    key = store.window_lock_key("demo")
     other = create_engine(store.engine.url)
     try:
         for fails in (False, True):

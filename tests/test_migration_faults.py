@@ -11,7 +11,7 @@ import time
 import pytest
 from sqlalchemy import text
 
-from maintgate import maintenance_window, owner_alive
+from maintgate import maintenance_window
 from tests.helpers import columns, eventually
 
 MIGRATOR = textwrap.dedent(
@@ -40,14 +40,14 @@ def test_sigkill_mid_work_leaves_maintenance_on_and_the_owner_gone(store, contac
         assert child.stdout.readline().strip() == "renamed"
         state = store.get("demo")
         assert state.active and state.owner.pid == child.pid
-        assert owner_alive(store, state) is True, "still migrating"
+        assert store.window_alive(state) is True, "still migrating"
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(10)
         child.stdout.close()
     state = store.get("demo")
     assert state.active and state.owner.pid == child.pid, "a crash leaves maintenance on"
-    assert eventually(lambda: owner_alive(store, state) is False, 5), "the status says the owner is gone"
+    assert eventually(lambda: store.window_alive(state) is False, 5), "the status says the owner is gone"
     assert eventually(lambda: columns(store, contacts) == {"id", "primary-email"}), "not migrated"
     with maintenance_window(store, "demo") as conn:  # the crashed window does not block the next one
         conn.execute(text(f'ALTER TABLE {contacts} RENAME COLUMN "primary-email" TO "main-email-contact"'))
@@ -117,4 +117,4 @@ def test_a_killed_migrator_busy_in_a_statement_frees_its_locks_within_seconds(st
     assert elapsed < 3, f"the busy backend took {elapsed:.1f}s to notice its client died"
     assert columns(store, contacts) == {"id", "primary-email"}
     # Its lock went with its transaction; the lease that covered its opening ends soon after.
-    assert eventually(lambda: owner_alive(store, store.get("demo")) is False, 6)
+    assert eventually(lambda: store.window_alive(store.get("demo")) is False, 6)

@@ -19,7 +19,7 @@ import uuid
 import pytest
 from sqlalchemy import create_engine, text
 
-from maintgate import MaintenanceStore, WindowBusy, WSGIMaintenanceMiddleware, maintenance_window, owner_alive
+from maintgate import MaintenanceStore, WindowBusy, WSGIMaintenanceMiddleware, maintenance_window
 from maintgate.tenants import from_header
 from tests.conftest import POSTGRES_URL, wsgi_call
 from tests.helpers import elsewhere, eventually
@@ -146,14 +146,14 @@ def test_a_killed_window_frees_the_tenant_at_once(bounced, pgbouncer_url):
     )
     try:
         assert child.stdout.readline().strip() == "open"
-        assert owner_alive(bounced, bounced.get("demo")) is True
+        assert bounced.window_alive(bounced.get("demo")) is True
         with pytest.raises(WindowBusy), maintenance_window(bounced, "demo"):
             pass
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(10)
         child.stdout.close()
-    assert eventually(lambda: owner_alive(bounced, bounced.get("demo")) is False, 10)
+    assert eventually(lambda: bounced.window_alive(bounced.get("demo")) is False, 10)
     with maintenance_window(bounced, "demo"):
         pass
     assert not bounced.get("demo").active

@@ -28,7 +28,6 @@ from maintgate import (
     WindowLost,
     async_maintenance_window,
     maintenance_window,
-    owner_alive,
 )
 from maintgate.tenants import from_header
 from tests.conftest import MYSQL_URL, ManualClock, require_mysql
@@ -119,9 +118,7 @@ def _backend_gone(store: MaintenanceStore, pid: int) -> bool:
 
 def _lock_holder(store: MaintenanceStore) -> int:
     """The backend that holds the tenant's advisory lock: the session the exclusion lives in."""
-    from maintgate.migration import advisory_key
-
-    key = advisory_key(store, "demo")
+    key = store.window_lock_key("demo")
     with store.engine.connect() as conn:
         return conn.execute(
             text(
@@ -215,8 +212,8 @@ def test_a_dead_windows_lease_expires_and_the_next_window_takes_over(any_store, 
     any_store.open_window("demo", owner, message="crashed", lease=0.6)  # and never renewed: it died
     with pytest.raises(WindowBusy, match=r"lease runs until .*maintgate release demo"), _window(any_store):
         pass
-    assert owner_alive(any_store, any_store.get("demo")) is True
-    assert eventually(lambda: owner_alive(any_store, any_store.get("demo")) is False, 5)
+    assert any_store.window_alive(any_store.get("demo")) is True
+    assert eventually(lambda: any_store.window_alive(any_store.get("demo")) is False, 5)
     with _window(any_store, message="takes over"):
         assert any_store.get("demo").owner.pid == os.getpid()
     state = any_store.get("demo")
@@ -228,7 +225,7 @@ def test_a_running_window_renews_its_lease(any_store):
         time.sleep(1.5)  # more than two leases
         with pytest.raises(WindowBusy), _window(any_store):
             pass
-        assert owner_alive(any_store, any_store.get("demo")) is True
+        assert any_store.window_alive(any_store.get("demo")) is True
     assert not any_store.get("demo").active
 
 
@@ -609,14 +606,12 @@ def test_a_cancellation_while_the_async_window_rolls_back_still_records_the_erro
 
 def _lock_is_free(store: MaintenanceStore, tenant: str = "demo") -> bool:
     """Whether another session can take the tenant's advisory lock (always, off PostgreSQL)."""
-    from maintgate.migration import advisory_key
-
     if store.engine.dialect.name != "postgresql":
         return True
     other = create_engine(store.engine.url)
     try:
         with other.connect() as conn:
-            key = advisory_key(store, tenant)
+            key = store.window_lock_key(tenant)
             got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
             if got:
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})

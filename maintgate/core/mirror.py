@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from .errors import explain
 from .state import ALL_TENANTS, Changes, MaintenanceState, Schedule, strictness, utcnow
+from .state import in_force as states_in_force
 
 logger = logging.getLogger("maintgate")
 
@@ -336,20 +337,9 @@ class StateMirror:
 
         def in_force(tenant: str) -> list[MaintenanceState]:
             nonlocal boundary
-            found = []
-            manual = self._manual.get(tenant)
-            if manual is not None:
-                found.append(manual)
-            for schedule in self._planned.get(tenant, ()):
-                if schedule.starts_at > now:
-                    edge: datetime | None = schedule.starts_at
-                elif schedule.ends_at is not None and schedule.ends_at <= now:
-                    continue
-                else:
-                    found.append(schedule.as_state())
-                    edge = schedule.ends_at
-                if edge is not None and (boundary is None or edge < boundary):
-                    boundary = edge
+            found, edge = states_in_force(self._manual.get(tenant), self._planned.get(tenant, ()), now)
+            if edge is not None and (boundary is None or edge < boundary):
+                boundary = edge
             return found
 
         for tenant, schedules in list(self._planned.items()):

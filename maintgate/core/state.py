@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -147,10 +148,6 @@ class Schedule:
     retry_after: int | None = None
     created_at: datetime | None = None
 
-    def active_at(self, now: datetime) -> bool:
-        """Whether the window is on at ``now``."""
-        return self.starts_at <= now and (self.ends_at is None or now < self.ends_at)
-
     def as_state(self) -> MaintenanceState:
         """The maintenance state this window means while it is on."""
         return MaintenanceState(
@@ -164,6 +161,44 @@ class Schedule:
             mode=self.mode,
             schedule_id=self.id,
         )
+
+
+def in_force(
+    manual: MaintenanceState | None, schedules: Iterable[Schedule], now: datetime
+) -> tuple[list[MaintenanceState], datetime | None]:
+    """What one switch (a tenant's or the global one) has in force at ``now`` — its manual state
+    if active, and its planned windows that are on — and when that next changes by itself."""
+    found = [manual] if manual is not None and manual.active else []
+    boundary: datetime | None = None
+    for schedule in schedules:
+        if schedule.starts_at > now:
+            edge: datetime | None = schedule.starts_at
+        elif schedule.ends_at is not None and schedule.ends_at <= now:
+            continue
+        else:
+            found.append(schedule.as_state())
+            edge = schedule.ends_at
+        if edge is not None and (boundary is None or edge < boundary):
+            boundary = edge
+    return found, boundary
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """What :meth:`MaintenanceStore.deactivate` ended, so an operator is told exactly that."""
+
+    tenant: str
+    switch: bool
+    """Whether the tenant's own switch was on (an operator's or a window's)."""
+    schedules: tuple[Schedule, ...] = ()
+    """The planned windows that were on and are now deleted."""
+    released: MaintenanceState | None = None
+    """The state as it was when a window whose owner is gone held the tenant, cleared too."""
+    state: MaintenanceState | None = None
+    """The tenant's row as it is now (None if it has none)."""
+
+    def __bool__(self) -> bool:
+        return self.switch or bool(self.schedules) or self.released is not None
 
 
 @dataclass(frozen=True, slots=True)

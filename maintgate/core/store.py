@@ -49,6 +49,7 @@ from .state import (
     FULL,
     MODES,
     Changes,
+    Ended,
     HistoryEntry,
     Lookup,
     MaintenanceState,
@@ -684,7 +685,11 @@ class MaintenanceStore:
             new_id = conn.execute(sc.insert().values(values)).inserted_primary_key[0]  # type: ignore[index]
             until = end.isoformat() if end else "until switched off"
             self._log(
-                conn, tenant, "scheduled", now, message=f"{start.isoformat()} to {until}: {message or ''}"
+                conn,
+                tenant,
+                "scheduled",
+                now,
+                message=f"{start.isoformat()} to {until}" + (f": {message}" if message else ""),
             )
         return Schedule(id=new_id, **{**values, "starts_at": start, "ends_at": end})  # type: ignore[arg-type]
 
@@ -739,15 +744,22 @@ class MaintenanceStore:
         announce("activated", tenant, message=message, mode=mode, retry_after=retry_after)
         return state
 
-    def deactivate(self, tenant: str, *, connection: Connection | None = None) -> MaintenanceState | None:
-        """Switch maintenance off for ``tenant``; returns the new state, or None if it had none."""
+    def deactivate(self, tenant: str, *, connection: Connection | None = None) -> Ended:
+        """Switch maintenance off for ``tenant``: its own switch and its planned windows that are on.
+
+        A window whose owner is gone (see :meth:`window_alive`) is cleared too; a running window
+        keeps the tenant, and its own switch-off is fenced on its id. Returns what was ended
+        (falsy if nothing was).
+        """
+        check_tenant(tenant)
         with self._begin(connection) as conn:
-            changed = self._deactivate(tenant, conn)
-            t = self._t().state
-            row = conn.execute(select(t).where(t.c.tenant == tenant)).first()
-        if changed:
-            announce("deactivated", tenant)
-        return None if row is None else self._from_row(row)
+            ended = self._deactivate(tenant, conn)
+        if ended.switch or ended.schedules:
+            announce("deactivated", tenant, schedules=[s.id for s in ended.schedules])
+        if ended.released is not None:
+            released = ended.released
+            announce("window_released", tenant, window=released.window_id, owner=released.owner)
+        return ended
 
     def history(self, tenant: str, *, limit: int = 100) -> list[HistoryEntry]:
         """The latest ``limit`` events of ``tenant`` (switches, windows, failures), oldest first."""
@@ -807,28 +819,39 @@ class MaintenanceStore:
             row = conn.execute(select(t).where(t.c.tenant == tenant)).one()
         return self._from_row(row)
 
-    def _deactivate(self, tenant: str, conn: Connection) -> bool:
-        """An operator's switch-off on ``conn``; also ends planned windows that are on now.
-
-        A running window keeps its ownership: its own switch-off is fenced on its id.
-        Returns whether there was anything to switch off.
-        """
-        check_tenant(tenant)
-        t = self._t().state
+    def _deactivate(self, tenant: str, conn: Connection) -> Ended:
+        """An operator's switch-off on ``conn`` (see :meth:`deactivate`)."""
+        t, sc = self._t().state, self._t().schedule
         now = utcnow()
         values = {"active": False, "error": None, "ends_at": None, "updated_at": now, "source": None}
-        changed = conn.execute(update(t).where(t.c.tenant == tenant, t.c.active).values(**values)).rowcount
-        sc = self._t().schedule
-        changed += conn.execute(
-            delete(sc).where(
-                sc.c.tenant == tenant,
-                sc.c.starts_at <= _to_db(now),
-                or_(sc.c.ends_at.is_(None), sc.c.ends_at > _to_db(now)),
-            )
-        ).rowcount
-        if changed:
-            self._log(conn, tenant, "deactivated", now)
-        return bool(changed)
+        switch = conn.execute(update(t).where(t.c.tenant == tenant, t.c.active).values(**values)).rowcount
+        on_now = and_(
+            sc.c.tenant == tenant,
+            sc.c.starts_at <= _to_db(now),
+            or_(sc.c.ends_at.is_(None), sc.c.ends_at > _to_db(now)),
+        )
+        schedules = tuple(
+            _schedule(r._mapping) for r in conn.execute(select(sc).where(on_now).order_by(sc.c.id))
+        )
+        if schedules:
+            conn.execute(delete(sc).where(sc.c.id.in_([s.id for s in schedules])))
+        row = conn.execute(select(t).where(t.c.tenant == tenant)).first()
+        state = None if row is None else self._from_row(row)
+        released = None
+        if state is not None and state.window_id is not None and not self.window_alive(state):
+            cleared = conn.execute(
+                update(t)
+                .where(t.c.tenant == tenant, t.c.window_id == state.window_id)
+                .values(**{c.key: v for c, v in self._window_cleared(t)})
+            ).rowcount
+            if cleared == 1:
+                released = state
+                self._log(conn, tenant, "window_released", now, owner=state.owner, window_id=state.window_id)
+                state = self._from_row(conn.execute(select(t).where(t.c.tenant == tenant)).one())
+        if switch or schedules:
+            ended = [*(["its own switch"] if switch else []), *(f"schedule #{s.id}" for s in schedules)]
+            self._log(conn, tenant, "deactivated", now, message="ended " + ", ".join(ended))
+        return Ended(tenant, bool(switch), schedules, released, state)
 
     # -- migration windows ---------------------------------------------------------------------------
     #

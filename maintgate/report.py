@@ -1,0 +1,216 @@
+"""What the CLI and the demo print: tenants' status, what ``off`` ended, history lines.
+
+Status says what a gate answers now and why, derived the way gates derive it
+(:func:`maintgate.core.state.in_force`, strictest first), not just the tenant's own row.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .core.state import (
+    ALL_TENANTS,
+    Ended,
+    HistoryEntry,
+    MaintenanceState,
+    Schedule,
+    in_force,
+    strictness,
+    utcnow,
+)
+from .core.store import WINDOW, MaintenanceStore, iso, state_fields
+
+SERVING, MAINTENANCE, READ_ONLY = "serving", "maintenance", "read_only"
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character escaped (``\\x1b``): stored data cannot move the
+    cursor, clear the screen or start a line of its own on the operator's terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class Terminal:
+    """A text stream that escapes control characters in what it is given, line ends aside.
+
+    ``print`` writes its text and its line end in two calls, so each line keeps its end while a
+    newline inside the data comes out escaped. JSON goes to the raw stream: it escapes its own.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return int(self.stream.write(text if text == "\n" else printable(text)) or 0)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _owner_json(state: MaintenanceState | HistoryEntry) -> dict[str, Any] | None:
+    owner = state.owner
+    return None if owner is None else {"host": owner.host, "pid": owner.pid, "backend_pid": owner.backend_pid}
+
+
+def schedule_json(schedule: Schedule) -> dict[str, Any]:
+    """A planned window as ``status --json`` prints it."""
+    return {
+        "id": schedule.id,
+        "starts_at": iso(schedule.starts_at),
+        "ends_at": iso(schedule.ends_at),
+        "mode": schedule.mode,
+        "message": schedule.message,
+    }
+
+
+def reason(state: MaintenanceState) -> str:
+    """Why ``state`` puts its tenants in maintenance, in a few words."""
+    scope = "global " if state.is_global else ""
+    if state.schedule_id is not None:
+        return f"{scope}schedule #{state.schedule_id}"
+    if state.is_global:
+        return "the global switch"
+    if state.window_id is not None and state.source == WINDOW:
+        owner = f" of {state.owner.host} pid {state.owner.pid}" if state.owner else ""
+        return f"window {state.window_id}{owner}"
+    return "its own switch"
+
+
+def status(store: MaintenanceStore, tenant: str | None = None) -> list[dict[str, Any]]:
+    """``status --json``: each recorded tenant's row (or one tenant's), with what the gate answers
+    now (``effective``) and why (``reason``, the state that wins; ``reasons``, all in force)."""
+    wanted = None if tenant is None else [tenant, ALL_TENANTS]
+    planned: dict[str, list[Schedule]] = {}
+    for item in (
+        store.schedules() if wanted is None else store.schedules(tenant) + store.schedules(ALL_TENANTS)
+    ):
+        if wanted is None or item.tenant in wanted:
+            planned.setdefault(item.tenant, []).append(item)
+    if tenant is not None:
+        states = [store.get(tenant) or MaintenanceState(tenant=tenant, active=False)]
+        everyone = states[0] if tenant == ALL_TENANTS else store.get(ALL_TENANTS)
+    else:
+        states = store.all()
+        known = {s.tenant for s in states}
+        states += [MaintenanceState(tenant=t, active=False) for t in sorted(planned) if t not in known]
+        everyone = next((s for s in states if s.is_global), None)
+    now = utcnow()
+    global_force = in_force(everyone, planned.get(ALL_TENANTS, ()), now)[0]
+    rows = []
+    for state in states:
+        applying = in_force(state, planned.get(state.tenant, ()), now)[0]
+        if not state.is_global:
+            applying += global_force
+        applying.sort(key=strictness)
+        winner = applying[0] if applying else None
+        alive = store.window_alive(state)
+        rows.append(
+            {
+                "tenant": state.tenant,
+                **state_fields(state),
+                "effective": SERVING if winner is None else READ_ONLY if winner.read_only else MAINTENANCE,
+                "reason": None if winner is None else reason(winner),
+                "reasons": [reason(s) for s in applying],
+                "effective_message": None if winner is None else winner.message,
+                "effective_since": None if winner is None else iso(winner.started_at),
+                "owner": _owner_json(state),
+                "owner_alive": alive,
+                "window": None
+                if state.window_id is None
+                else {"id": state.window_id, "lease_until": iso(state.lease_until), "alive": alive},
+                "scheduled": [schedule_json(s) for s in planned.get(state.tenant, [])],
+            }
+        )
+    return rows
+
+
+def status_lines(data: dict[str, Any]) -> list[str]:
+    """One ``status`` row as lines of text: what the gate answers and why, the window, the plan."""
+    name = "ALL TENANTS" if data["tenant"] == ALL_TENANTS else data["tenant"]
+    effective = data["effective"]
+    if effective == SERVING:
+        parts = [f"{name}: serving"]
+    else:
+        what = "IN READ-ONLY MAINTENANCE" if effective == READ_ONLY else "IN MAINTENANCE"
+        parts = [f"{name}: {what} because of {data['reason']}"]
+        if len(data["reasons"]) > 1:
+            parts.append(f"(also {', '.join(data['reasons'][1:])})")
+        if data["effective_message"]:
+            parts.append(f"message={data['effective_message']!r}")
+        if data["effective_since"]:
+            parts.append(f"since {data['effective_since']}")
+    window = data.get("window")
+    if window:
+        parts.append(_window_text(data))
+    if data["error"]:
+        parts.append(f"error={data['error'].splitlines()[0]!r}")
+    lines = ["  ".join(parts)]
+    for planned in data.get("scheduled", []):
+        what = f" {planned['message']!r}" if planned["message"] else ""
+        lines.append(f"    scheduled #{planned['id']}: {_span(planned)} ({planned['mode']}){what}")
+    return lines
+
+
+def _window_text(data: dict[str, Any]) -> str:
+    window, owner = data["window"], data["owner"] or {}
+    held = f"window {window['id']} held by {owner.get('host')} pid {owner.get('pid')}"
+    if window["alive"] and window["lease_until"]:
+        return held + f", lease until {window['lease_until']}: new windows are refused until then"
+    if window["alive"]:
+        return held + ": its migration transaction holds the tenant's lock; new windows are refused"
+    return held + ": GONE (its lease expired or its transaction ended); the next window takes over"
+
+
+def ended_lines(ended: Ended, after: dict[str, Any]) -> list[str]:
+    """What ``off`` ended, what it cleared, and what still holds the tenant afterwards."""
+    name = "ALL TENANTS" if ended.tenant == ALL_TENANTS else ended.tenant
+    what = ["its own switch"] if ended.switch else []
+    what += [f"schedule #{s.id} ({_span(schedule_json(s))})" for s in ended.schedules]
+    if what:
+        lines = [f"{name}: ended {', '.join(what)}"]
+    else:
+        lines = [f"{name}: nothing to end: its own switch was off and no schedule was on"]
+    released = ended.released
+    if released is not None:
+        gone = f" held by {released.owner.host} pid {released.owner.pid}" if released.owner else ""
+        lines.append(f"  cleared window {released.window_id}{gone}: its owner is gone")
+    if after["effective"] != SERVING:
+        hint = " (`maintgate off --all` ends it)" if after["reason"] == "the global switch" else ""
+        lines.append(f"  still in maintenance: {after['reason']}{hint}")
+    else:
+        lines.append("  serving now")
+    window = after.get("window")
+    if window and window["alive"]:
+        owner = after["owner"] or {}
+        lines.append(
+            f"  window {window['id']} of {owner.get('host')} pid {owner.get('pid')} still runs: its "
+            "migration is not done, and new windows are refused until it ends"
+        )
+    lines += [f"  still planned: #{p['id']} {_span(p)}" for p in after.get("scheduled", [])]
+    return lines
+
+
+def _span(planned: dict[str, Any]) -> str:
+    start, end = planned["starts_at"], planned["ends_at"]
+    return f"{start} to {end}" if end else f"from {start} until switched off"
+
+
+def history_json(entry: HistoryEntry) -> dict[str, Any]:
+    """One history entry as ``history --json`` prints it."""
+    return {
+        "id": entry.id,
+        "tenant": entry.tenant,
+        "event": entry.event,
+        "at": iso(entry.at),
+        "message": entry.message,
+        "error": entry.error,
+        "owner": _owner_json(entry),
+    }
+
+
+def history_line(entry: HistoryEntry) -> str:
+    """One history entry as text."""
+    detail = entry.error or entry.message or ""
+    who = f" by {entry.owner.host}:{entry.owner.pid}" if entry.owner else ""
+    return f"{entry.at.isoformat()}  {entry.event:<17}{who}  {detail}".rstrip()
