@@ -34,10 +34,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--table-prefix", default="maintgate_", help="prefix of maintgate's tables")
     parser.add_argument("--schema", default=None, help="schema of maintgate's tables")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_commands(sub)
+    sub.add_parser("demo", help="replay the seed incident end to end on SQLite, with a real server")
+    return parser
 
+
+def add_commands(sub: Any) -> None:
+    """The commands that act on a store, added to ``sub`` (the CLI's subparsers, or Django's)."""
     sub.add_parser("init", help="create maintgate's tables (idempotent)")
 
-    status = sub.add_parser("status", help="show who is in maintenance, and whether window owners live")
+    status = sub.add_parser("status", help="show what the gate answers each tenant now, and why")
     status.add_argument("tenant", nargs="?", help="one tenant (default: every recorded one)")
     status.add_argument("--json", action="store_true", help="print a JSON array")
 
@@ -59,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     unschedule = sub.add_parser("unschedule", help="cancel a planned window (ids are in status)")
     unschedule.add_argument("id", type=int, help="the schedule id")
 
-    off = sub.add_parser("off", help="switch maintenance off")
+    off = sub.add_parser("off", help="switch maintenance off, and say what that ended")
     _target(off)
 
     release = sub.add_parser(
@@ -71,9 +77,6 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("tenant", help="the tenant, or '*' for the global switch")
     history.add_argument("--limit", type=int, default=50, help="latest N events (default %(default)s)")
     history.add_argument("--json", action="store_true", help="print a JSON array")
-
-    sub.add_parser("demo", help="replay the seed incident end to end on SQLite, with a real server")
-    return parser
 
 
 def _target(parser: argparse.ArgumentParser) -> None:
@@ -107,84 +110,75 @@ def _when(value: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def run(args: argparse.Namespace, out: Any) -> int:
-    """Carry out one parsed command, printing to ``out``; returns the exit code."""
-    if args.command == "demo":
-        from .demo import run_demo
+def execute(args: argparse.Namespace, store: MaintenanceStore, stream: Any) -> None:
+    """Carry out one parsed command of :func:`add_commands` on ``store``, writing to ``stream``.
 
-        return run_demo(out)
-    raw, out = out, Terminal(out)
-    _refuse_missing_sqlite_file(args.database_url, args.command)
-    store = MaintenanceStore(args.database_url, table_prefix=args.table_prefix, schema=args.schema)
-    try:
-        if args.command == "init":
-            store.create_tables()
-            print(
-                f"maintgate tables ready in {store.engine.url.render_as_string(hide_password=True)}", file=out
+    Text has its control characters escaped; JSON is written as is. Errors are raised
+    (:func:`failure` turns them into one line).
+    """
+    out = Terminal(stream)
+    if args.command == "init":
+        store.create_tables()
+        out.line(f"maintgate tables ready in {store.engine.url.render_as_string(hide_password=True)}")
+    elif args.command == "status":
+        rows = report.status(store, args.tenant)
+        if args.json:
+            out.raw(json.dumps(rows, indent=2))
+        for row in [] if args.json else rows:
+            out.lines(report.status_lines(row))
+        if not rows:
+            out.line("no tenant has ever been in maintenance")
+    elif args.command == "on":
+        tenant = ALL_TENANTS if args.all else args.tenant
+        if args.at is not None or args.until is not None:
+            window = store.schedule(
+                tenant,
+                args.at or utcnow(),
+                args.until,
+                message=args.message,
+                mode=args.mode,
+                retry_after=args.retry_after,
             )
-        elif args.command == "status":
-            rows = report.status(store, args.tenant)
-            if args.json:
-                print(json.dumps(rows, indent=2), file=raw)
-            for row in [] if args.json else rows:
-                _lines(report.status_lines(row), out)
-            if not rows:
-                print("no tenant has ever been in maintenance", file=out)
-        elif args.command == "on":
-            tenant = ALL_TENANTS if args.all else args.tenant
-            if args.at is not None or args.until is not None:
-                window = store.schedule(
-                    tenant,
-                    args.at or utcnow(),
-                    args.until,
-                    message=args.message,
-                    mode=args.mode,
-                    retry_after=args.retry_after,
-                )
-                until = window.ends_at.isoformat() if window.ends_at else "until switched off"
-                print(
-                    f"{tenant}: scheduled #{window.id} from {window.starts_at.isoformat()} to {until}",
-                    file=out,
-                )
-            else:
-                state = store.activate(
-                    tenant, message=args.message, retry_after=args.retry_after, mode=args.mode
-                )
-                _lines(report.status_lines(report.status(store, state.tenant)[0]), out)
-        elif args.command == "unschedule":
-            if not store.unschedule(args.id):
-                raise MaintgateError(f"no planned window #{args.id}")
-            print(f"cancelled planned window #{args.id}", file=out)
-        elif args.command == "off":
-            tenant = ALL_TENANTS if args.all else args.tenant
-            ended = store.deactivate(tenant)
-            _lines(report.ended_lines(ended, report.status(store, tenant)[0]), out)
-        elif args.command == "release":
-            released = store.release_window(args.tenant)
-            if released is None:
-                raise MaintgateError(f"no window holds tenant {args.tenant!r}")
-            owner = released.owner
-            who = f" ({owner.host} pid {owner.pid})" if owner else ""
-            print(
-                f"{args.tenant}: released window {released.window_id}{who}; maintenance stays on "
-                f"until `maintgate off {args.tenant}`",
-                file=out,
-            )
-        elif args.command == "history":
-            entries = store.history(args.tenant, limit=args.limit)
-            if args.json:
-                print(json.dumps([report.history_json(e) for e in entries], indent=2), file=raw)
-            for entry in [] if args.json else entries:
-                print(report.history_line(entry), file=out)
-        return 0
-    finally:
-        store.engine.dispose()
+            out.line(f"{tenant}: scheduled #{window.id} {report.span(window)}")
+        else:
+            store.activate(tenant, message=args.message, retry_after=args.retry_after, mode=args.mode)
+            out.lines(report.status_lines(report.status(store, tenant)[0]))
+    elif args.command == "unschedule":
+        if not store.unschedule(args.id):
+            raise MaintgateError(f"no planned window #{args.id}")
+        out.line(f"cancelled planned window #{args.id}")
+    elif args.command == "off":
+        tenant = ALL_TENANTS if args.all else args.tenant
+        ended = store.deactivate(tenant)
+        out.lines(report.ended_lines(ended, report.status(store, tenant)[0]))
+    elif args.command == "release":
+        released = store.release_window(args.tenant)
+        if released is None:
+            raise MaintgateError(f"no window holds tenant {args.tenant!r}")
+        owner = released.owner
+        who = f" ({owner.host} pid {owner.pid})" if owner else ""
+        out.line(
+            f"{args.tenant}: released window {released.window_id}{who}; maintenance stays on "
+            f"until `maintgate off {args.tenant}`"
+        )
+    elif args.command == "history":
+        entries = store.history(args.tenant, limit=args.limit)
+        if args.json:
+            out.raw(json.dumps([report.history_json(e) for e in entries], indent=2))
+        out.lines([] if args.json else [report.history_line(e) for e in entries])
+    else:
+        raise MaintgateError(f"unknown command {args.command!r}")
 
 
-def _lines(lines: list[str], out: Any) -> None:
-    """Print each line on its own: a newline inside one comes from the data, and is escaped."""
-    for line in lines:
-        print(line, file=out)
+def failure(exc: BaseException, url: str = "") -> str | None:
+    """The one line that reports ``exc`` to an operator, or None if it is not an error we expect."""
+    if isinstance(exc, MaintgateError | ValueError):
+        return f"error: {exc}"
+    if isinstance(exc, ModuleNotFoundError):
+        return f"error: {explain(exc, url)}"
+    if isinstance(exc, SQLAlchemyError):
+        return f"database error: {explain(exc, url)}"
+    return None
 
 
 def _refuse_missing_sqlite_file(url: str, command: str) -> None:
@@ -207,14 +201,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``maintgate`` console script."""
     args = _parser().parse_args(argv)
     try:
-        return run(args, sys.stdout)
-    except (MaintgateError, ValueError) as exc:
-        print(f"maintgate: error: {exc}", file=Terminal(sys.stderr))
-    except ModuleNotFoundError as exc:
-        print(f"maintgate: error: {explain(exc, args.database_url)}", file=Terminal(sys.stderr))
-    except SQLAlchemyError as exc:
-        print(f"maintgate: database error: {explain(exc, args.database_url)}", file=Terminal(sys.stderr))
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(sys.stdout)
+        _refuse_missing_sqlite_file(args.database_url, args.command)
+        store = MaintenanceStore(args.database_url, table_prefix=args.table_prefix, schema=args.schema)
+        try:
+            execute(args, store, sys.stdout)
+        finally:
+            store.engine.dispose()
+        return 0
     except KeyboardInterrupt:
         print("maintgate: interrupted", file=sys.stderr)
         return 130
-    return 1
+    except Exception as exc:
+        line = failure(exc, args.database_url)
+        if line is None:
+            raise
+        Terminal(sys.stderr).line(f"maintgate: {line}")
+        return 1

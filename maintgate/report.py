@@ -32,20 +32,24 @@ def printable(text: str) -> str:
 
 
 class Terminal:
-    """A text stream that escapes control characters in what it is given, line ends aside.
-
-    ``print`` writes its text and its line end in two calls, so each line keeps its end while a
-    newline inside the data comes out escaped. JSON goes to the raw stream: it escapes its own.
-    """
+    """Writes lines to a text stream (a file, or Django's ``self.stdout``) with their control
+    characters escaped: a newline inside a line comes from the data and cannot start one."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
 
-    def write(self, text: str) -> int:
-        return int(self.stream.write(text if text == "\n" else printable(text)) or 0)
+    def line(self, text: str) -> None:
+        """One line of text, escaped, and its end."""
+        self.stream.write(printable(text) + "\n")
 
-    def flush(self) -> None:
-        self.stream.flush()
+    def lines(self, lines: list[str]) -> None:
+        """Several lines, each escaped on its own."""
+        for text in lines:
+            self.line(text)
+
+    def raw(self, text: str) -> None:
+        """Text that escapes its own control characters (JSON), as it is."""
+        self.stream.write(text + "\n")
 
 
 def _owner_json(state: MaintenanceState | HistoryEntry) -> dict[str, Any] | None:
@@ -148,7 +152,7 @@ def status_lines(data: dict[str, Any]) -> list[str]:
     lines = ["  ".join(parts)]
     for planned in data.get("scheduled", []):
         what = f" {planned['message']!r}" if planned["message"] else ""
-        lines.append(f"    scheduled #{planned['id']}: {_span(planned)} ({planned['mode']}){what}")
+        lines.append(f"    scheduled #{planned['id']}: {span(planned)} ({planned['mode']}){what}")
     return lines
 
 
@@ -166,7 +170,7 @@ def ended_lines(ended: Ended, after: dict[str, Any]) -> list[str]:
     """What ``off`` ended, what it cleared, and what still holds the tenant afterwards."""
     name = "ALL TENANTS" if ended.tenant == ALL_TENANTS else ended.tenant
     what = ["its own switch"] if ended.switch else []
-    what += [f"schedule #{s.id} ({_span(schedule_json(s))})" for s in ended.schedules]
+    what += [f"schedule #{s.id} ({span(schedule_json(s))})" for s in ended.schedules]
     if what:
         lines = [f"{name}: ended {', '.join(what)}"]
     else:
@@ -187,11 +191,14 @@ def ended_lines(ended: Ended, after: dict[str, Any]) -> list[str]:
             f"  window {window['id']} of {owner.get('host')} pid {owner.get('pid')} still runs: its "
             "migration is not done, and new windows are refused until it ends"
         )
-    lines += [f"  still planned: #{p['id']} {_span(p)}" for p in after.get("scheduled", [])]
+    lines += [f"  still planned: #{p['id']} {span(p)}" for p in after.get("scheduled", [])]
     return lines
 
 
-def _span(planned: dict[str, Any]) -> str:
+def span(planned: dict[str, Any] | Schedule) -> str:
+    """When a planned window runs: ``FROM to UNTIL``, or ``from FROM until switched off``."""
+    if isinstance(planned, Schedule):
+        planned = schedule_json(planned)
     start, end = planned["starts_at"], planned["ends_at"]
     return f"{start} to {end}" if end else f"from {start} until switched off"
 

@@ -42,3 +42,14 @@ def setup() -> None:
         },
     )
     django.setup()
+
+
+def manage(*args: str) -> str:
+    """``manage.py maintgate ARGS``, run in this process: what it wrote to its stdout."""
+    import io
+
+    from django.core.management import call_command
+
+    out = io.StringIO()
+    call_command("maintgate", *args, stdout=out)
+    return out.getvalue()

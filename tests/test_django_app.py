@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.conftest import asgi_call
-from tests.django_setup import setup
+from tests.django_setup import manage, setup
 
 setup()
 
@@ -139,11 +139,11 @@ def test_settings_are_read_lazily(configured):
 
 def test_management_command_uses_the_cli(configured):
     store = configured
-    call_command("maintgate", "on", "demo", "--message", "From manage.py", "--retry-after", "60")
+    manage("on", "demo", "--message", "From manage.py", "--retry-after", "60")
     assert store.get("demo").message == "From manage.py"
-    (row,) = json.loads(call_command("maintgate", "status", "--json"))
+    (row,) = json.loads(manage("status", "--json"))
     assert row["tenant"] == "demo" and row["active"] and row["owner_alive"] is None
-    assert "activated" in call_command("maintgate", "history", "demo")
+    assert "activated" in manage("history", "demo")
     call_command("maintgate", "off", "demo")
     assert not store.get("demo").active
     with pytest.raises(CommandError, match="invalid tenant id"):
@@ -225,3 +225,48 @@ def test_a_wrong_type_in_settings_names_the_setting_at_runtime(configured):
     with override_settings(MAINTGATE=wrong), pytest.raises(InvalidArgument, match=r"CACHE_TTL") as info:
         conf.build_gate()
     assert info.value.option == "CACHE_TTL"
+
+
+def test_manage_py_maintgate_help_is_djangos_and_offers_only_what_makes_sense(capsys):
+    from django.core.management import ManagementUtility
+
+    with pytest.raises(SystemExit) as done:
+        ManagementUtility(["manage.py", "maintgate", "--help"]).execute()
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert "usage: manage.py maintgate" in out, out
+    assert "--settings" in out, "Django's own options are there"
+    for command in ("init", "status", "on", "off", "release", "unschedule", "history", "migrate"):
+        assert command in out, command
+    for standalone in (
+        "demo",
+        "MAINTGATE_DATABASE_URL",
+        "--database-url",
+        "--table-prefix",
+        "usage: maintgate",
+    ):
+        assert standalone not in out, standalone
+    with pytest.raises(CommandError, match="invalid choice: 'demo'"):
+        call_command("maintgate", "demo")
+    assert "usage: manage.py maintgate migrate (TENANT | --all)" in manage("migrate", "--help")
+
+
+def test_manage_py_maintgate_writes_through_djangos_own_store(configured, tmp_path, monkeypatch):
+    """The command's write shows at once in the middleware's gate (same store, same process):
+    no second store built from a URL put back into argv, which waits for the gate's TTL."""
+    with override_settings(MAINTGATE={**settings.MAINTGATE, "CACHE_TTL": 60}):
+        handler = WSGIHandler()
+        demo = {"X-Tenant-ID": "demo"}
+        assert wsgi_get(handler, "/", demo)[0] == 200
+        out = manage("on", "demo", "--message", "Now")
+        assert "demo: IN MAINTENANCE because of its own switch" in out, out
+        assert wsgi_get(handler, "/", demo)[0] == 503, "the gate saw the command's write at once"
+        (row,) = json.loads(manage("status", "--json"))
+        assert row["tenant"] == "demo" and row["effective"] == "maintenance"
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(CommandError, match=r"unrecognized arguments|invalid choice"):
+        call_command("maintgate", "--database-url", "sqlite:///stray.db", "init")
+    assert list(elsewhere.iterdir()) == [], "no stray SQLite file"

@@ -268,14 +268,15 @@ def test_manage_py_maintgate_migrate_runs_djangos_migrations_inside_the_window(m
 
 
 def test_manage_py_maintgate_release_clears_a_dead_window(using):
-    from django.core.management import call_command
 
     from maintgate import Owner
 
     store = get_store(using)
     dead = store.open_window("demo", Owner("crashed-host", 7), lease=600)
-    assert f"window {dead.id}" in call_command("maintgate", "status", "demo")
-    assert f"released window {dead.id}" in call_command("maintgate", "release", "demo")
+    from tests.django_setup import manage
+
+    assert f"window {dead.id}" in manage("status", "demo")
+    assert f"released window {dead.id}" in manage("release", "demo")
     with maintenance_window("demo", using=using):
         pass
     assert not store.get("demo").active

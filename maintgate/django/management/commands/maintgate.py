@@ -1,4 +1,5 @@
-"""``manage.py maintgate on|off|status|history|release|…``: the ``maintgate`` CLI on Django's database.
+"""``manage.py maintgate on|off|status|history|release|…``: the ``maintgate`` CLI's commands on
+Django's own store (the one the middleware reads), writing to the command's ``stdout``.
 
 ``manage.py maintgate migrate (TENANT | --all) [migrate's arguments]`` runs Django's ``migrate``
 inside a migration window: every migration, its ``django_migrations`` row and the switch-off
@@ -8,8 +9,6 @@ commit together, or none of them and maintenance stays on with the error recorde
 from __future__ import annotations
 
 import argparse
-import io
-import sys
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
@@ -19,58 +18,47 @@ from maintgate.core.errors import MaintgateError
 from maintgate.core.state import ALL_TENANTS
 from maintgate.django import conf
 
-
-def _cli_prefix() -> list[str]:
-    from maintgate.django import database_url
-
-    url = conf.get("DATABASE_URL") or database_url(conf.database_alias()).render_as_string(
-        hide_password=False
-    )
-    prefix = ["--database-url", url, "--table-prefix", conf.get("TABLE_PREFIX", "maintgate_")]
-    schema = conf.get("SCHEMA")
-    return prefix + (["--schema", schema] if schema else [])
-
-
 MIGRATE_USAGE = "usage: manage.py maintgate migrate (TENANT | --all) [migrate's arguments]"
+MIGRATE_HELP = (
+    "Runs Django's migrate inside a migration window for TENANT (--all: the global switch): "
+    "every migration, its django_migrations row and the switch-off commit together, or none "
+    "of them, and maintenance stays on with the error recorded."
+)
 
 
 class Command(BaseCommand):
     help = (
-        "Switch tenants in and out of maintenance, and see what is going on (same as the maintgate CLI); "
-        "`maintgate migrate (TENANT | --all) [migrate's arguments]` runs migrate inside a window."
+        "Switch tenants in and out of maintenance on the store the middleware reads, and see what "
+        "is going on; `migrate (TENANT | --all) [migrate's arguments]` runs migrate inside a window."
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "args", nargs=argparse.REMAINDER, help="a maintgate CLI command, e.g. status --json"
+        sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+        cli.add_commands(sub)
+        # Everything after `migrate` is ours to read, options included: `--all --database pg`.
+        migrate = sub.add_parser(
+            "migrate",
+            help="run Django's migrate inside a migration window for a tenant (or --all)",
+            usage=MIGRATE_USAGE.removeprefix("usage: "),
+            prefix_chars="+",
+            add_help=False,
         )
+        migrate.add_argument("arguments", nargs=argparse.REMAINDER)
 
-    def run_from_argv(self, argv: list[str]) -> None:
-        """Hand everything after ``manage.py maintgate`` to the CLI's own parser (its --help too)."""
-        from django.conf import settings
-
-        if argv[2:3] == ["migrate"]:
-            super().run_from_argv(argv)
+    def handle(self, *args: Any, **options: Any) -> None:
+        if options["command"] == "migrate":
+            self.migrate(list(options["arguments"]))
             return
-        settings.INSTALLED_APPS  # noqa: B018  (configure settings before reading them)
-        sys.exit(cli.main([*_cli_prefix(), *argv[2:]]))
+        from maintgate.django import get_store
 
-    def handle(self, *args: Any, **options: Any) -> str:
-        if args[:1] == ("migrate",):
-            self.migrate(list(args[1:]))
-            return ""
-        out, err = io.StringIO(), io.StringIO()
-        stdout, stderr = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = out, err
+        store = get_store(conf.database_alias())
         try:
-            code = cli.main([*_cli_prefix(), *args])
-        except SystemExit as exc:  # argparse errors
-            code = exc.code if isinstance(exc.code, int) else 2
-        finally:
-            sys.stdout, sys.stderr = stdout, stderr
-        if code:
-            raise CommandError(err.getvalue().strip() or f"maintgate exited with {code}")
-        return out.getvalue().rstrip("\n")
+            cli.execute(argparse.Namespace(**options), store, self.stdout)
+        except Exception as exc:
+            line = cli.failure(exc, store.engine.url.render_as_string(hide_password=True))
+            if line is None:
+                raise
+            raise CommandError(line) from exc
 
     def migrate(self, args: list[str]) -> None:
         """Run Django's ``migrate`` with ``args`` inside a window for one tenant, or all (``--all``)."""
@@ -78,6 +66,9 @@ class Command(BaseCommand):
 
         from maintgate.django import maintenance_window
 
+        if args[:1] in (["-h"], ["--help"]):
+            self.stdout.write(f"{MIGRATE_USAGE}\n\n{MIGRATE_HELP}")
+            return
         if not args or (args[0].startswith("-") and args[0] != "--all"):
             raise CommandError(MIGRATE_USAGE)
         tenant, rest = (ALL_TENANTS if args[0] == "--all" else args[0]), args[1:]
