@@ -28,3 +28,53 @@ def test_the_wheel_carries_its_license_typing_marker_and_extras(tmp_path):
     assert "Provides-Extra: django" in metadata and "Provides-Extra: postgres" in metadata
     assert "Classifier: Typing :: Typed" in metadata
     assert not any(name.startswith(("tests/", "benchmarks/")) for name in names)
+
+
+def test_the_sdist_ships_the_tests_with_everything_they_need_and_the_linked_documents(tmp_path):
+    import re
+    import tarfile
+
+    subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "-o", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (sdist,) = tmp_path.glob("maintgate-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        archive.extractall(tmp_path, filter="data")
+        names = {name.partition("/")[2] for name in archive.getnames()}
+    linked = set(re.findall(r"\]\(([\w./-]+\.md)\)", (ROOT / "README.md").read_text()))
+    assert linked and linked <= names, f"documents the README links: {sorted(linked - names)} missing"
+    tracked = subprocess.run(
+        ["git", "ls-files", "tests", "examples", "benchmarks"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
+    assert tracked and set(tracked) <= names, f"not shipped: {sorted(set(tracked) - names)[:10]}"
+    assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".db"))]
+
+    unpacked = next(p for p in tmp_path.iterdir() if p.is_dir())
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=unpacked,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert collected.returncode == 0, collected.stdout[-2000:] + collected.stderr[-2000:]
+    assert (
+        str(unpacked / "maintgate")
+        in subprocess.run(
+            [sys.executable, "-c", "import maintgate; print(maintgate.__file__)"],
+            cwd=unpacked,
+            capture_output=True,
+            text=True,
+        ).stdout
+    ), "the tests run against the unpacked sources"
+    quick = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_negotiation.py"],
+        cwd=unpacked,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert quick.returncode == 0, quick.stdout[-2000:]
