@@ -3,13 +3,15 @@
 The steps are written once, in :func:`_steps`; every form of the window (sync or async, on a
 connection of its own or the caller's, Django's, Alembic's) drives that one sequence:
 
-1. Prepare the migration's transaction: refuse what cannot be atomic (AUTOCOMMIT, a caller's
-   REPEATABLE READ snapshot, a pool too small) and, on PostgreSQL, take the tenant's lock as a
+1. Refuse what cannot be atomic (AUTOCOMMIT, a caller's REPEATABLE READ snapshot, a pool too
+   small), before anything changes.
+2. Switch maintenance on in a committed transaction of its own, writing a new window id and a
+   lease (renewed while the window runs, except on PostgreSQL). A second window fails here
+   (:class:`WindowBusy`), having changed nothing.
+3. Begin the migration's transaction and, on PostgreSQL, take the tenant's lock as a
    *transaction* lock on it, so the lock lives and dies with the migration (and works behind
-   PgBouncer). A second window fails here or at step 2, having changed nothing.
-2. Switch maintenance on in a committed transaction of its own, writing a new window id and,
-   where no lock covers it, a lease that the window renews while it runs.
-3. Hand the connection to the work.
+   PgBouncer); a window taken over meanwhile fails (:class:`WindowLost`). Hand the connection
+   to the work.
 4. Check that the transaction is still the one the window began, and switch maintenance off in
    it with a write fenced on the window id that must change exactly one row; then commit.
 5. On any failure roll back, then record the error in a new transaction (fenced too);
@@ -395,8 +397,8 @@ def drive(
 ) -> Iterator[Any]:
     """Carry out the steps synchronously; yields ``handed`` to the caller's block at the work step.
 
-    ``begin`` starts the migration's transaction just before its first step (Django's atomic
-    block, entered only after the switch-on); ``checks=False`` skips the refusals a driver
+    ``begin`` starts the migration's transaction just before its first step in it, after the
+    switch-on (Django's atomic block is entered only then); ``checks=False`` skips the refusals a driver
     makes impossible itself.
     """
     result: Any = None

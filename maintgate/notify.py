@@ -1,7 +1,7 @@
 """PostgreSQL LISTEN/NOTIFY: every committed state change reaches every process at once.
 
-Every write of the store issues ``pg_notify(store.channel, payload)`` in its own transaction,
-so a notification is delivered only on commit (a rolled-back window never announces "off").
+Every write of the store issues ``pg_notify(store.channel, payload)`` in the transaction that
+writes the change, so a notification is delivered only on commit (a rolled-back window never announces "off").
 The payload carries the tenant, its change number and its new state, which each process's
 mirror applies without a query. Each process runs one listener thread per channel, for every
 gate, sync or async, on any event loop; it stops once no gate of that store is left. It
@@ -61,8 +61,6 @@ class ThreadListener:
         self.channel = channel
         self.mirrors: weakref.WeakSet[StateMirror] = weakref.WeakSet()
         self.connected = threading.Event()
-        self.received = 0
-        self.reconnects = 0
         self.given_up = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"maintgate-listen-{channel}", daemon=True)
@@ -93,7 +91,6 @@ class ThreadListener:
 
     def deliver(self, payload: str) -> None:
         """Apply a tenant's new state carried by the notification, or have it read."""
-        self.received += 1
         if payload.startswith('{"probe"'):
             return  # another process's listener testing the channel
         tenant, state, version = state_from_payload(payload)
@@ -126,11 +123,11 @@ class ThreadListener:
         )
 
     def _established(self) -> None:
-        self.reconnects += 1
-        self.connected.set()
         # Anything may have changed while no notification could arrive: read what did, keep the rest.
+        # Live only once those reads are asked for, so a read asked for after that covers them.
         for mirror in list(self.mirrors):
             mirror.changed()
+        self.connected.set()
 
     def _wanted(self) -> bool:
         return not self._stop.is_set() and len(self.mirrors) > 0

@@ -95,8 +95,9 @@ def _environ_tenant(gate: Gate) -> Callable[[Environ], str | None] | None:
 class WSGIMaintenanceMiddleware:
     """Answers requests of tenants under maintenance with a negotiated 503; passes the rest.
 
-    Safe under threaded servers: cached reads take no lock, and concurrent misses for
-    one tenant share one query. Keyword options are those of :class:`maintgate.core.Gate`.
+    Safe under threaded servers: reads from memory take no lock, and requests that need a read
+    wait on the mirror's one refresh, which reads every tenant. Keyword options are those of
+    :class:`maintgate.core.Gate`.
     """
 
     def __init__(

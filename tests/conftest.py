@@ -188,6 +188,12 @@ def asgi_call(
     return start["status"], {k.decode(): v.decode("latin-1") for k, v in start["headers"]}, body
 
 
+def ok_wsgi(environ, start_response):
+    """A WSGI app that answers 200 "ok"."""
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+
+
 async def ok_app(scope, receive, send):
     """The smallest ASGI app: 200 "ok"."""
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})

@@ -86,7 +86,7 @@ def test_example_serves_the_gate(name, command, path, tmp_path):
 
 
 def test_django_manage_py_maintgate_command(tmp_path):
-    """``manage.py maintgate …`` hands its arguments to the maintgate CLI, on Django's database."""
+    """``manage.py maintgate …`` runs the maintgate CLI's commands on Django's own store."""
     env = {**os.environ, "EXAMPLE_SQLITE_PATH": str(tmp_path / "example.db")}
     manage = [sys.executable, "examples/django_project/manage.py", "maintgate"]
 
@@ -100,7 +100,7 @@ def test_django_manage_py_maintgate_command(tmp_path):
     assert done.returncode == 0, done.stderr
     (row,) = json.loads(done.stdout)
     assert row["tenant"] == "demo" and row["active"] and row["message"] == "via manage.py"
-    assert "usage: maintgate" in run("--help").stdout
+    assert "usage: manage.py maintgate" in run("--help").stdout, "Django's help, with Django's options"
     bad = run("on", "bad id")
     assert bad.returncode == 1 and "invalid tenant id" in bad.stderr and "Traceback" not in bad.stderr
     assert run("off", "demo").returncode == 0

@@ -11,12 +11,7 @@ from sqlalchemy import event
 
 from maintgate import ALL_TENANTS, InvalidArgument, WSGIMaintenanceMiddleware
 from maintgate.tenants import from_header
-from tests.conftest import QueryCounter, wsgi_call
-
-
-def ok_wsgi(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    return [b"ok"]
+from tests.conftest import QueryCounter, ok_wsgi, wsgi_call
 
 
 def rss_mib() -> float:

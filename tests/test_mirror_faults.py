@@ -14,15 +14,10 @@ from sqlalchemy import event, func, select, text, update
 
 from maintgate import MaintenanceMiddleware, WSGIMaintenanceMiddleware, maintenance_window
 from maintgate.tenants import from_header
-from tests.conftest import ok_app, wsgi_call
+from tests.conftest import ok_app, ok_wsgi, wsgi_call
 from tests.helpers import asgi_request, elsewhere, eventually
 
 postgres = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-
-
-def ok_wsgi(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    return [b"ok"]
 
 
 def gate(store, **options):

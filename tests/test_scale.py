@@ -15,13 +15,8 @@ from sqlalchemy import event, text
 
 from maintgate import MaintenanceMiddleware, WSGIMaintenanceMiddleware
 from maintgate.tenants import from_header
-from tests.conftest import POSTGRES_URL, QueryCounter, ok_app, wsgi_call
+from tests.conftest import POSTGRES_URL, QueryCounter, ok_app, ok_wsgi, wsgi_call
 from tests.helpers import asgi_request, elsewhere, eventually
-
-
-def ok_wsgi(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    return [b"ok"]
 
 
 async def call(app, tenant: str) -> tuple[int, float]:

@@ -8,12 +8,7 @@ from maintgate import ALL_TENANTS, MaintenanceMiddleware, Renderer, WSGIMaintena
 from maintgate.asgi import ASGIRequest
 from maintgate.tenants import from_header, from_path_prefix, from_subdomain
 from maintgate.wsgi import WSGIRequest
-from tests.conftest import asgi_call, ok_app
-
-
-def ok_wsgi(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    return [b"ok"]
+from tests.conftest import asgi_call, ok_app, ok_wsgi
 
 
 def asgi(path="/", headers=()):

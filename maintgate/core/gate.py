@@ -40,7 +40,8 @@ DEFAULT_MAX_STALENESS = 30.0
 
 
 class Pending:
-    """A request whose tenant's state is not cached: the adapter loads it, sync or async."""
+    """A request the state in memory cannot answer yet (none loaded, or too old): the adapter
+    waits for the refresh with :meth:`Gate.resolve` or :meth:`Gate.resolve_async`."""
 
     __slots__ = ("key", "request", "tenant")
 
@@ -77,9 +78,6 @@ class ExemptPaths:
         self.exact = frozenset(exact)
         self.prefixes = tuple(prefixes)
         self.patterns = tuple(patterns)
-
-    def __bool__(self) -> bool:
-        return bool(self.exact or self.prefixes or self.patterns)
 
     def __contains__(self, path: str) -> bool:
         return (
@@ -302,13 +300,6 @@ class Gate:
         once it has one, however old, a moment (``STALE_WAIT``) before the outage policy answers."""
         return STALE_WAIT if self.mirror.loaded else self.load_timeout
 
-    def decide(self, request: RequestView) -> Response | None:
-        """:meth:`check` and, if needed, :meth:`resolve`, for synchronous adapters."""
-        result = self.check(request)
-        if isinstance(result, Pending):
-            return self.resolve(result)
-        return result
-
     def respond(
         self, request: RequestView, tenant: str | None, state: MaintenanceState | None
     ) -> Response | None:
@@ -390,7 +381,8 @@ class Gate:
         return self.mirror.sync(self.load_timeout if timeout is None else timeout)
 
     def close(self) -> None:
-        """Stop using the shared state: the last gate of a store leaves its notification listener."""
+        """Stop using the shared state: the last gate sharing this mirror (same store and settings)
+        closes it, so its refreshes stop and it leaves the notification listener."""
         self.mirror.gates.discard(self)
         if not self.mirror.gates:
             self.mirror.close()

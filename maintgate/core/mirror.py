@@ -120,8 +120,6 @@ class StateMirror:
         """Whether the last refresh failed or got no answer in time (the state may be old)."""
         self.slow = False
         """Whether a request stopped waiting for the refresh under way (cleared when it ends)."""
-        self.refreshes = 0
-        """Refreshes that succeeded (tests and benchmarks count them)."""
         self.listen: Callable[[StateMirror], object] | None = None
         """Set by an adapter: starts (or joins) this process's notification listener."""
         self.listener: Any = None
@@ -240,7 +238,11 @@ class StateMirror:
         return True
 
     def apply(self, tenant: str, state: MaintenanceState | None, version: int | None) -> None:
-        """A notification: ``tenant``'s own state is ``state`` (None: off) as of change ``version``."""
+        """A notification: ``tenant``'s own state is ``state`` as of change ``version``.
+
+        Without a state (not carried), a negative version (a caller's transaction) or none (an
+        older writer), what changed is read instead.
+        """
         if version is None:  # a sender from before change numbers: only a full read finds its rows
             self._want_full = True
         if version is None or version < 0 or state is None or not self.loaded:
@@ -251,7 +253,7 @@ class StateMirror:
                 return
             if version <= self._seen.get(tenant, (0, None))[0]:
                 return
-            own = state if state is not None and state.active else None
+            own = state if state.active else None
             self._seen[tenant] = (version, own)
             self._set_manual(tenant, own)
             self._derive()
@@ -285,7 +287,6 @@ class StateMirror:
             if changes.full:
                 self._full_at = started
             self.loaded = True
-            self.refreshes += 1
             self._derive(refreshed_at=started)
             recovered, self._down_since = self._down_since, None
             self.failing = False

@@ -25,10 +25,3 @@ class Response:
         except ValueError:
             phrase = ""
         return f"{self.status} {phrase}".rstrip()
-
-    def header(self, name: str) -> str | None:
-        """The first value of header ``name`` (lower case), or None."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None

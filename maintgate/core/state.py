@@ -121,9 +121,10 @@ class Window:
     """An open migration window, as :meth:`MaintenanceStore.open_window` returns it.
 
     Every write that ends the window names ``id`` and must change exactly its row.
-    ``lease_until`` is None when a PostgreSQL lock on the migration's transaction is its lease.
-    ``schema`` is where maintgate's tables were found, so statements on the migration's
-    connection name it whatever that connection's ``search_path`` becomes.
+    ``lease_until`` is when the lease written at opening expires (on PostgreSQL it covers only the
+    opening: the lock on the migration's transaction holds the tenant after that). ``schema`` is
+    where maintgate's tables were found (the store's statements name it, whatever the migration
+    connection's ``search_path`` becomes).
     """
 
     id: str

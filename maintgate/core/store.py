@@ -66,11 +66,11 @@ logger = logging.getLogger("maintgate")
 OPERATOR = "operator"
 WINDOW = "window"
 DEFAULT_LEASE = 30.0
-"""Seconds a window's lease lasts; a running window renews it every third of that."""
+"""Seconds a window's lease lasts; off PostgreSQL a running window renews it every third of that."""
 OPENING_GRACE = 5.0
+"""PostgreSQL: longest a window's lease lasts; after opening, its transaction's lock holds the tenant."""
 LOCK_WAIT = 2.0
 """Seconds a migration's transaction retries the tenant's lock, which a switch-on holds for an instant."""
-"""PostgreSQL: longest a window's lease lasts; after opening, its transaction's lock holds the tenant."""
 
 
 def _KEEP_OPERATOR(t: Any) -> Any:
@@ -165,7 +165,7 @@ def state_from_payload(payload: str) -> tuple[str, MaintenanceState | None, int 
     tenant = data["tenant"]
     # A change number; PENDING when the write could not take one (a caller's transaction);
     # None when the sender predates change numbers.
-    version = data.get("version", None) if "version" in data else None
+    version = data.get("version")
     if "version" in data and version is None:
         version = PENDING
     version = version if isinstance(version, int) and not isinstance(version, bool) else None
@@ -335,7 +335,8 @@ RESET_SEARCH_PATH = (
 BOOKKEEPING_LOCK_TIMEOUT = 5.0
 """Seconds a window's own write waits for the tenant's row before it gives up."""
 LOOKUP_TIMEOUT = 2.0
-"""Seconds a connection attempt, a pool checkout or a state lookup may take on engines the store builds."""
+"""Seconds a connection attempt or a pool checkout may take on engines the store builds; on
+PostgreSQL, also the statement timeout of :meth:`MaintenanceStore.lookup` and ``changes`` on any engine."""
 
 
 @contextmanager
@@ -520,7 +521,7 @@ class MaintenanceStore:
         """What applies to ``tenant`` at ``now``, and when a schedule will change that by itself.
 
         The tenant's rows and the global switch's, manual and scheduled, come back in one
-        query (``status`` and the CLI read this way; gates hold everything, see :meth:`changes`).
+        query (:meth:`effective` reads this way; gates hold everything, see :meth:`changes`).
         Of several active states the strictest wins (full over read-only), then the tenant's
         own over the global one.
         """

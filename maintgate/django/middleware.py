@@ -1,7 +1,8 @@
 """Django middleware, sync and async capable: ``"maintgate.django.middleware.MaintenanceMiddleware"``.
 
 It only translates: Django's request into the core's request view, the core's response into
-an HttpResponse. Put it first in ``MIDDLEWARE`` so that maintenance costs nothing downstream.
+an HttpResponse. Put it first in ``MIDDLEWARE`` (just after ``CorsMiddleware``, if any, so the
+503 carries CORS headers) so that maintenance costs nothing downstream.
 """
 
 from __future__ import annotations
