@@ -53,28 +53,14 @@ def test_the_sdist_ships_the_tests_with_everything_they_need_and_the_linked_docu
     assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".db"))]
 
     unpacked = next(p for p in tmp_path.iterdir() if p.is_dir())
-    collected = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
-        cwd=unpacked,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def python(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, *args]
+        return subprocess.run(command, cwd=unpacked, capture_output=True, text=True, timeout=300)
+
+    collected = python("-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider")
     assert collected.returncode == 0, collected.stdout[-2000:] + collected.stderr[-2000:]
-    assert (
-        str(unpacked / "maintgate")
-        in subprocess.run(
-            [sys.executable, "-c", "import maintgate; print(maintgate.__file__)"],
-            cwd=unpacked,
-            capture_output=True,
-            text=True,
-        ).stdout
-    ), "the tests run against the unpacked sources"
-    quick = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_negotiation.py"],
-        cwd=unpacked,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    where = python("-c", "import maintgate; print(maintgate.__file__)").stdout
+    assert str(unpacked / "maintgate") in where, "the tests run against the unpacked sources"
+    quick = python("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_negotiation.py")
     assert quick.returncode == 0, quick.stdout[-2000:]
