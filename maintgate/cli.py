@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -17,14 +17,14 @@ from . import __version__, report
 from .core.errors import MaintgateError, explain
 from .core.state import ALL_TENANTS, FULL, MODES, utcnow
 from .core.store import MaintenanceStore
-from .report import Terminal
+from .report import Terminal, printable
 
 DEFAULT_URL = "sqlite:///maintgate.db"
 DESCRIPTION = "Switch tenants in and out of maintenance, and see what is going on."
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maintgate", description=DESCRIPTION)
+    parser = _Parser(prog="maintgate", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"maintgate {__version__}")
     parser.add_argument(
         "--database-url",
@@ -60,7 +60,7 @@ def add_commands(sub: Any) -> None:
         metavar="TIME",
         help="start then instead of now: ISO 8601 (UTC if no offset) or +30m",
     )
-    on.add_argument("--until", type=_when, metavar="TIME", help="end by itself then: ISO 8601 or +2h")
+    on.add_argument("--until", type=_until, metavar="TIME", help="end by itself then: ISO 8601 or +2h")
 
     unschedule = sub.add_parser("unschedule", help="cancel a planned window (ids are in status)")
     unschedule.add_argument("id", type=int, help="the schedule id")
@@ -101,13 +101,30 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 def _when(value: str) -> datetime:
     """An aware datetime from ISO 8601 (naive means UTC), or now plus ``+90s``, ``+30m``, ``+2h``, ``+1d``."""
     text = value.strip()
-    if text.startswith("+") and text[-1:] in _UNITS and text[1:-1].isdigit():
-        return utcnow() + timedelta(seconds=int(text[1:-1]) * _UNITS[text[-1]])
     try:
+        if text.startswith("+") and text[-1:] in _UNITS and text[1:-1].isdigit():
+            return (utcnow() + timedelta(seconds=int(text[1:-1]) * _UNITS[text[-1]])).astimezone(UTC)
         moment = datetime.fromisoformat(text)
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time or +N[smhd]: {value!r}") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"out of range: {value!r}") from None
+
+
+def _until(value: str) -> datetime:
+    """:func:`_when`, not in the past: a window that is already over would do nothing."""
+    moment = _when(value)
+    if moment <= utcnow():
+        raise argparse.ArgumentTypeError(f"{value!r} is in the past: such a window is already over")
+    return moment
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose error messages (which quote the command line) cannot rewrite the terminal."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(printable(message))
 
 
 def execute(args: argparse.Namespace, store: MaintenanceStore, stream: Any) -> None:
@@ -124,10 +141,11 @@ def execute(args: argparse.Namespace, store: MaintenanceStore, stream: Any) -> N
         rows = report.status(store, args.tenant)
         if args.json:
             out.raw(json.dumps(rows, indent=2))
-        for row in [] if args.json else rows:
-            out.lines(report.status_lines(row))
-        if not rows:
-            out.line("no tenant has ever been in maintenance")
+        else:
+            for row in rows:
+                out.lines(report.status_lines(row))
+            if not rows:
+                out.line("no tenant has ever been in maintenance")
     elif args.command == "on":
         tenant = ALL_TENANTS if args.all else args.tenant
         if args.at is not None or args.until is not None:

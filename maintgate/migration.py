@@ -39,6 +39,7 @@ from .core.errors import MaintgateError, WindowBusy, WindowLost, WindowRefused
 from .core.state import FULL, Owner, Window, check_tenant
 from .core.store import (
     DEFAULT_LEASE,
+    PUBLISH_WAIT,
     MaintenanceStore,
     _collecting,
     announce,
@@ -50,8 +51,6 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 logger = logging.getLogger("maintgate")
-PUBLISH_WAIT = 2.0
-"""Seconds a committed window waits for this process's gates to read its switch-off."""
 
 TRANSACTIONAL_DDL = frozenset({"postgresql", "sqlite", "mssql"})
 ERROR_MAX_LENGTH = 2000

@@ -22,13 +22,18 @@ from .core.state import (
 from .core.store import WINDOW, MaintenanceStore, iso, state_fields
 
 SERVING, MAINTENANCE, READ_ONLY = "serving", "maintenance", "read_only"
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def printable(text: str) -> str:
-    """``text`` with every control character escaped (``\\x1b``): stored data cannot move the
-    cursor, clear the screen or start a line of its own on the operator's terminal."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """``text`` with every control character escaped (``\\x1b``, ``\\u202e``): stored data cannot
+    move the cursor, clear the screen, start a line of its own or reverse what follows it."""
+    return _CONTROL.sub(_escaped, text)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 class Terminal:
@@ -84,13 +89,12 @@ def reason(state: MaintenanceState) -> str:
 def status(store: MaintenanceStore, tenant: str | None = None) -> list[dict[str, Any]]:
     """``status --json``: each recorded tenant's row (or one tenant's), with what the gate answers
     now (``effective``) and why (``reason``, the state that wins; ``reasons``, all in force)."""
-    wanted = None if tenant is None else [tenant, ALL_TENANTS]
     planned: dict[str, list[Schedule]] = {}
-    for item in (
-        store.schedules() if wanted is None else store.schedules(tenant) + store.schedules(ALL_TENANTS)
-    ):
-        if wanted is None or item.tenant in wanted:
-            planned.setdefault(item.tenant, []).append(item)
+    scheduled = store.schedules() if tenant is None else store.schedules(tenant)
+    if tenant not in (None, ALL_TENANTS):
+        scheduled += store.schedules(ALL_TENANTS)
+    for item in scheduled:
+        planned.setdefault(item.tenant, []).append(item)
     if tenant is not None:
         states = [store.get(tenant) or MaintenanceState(tenant=tenant, active=False)]
         everyone = states[0] if tenant == ALL_TENANTS else store.get(ALL_TENANTS)

@@ -336,3 +336,45 @@ def test_lines_of_several_rows_each_start_a_line_and_data_cannot(store, capsys):
     code, out, _ = run(store, capsys, "off", "demo")
     lines = out.splitlines()
     assert len(lines) == 4 and all(line.startswith("  ") for line in lines[1:]), out
+
+
+def test_status_json_is_json_even_with_nothing_recorded_and_lists_each_schedule_once(store, capsys):
+    from datetime import timedelta
+
+    from maintgate.core.state import utcnow
+
+    code, out, _ = run(store, capsys, "status", "--json")
+    assert code == 0 and json.loads(out) == []
+    now = utcnow()
+    planned = store.schedule("*", now - timedelta(minutes=1), now + timedelta(hours=1), mode="read_only")
+    for args in (["status", "*"], ["status"]):
+        (row,) = status_json(store, capsys, *args[1:]).values()
+        assert [s["id"] for s in row["scheduled"]] == [planned.id], args
+        assert row["reasons"] == [f"global schedule #{planned.id}"], args
+    code, out, _ = run(store, capsys, "off", "--all")
+    assert out.count(f"#{planned.id}") == 1, out
+
+
+def test_times_out_of_range_or_already_past_are_refused_in_one_line(store, capsys):
+    for args in (
+        ["on", "demo", "--until", "+99999999999d"],
+        ["on", "demo", "--until", "+9999999d"],
+        ["on", "demo", "--at", "0001-01-01T00:30:00+01:00"],
+        ["on", "demo", "--at", "2020-01-01", "--until", "2020-01-02"],
+    ):
+        with pytest.raises(SystemExit) as exited:
+            run(store, capsys, *args)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and "Traceback" not in err, (args, err)
+        assert "maintgate on: error:" in err, (args, err)
+    assert store.schedules() == []
+
+
+def test_what_argparse_echoes_and_stored_bidi_controls_cannot_rewrite_the_terminal(store, capsys):
+    with pytest.raises(SystemExit):
+        run(store, capsys, "status", "demo", "\x1b]0;pwned\x07")
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "\\x1b" in err, err
+    store.activate("demo", message="evil\u202edesrever\u2028forged")
+    out = run(store, capsys, "history", "demo")[1]
+    assert "\u202e" not in out and "\u2028" not in out and "\\u202e" in out, out

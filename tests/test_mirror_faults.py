@@ -228,3 +228,28 @@ def test_a_long_ttl_keeps_room_for_a_refresh_before_max_staleness(store):
     with pytest.raises(InvalidArgument, match="twice cache_ttl"):
         gate(store, cache_ttl=60, max_staleness=60)
     app.gate.close()
+
+
+def test_ending_a_schedule_with_off_shows_at_once_in_this_process_and_by_notification(store):
+    """``off`` deletes the schedules that are on: the change is announced without the row's
+    state (which says nothing of schedules), so gates read it instead of keeping the schedule."""
+    from datetime import timedelta
+
+    from maintgate.core.state import utcnow
+
+    app = gate(store, cache_ttl=60)
+    assert wsgi_call(app, "demo") == 200  # the first request starts the listener, on PostgreSQL
+    if store.engine.dialect.name == "postgresql":
+        assert eventually(lambda: app.gate.notifications_live, 3.0)
+    now = utcnow()
+    store.schedule("demo", now - timedelta(minutes=1), now + timedelta(hours=1))
+    other = elsewhere(store)
+    other.schedule("remote", now - timedelta(minutes=1), now + timedelta(hours=1))
+    app.gate.refresh()
+    assert wsgi_call(app, "demo") == 503 and wsgi_call(app, "remote") == 503
+    assert store.deactivate("demo").schedules
+    assert wsgi_call(app, "demo") == 200, "this process's own write shows at once"
+    if store.engine.dialect.name == "postgresql":
+        assert other.deactivate("remote").schedules
+        assert eventually(lambda: wsgi_call(app, "remote") == 200, 2.0), "announced to other processes"
+    app.gate.close()

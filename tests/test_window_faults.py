@@ -757,3 +757,34 @@ def test_a_lost_reply_to_the_switch_ons_commit_still_ends_in_an_allowed_state(st
     finally:
         cut.engine.dispose()
         proxy.server.close()
+
+
+@postgres_only
+def test_windows_exclude_each_other_however_the_stores_schema_is_spelled(store):
+    """A store given schema="public" and one given no schema (the CLI's default) use the same
+    tables, so they must use the same lock: neither may take over, or clear, the other's window."""
+    state = store.tables.state
+    prefix = state.name.removesuffix("state")
+    named = MaintenanceStore(store.engine, table_prefix=prefix, schema="public")
+    plain = MaintenanceStore(store.engine, table_prefix=prefix)
+    assert named.window_lock_key("demo") == plain.window_lock_key("demo")
+    opened, done = threading.Event(), threading.Event()
+
+    def run() -> None:
+        with maintenance_window(named, "demo", lease=0.05):
+            opened.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert opened.wait(10)
+        time.sleep(0.2)  # the opening's lease is over: only the transaction lock says it runs
+        assert plain.window_alive(plain.get("demo")) is True
+        with pytest.raises(WindowBusy):
+            plain.open_window("demo", Owner("another-host", 1))
+        ended = plain.deactivate("demo")
+        assert ended.released is None, "a running window is never cleared"
+    finally:
+        done.set()
+        thread.join()

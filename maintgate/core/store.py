@@ -68,6 +68,9 @@ WINDOW = "window"
 DEFAULT_LEASE = 30.0
 """Seconds a window's lease lasts; off PostgreSQL a running window renews it every third of that."""
 OPENING_GRACE = 5.0
+PUBLISH_WAIT = 2.0
+"""Longest a write waits for this process's gates to read a change its notification does not
+describe (a schedule's), so that the next request sees it."""
 """PostgreSQL: longest a window's lease lasts; after opening, its transaction's lock holds the tenant."""
 LOCK_WAIT = 2.0
 """Seconds a migration's transaction retries the tenant's lock, which a switch-on holds for an instant."""
@@ -448,6 +451,7 @@ class MaintenanceStore:
         self._state = self.tables.state
         self.lookup_timeout = LOOKUP_TIMEOUT
         self._qualified: Tables | None = None
+        self._scope: str | None = None
         self._has_numbers = False
         self._warned_numbers = False
         name = f"{schema or ''}.{self._state.name}".encode()
@@ -468,7 +472,7 @@ class MaintenanceStore:
         pending: list[_Change] = []
         with self.engine.begin() as conn, _collecting(conn, pending, own=True):
             yield conn
-        self._publish(pending)  # committed
+        self._publish(pending, wait=PUBLISH_WAIT)  # committed
 
     def create_tables(self, connection: Connection | None = None) -> None:
         """Create maintgate's tables where missing, and add the columns newer versions need; idempotent."""
@@ -851,7 +855,8 @@ class MaintenanceStore:
                 state = self._from_row(conn.execute(select(t).where(t.c.tenant == tenant)).one())
         if switch or schedules:
             ended = [*(["its own switch"] if switch else []), *(f"schedule #{s.id}" for s in schedules)]
-            self._log(conn, tenant, "deactivated", now, message="ended " + ", ".join(ended))
+            message = "ended " + ", ".join(ended)
+            self._log(conn, tenant, "deactivated", now, message=message, schedules=bool(schedules))
         return Ended(tenant, bool(switch), schedules, released, state)
 
     # -- migration windows ---------------------------------------------------------------------------
@@ -861,10 +866,30 @@ class MaintenanceStore:
     # switch-off leaves the operator's maintenance on, as the row says at that moment.
 
     def window_lock_key(self, tenant: str) -> int:
-        """The signed 64-bit PostgreSQL advisory-lock key of ``tenant``'s window in this store."""
-        table = self._state
-        name = f"maintgate:{table.schema or ''}:{table.name}:{tenant}".encode()
+        """The signed 64-bit PostgreSQL advisory-lock key of ``tenant``'s window in these tables.
+
+        The same for every store on the same tables, however its schema is given: a store
+        naming ``schema="public"`` and one naming none (the CLI's default) exclude each other.
+        """
+        name = f"maintgate:{self._lock_scope()}:{self._state.name}:{tenant}".encode()
         return int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "big", signed=True)
+
+    def _lock_scope(self) -> str:
+        """The schema part of lock keys: "" for the schema the tables' bare name finds (what a store
+        naming no schema has always used), else the schema's name."""
+        scope = self._scope
+        if scope is not None:
+            return scope
+        named = self._state.schema
+        if named is None or self.engine.dialect.name != "postgresql":
+            scope = named or ""
+        else:
+            found = self._unqualified_schema()
+            if found is None:
+                return named  # the bare name finds no tables (yet): ask again next time
+            scope = "" if found == named else named
+        self._scope = scope
+        return scope
 
     def open_window(
         self,
@@ -1161,19 +1186,25 @@ class MaintenanceStore:
         if self._state.schema is not None or self.engine.dialect.name != "postgresql":
             self._qualified = self.tables
             return self.tables
+        schema = self._unqualified_schema()
+        if schema is None:  # the tables are not created yet: look again next time
+            return self.tables
+        self._qualified = build_tables(self._state.name.removesuffix("state"), schema)
+        return self._qualified
+
+    def _unqualified_schema(self) -> str | None:
+        """PostgreSQL: the schema the state table's bare name finds under the session's own
+        ``search_path`` (its reset value), or None if it finds none."""
         with self.engine.connect() as conn:
             conn.execute(text(RESET_SEARCH_PATH))
-            schema = conn.execute(
+            found: str | None = conn.execute(
                 text(
                     "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
                     " WHERE c.oid = to_regclass(quote_ident(:name))"
                 ),
                 {"name": self._state.name},
             ).scalar()
-        if schema is None:  # the tables are not created yet: look again next time
-            return self.tables
-        self._qualified = build_tables(self._state.name.removesuffix("state"), schema)
-        return self._qualified
+        return found
 
     def _changed(self, conn: Connection, tenant: str, tables: Tables, carry_state: bool) -> None:
         """Number the change of ``tenant`` in the writing transaction, and announce it on PostgreSQL.
@@ -1246,7 +1277,10 @@ class MaintenanceStore:
         owner: Owner | None = None,
         window_id: str | None = None,
         tables: Tables | None = None,
+        schedules: bool = False,
     ) -> None:
+        """Record ``event`` in the history and number the change; ``schedules``: the change is
+        (also) to the tenant's schedules, which its row does not describe."""
         tables = tables or self._t()
         conn.execute(
             tables.history.insert().values(
@@ -1260,7 +1294,8 @@ class MaintenanceStore:
             )
         )
         # A schedule's change is not in the row: gates read it from the table.
-        self._changed(conn, tenant, tables, carry_state=event not in ("scheduled", "unscheduled"))
+        schedules = schedules or event in ("scheduled", "unscheduled")
+        self._changed(conn, tenant, tables, carry_state=not schedules)
 
     def _ensure_row(self, conn: Connection, tenant: str, tables: Tables | None = None) -> None:
         """Insert an inactive row for ``tenant`` unless one exists, race-free where the dialect can."""
