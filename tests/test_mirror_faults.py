@@ -253,3 +253,18 @@ def test_ending_a_schedule_with_off_shows_at_once_in_this_process_and_by_notific
         assert other.deactivate("remote").schedules
         assert eventually(lambda: wsgi_call(app, "remote") == 200, 2.0), "announced to other processes"
     app.gate.close()
+
+
+def test_after_an_idle_spell_shorter_than_max_staleness_a_change_still_shows(store, clock):
+    """Idle for a few TTLs (less than max_staleness): the first request waits a moment for the
+    refresh it starts, instead of answering from a state older than twice the TTL."""
+    app = gate(store, clock=clock, cache_ttl=1.0, notifications=False)
+    assert wsgi_call(app, "acme") == 200
+    elsewhere(store).activate("acme")
+    clock.advance(5)  # idle: 5 TTLs, well within max_staleness (30 s)
+    assert wsgi_call(app, "acme") == 503, "another process's change shows on the first request"
+    clock.advance(1.5)  # within two TTLs: answered from memory while the refresh runs
+    started = time.monotonic()
+    assert wsgi_call(app, "acme") == 503
+    assert time.monotonic() - started < 0.02
+    app.gate.close()

@@ -393,9 +393,10 @@ class Gate:
         mirror.poll()
         if not mirror.loaded:
             return MISS  # the process's first state: wait for it, once
-        if mirror.age() > self.max_staleness:
-            if not (mirror.failing or mirror.slow):
-                return MISS  # after an idle spell: the refresh under way answers soon
+        age = mirror.age()
+        if (mirror.waking or age > self.max_staleness) and not (mirror.failing or mirror.slow):
+            return MISS  # after an idle spell: the refresh just started answers in a moment
+        if age > self.max_staleness:
             return self._outage(key)
         return mirror.state_of(key)
 

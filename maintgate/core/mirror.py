@@ -103,6 +103,7 @@ class StateMirror:
         self._merged = 0
         self._running = 0
         self._started_at = -math.inf
+        self._ended_at = -math.inf
         self._again = False
         self._want_full = False
         self._full_at = -math.inf
@@ -120,6 +121,9 @@ class StateMirror:
         """Whether the last refresh failed or got no answer in time (the state may be old)."""
         self.slow = False
         """Whether a request stopped waiting for the refresh under way (cleared when it ends)."""
+        self.waking = False
+        """Whether the refresh under way is the first after an idle spell: nothing was read for two
+        TTLs before it started, so requests wait a moment for it (cleared when it ends)."""
         self.listen: Callable[[StateMirror], object] | None = None
         """Set by an adapter: starts (or joins) this process's notification listener."""
         self.listener: Any = None
@@ -186,6 +190,8 @@ class StateMirror:
                     return self._round
             elif now < self._retry_at and not force:
                 return self._round
+            if not self._running and now - self._ended_at > 2 * self.ttl:
+                self.waking = True  # under traffic, a refresh starts within a TTL of the last one
             self._running += 1
             self._generation += 1
             self._started_at = now
@@ -267,9 +273,10 @@ class StateMirror:
         try:
             changes = self.store.changes(since, self._now())
         except Exception as exc:
-            self.slow = False
+            self.slow = self.waking = False
             with self._lock:
                 self._running -= 1
+                self._ended_at = self._clock()
                 current = generation == self._generation
                 if current:
                     self._failed(exc)
@@ -277,9 +284,10 @@ class StateMirror:
             if current:
                 round_.set_result(None)
             return
-        self.slow = False
+        self.slow = self.waking = False
         with self._lock:
             self._running -= 1
+            self._ended_at = self._clock()
             if generation != self._generation:
                 return  # a later refresh started meanwhile: its answer wins
             self._merge(changes)
