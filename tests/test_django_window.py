@@ -309,3 +309,30 @@ def test_a_window_under_repeatable_read_or_sqlite_immediate_commits_with_its_swi
     assert contact_columns(isolated) == {"id", "name", "main-email-contact"}
     state = store.get("demo")
     assert not state.active and state.window_id is None
+
+
+def test_manage_py_maintgate_migrate_checks_its_arguments_before_the_window_opens(migrating):
+    from django.core.management import CommandError, call_command
+
+    store = get_store(migrating)
+    for args in (["--databse", migrating], ["no_such_app"], ["djmig", "9999"], ["--database"]):
+        with pytest.raises(CommandError) as refused:
+            call_command("maintgate", "migrate", "demo", *args, verbosity=0)
+        assert "window" not in str(refused.value) or "not opened" in str(refused.value), refused.value
+        state = store.get("demo")
+        assert state is None or not state.active, f"{args}: nothing was attempted, so no maintenance"
+    assert store.history("demo") == []
+
+
+def test_manage_py_maintgate_migrate_failure_is_one_line_and_says_maintenance_stays_on(
+    migrating, monkeypatch
+):
+    from django.core.management import CommandError, call_command
+
+    monkeypatch.setenv("MAINTGATE_TEST_FAIL_0003", "detail")
+    with pytest.raises(CommandError) as failed:
+        call_command("maintgate", "migrate", "demo", "djmig", verbosity=0)
+    message = str(failed.value)
+    assert "\n" not in message and "\x1b" not in message and "DETAIL" not in message, message
+    assert "0003 refused: dirty data" in message and "maintenance stays on" in message, message
+    assert "DETAIL" in get_store(migrating).get("demo").error, "the operator's record keeps it"

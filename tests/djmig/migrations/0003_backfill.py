@@ -6,8 +6,10 @@ from django.db import migrations
 def backfill(apps, schema_editor):
     Widget = apps.get_model("djmig", "Widget")
     Widget.objects.using(schema_editor.connection.alias).create(name="first", size=1)
-    if os.environ.get("MAINTGATE_TEST_FAIL_0003"):
-        raise RuntimeError("0003 refused: dirty data")
+    fail = os.environ.get("MAINTGATE_TEST_FAIL_0003")
+    if fail:
+        detail = "\nDETAIL:  Key (email)=(ceo@example.com) already exists.\x1b[2J" if fail == "detail" else ""
+        raise RuntimeError("0003 refused: dirty data" + detail)
 
 
 class Migration(migrations.Migration):

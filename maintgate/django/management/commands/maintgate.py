@@ -9,14 +9,15 @@ commit together, or none of them and maintenance stays on with the error recorde
 from __future__ import annotations
 
 import argparse
+import io
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
 from maintgate import cli
-from maintgate.core.errors import MaintgateError
 from maintgate.core.state import ALL_TENANTS
 from maintgate.django import conf
+from maintgate.report import printable
 
 MIGRATE_USAGE = "usage: manage.py maintgate migrate (TENANT | --all) [migrate's arguments]"
 MIGRATE_HELP = (
@@ -77,18 +78,36 @@ class Command(BaseCommand):
             using = conf.database_alias()
             rest = [*rest, "--database", using]
         shown = "every tenant" if tenant == ALL_TENANTS else f"tenant {tenant!r}"
+        # A dry run first: a mistyped argument, app label or migration name is refused before
+        # the window opens, so it never leaves the tenant in maintenance.
+        dry = [a for a in rest if a not in ("--check", "--plan")]
+        try:
+            call_command("migrate", *dry, plan=True, stdout=io.StringIO(), stderr=io.StringIO())
+        except CommandError as exc:
+            raise CommandError(f"maintgate migrate for {shown}: {_first_line(exc)}; nothing changed") from exc
+        entered = False
         try:
             with maintenance_window(tenant, using=using, message="Upgrading the database"):
+                entered = True
                 call_command("migrate", *rest, stdout=self.stdout, stderr=self.stderr)
-        except (MaintgateError, CommandError) as exc:
-            raise CommandError(f"maintgate migrate for {shown}: {exc}") from exc
         except Exception as exc:
+            if not entered:
+                raise CommandError(
+                    f"maintgate migrate for {shown}: the window did not open, nothing changed: "
+                    f"{_first_line(exc)}"
+                ) from exc
             raise CommandError(
                 f"migrate failed inside the window for {shown} and rolled back, with its "
                 f"django_migrations rows; maintenance stays on with the error recorded "
-                f"(manage.py maintgate status): {type(exc).__name__}: {exc}"
+                f"(manage.py maintgate status): {type(exc).__name__}: {_first_line(exc)}"
             ) from exc
         self.stdout.write(f"maintgate: migrated {shown} inside its window, which is now closed")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error, escaped: a database's DETAIL lines carry row data."""
+    text = str(exc).strip()
+    return printable(text.splitlines()[0] if text else type(exc).__name__)
 
 
 def _database_option(args: list[str]) -> str | None:
