@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Unpack
 
+from .core.errors import InvalidArgument
 from .core.gate import Gate, GateOptions, Pending
 from .core.response import Response
 from .core.state import ALL_TENANTS
@@ -85,6 +86,8 @@ class MaintenanceMiddleware:
         if (store is None) == (gate is None):
             raise TypeError("pass either a store (with gate options) or a ready Gate")
         self.app = app
+        if gate is not None and not isinstance(gate, Gate):
+            raise InvalidArgument(f"gate must be a maintgate Gate, got {gate!r}", "gate")
         self.gate = gate if gate is not None else Gate(store, **options)  # type: ignore[arg-type]
         self._tenant = _scope_tenant(self.gate)
         self._peek = self.gate.peek

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, Unpack
 
+from .core.errors import InvalidArgument
 from .core.gate import Gate, GateOptions, Pending
 from .core.state import ALL_TENANTS
 from .core.store import MaintenanceStore
@@ -111,6 +112,8 @@ class WSGIMaintenanceMiddleware:
         if (store is None) == (gate is None):
             raise TypeError("pass either a store (with gate options) or a ready Gate")
         self.app = app
+        if gate is not None and not isinstance(gate, Gate):
+            raise InvalidArgument(f"gate must be a maintgate Gate, got {gate!r}", "gate")
         self.gate = gate if gate is not None else Gate(store, **options)  # type: ignore[arg-type]
         self._tenant = _environ_tenant(self.gate)
         self._peek = self.gate.peek

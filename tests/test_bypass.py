@@ -244,3 +244,16 @@ def test_secrets_shorter_than_16_characters_are_refused_from_every_source(make, 
     assert "'x'" not in refused[0].getMessage(), "the secret itself is not logged"
     other = {"X-Tenant-ID": "other", "X-Maintgate-Bypass": "long-enough-secret-0123"}
     assert status(app, headers=other) == 200, "a callable's long enough value still works"
+
+
+def test_a_mapping_filled_after_the_gate_is_built_is_held_to_16_characters_too(make, caplog):
+    secrets: dict[str, str] = {}
+    app = make(bypass_secret=secrets)
+    secrets["demo"] = "abc"
+    with caplog.at_level(logging.ERROR, logger="maintgate"):
+        assert status(app, headers={"X-Tenant-ID": "demo", "X-Maintgate-Bypass": "abc"}) == 503
+    assert any("16 characters" in r.getMessage() for r in caplog.records)
+    secrets["demo"] = "long-enough-secret-0123"
+    assert (
+        status(app, headers={"X-Tenant-ID": "demo", "X-Maintgate-Bypass": "long-enough-secret-0123"}) == 200
+    )

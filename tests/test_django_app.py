@@ -270,3 +270,42 @@ def test_manage_py_maintgate_writes_through_djangos_own_store(configured, tmp_pa
     with pytest.raises(CommandError, match=r"unrecognized arguments|invalid choice"):
         call_command("maintgate", "--database-url", "sqlite:///stray.db", "init")
     assert list(elsewhere.iterdir()) == [], "no stray SQLite file"
+
+
+@pytest.mark.parametrize(
+    ("maintgate", "key"),
+    [
+        ({"DATABASE_URL": 5}, "DATABASE_URL"),
+        ({"DATABASE_URL": "not a url"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgres://x/y"}, "DATABASE_URL"),
+        ({"TABLE_PREFIX": 5}, "TABLE_PREFIX"),
+        ({"TABLE_PREFIX": "bad-prefix"}, "TABLE_PREFIX"),
+        ({"SCHEMA": 5}, "SCHEMA"),
+    ],
+)
+def test_store_settings_are_checked_too_and_named_at_run_time(maintgate, key):
+    from maintgate import InvalidArgument
+
+    with override_settings(MAINTGATE=maintgate):
+        errors = checks.check_settings()
+        assert [(e.id, f"MAINTGATE['{key}']" in e.msg) for e in errors] == [("maintgate.E008", True)], errors
+        with pytest.raises(InvalidArgument, match=key):
+            get_store("default")
+
+
+@pytest.mark.parametrize(
+    ("maintgate", "check_id"),
+    [
+        ({1: "x"}, "maintgate.E002"),
+        ({"RENDERER": {1: "a", "zz": 2}}, "maintgate.E009"),
+        ({"RENDERER": {"tenant_text": "{tenant.x}"}}, "maintgate.E009"),
+        ({"RENDERER": {"retry_text": "{seconds.y}"}}, "maintgate.E009"),
+        ({"RENDERER": {"tenant_text": "{tenant[x]}"}}, "maintgate.E009"),
+        ({"TENANT": "tests.raises_on_import.resolver"}, "maintgate.E003"),
+        ({"LOAD_TIMEOUT": float("inf")}, "maintgate.E004"),
+    ],
+)
+def test_the_checks_report_odd_values_instead_of_crashing(maintgate, check_id):
+    with override_settings(MAINTGATE={**maintgate, "TENNANT": "x"}):
+        errors = checks.check_settings()
+    assert sorted(e.id for e in errors) == sorted([check_id, "maintgate.E002"]), errors

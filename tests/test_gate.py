@@ -373,3 +373,25 @@ def test_a_wrong_type_for_any_option_raises_invalid_argument_naming_it(store, op
         with pytest.raises(InvalidArgument) as info:
             build(**{option: WRONG_TYPES[option]})
         assert info.value.option == option and option in str(info.value), info.value
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("load_timeout", float("inf")),
+        ("max_staleness", float("inf")),
+        ("cache_ttl", float("nan")),
+        ("exempt_paths", [__import__("re").compile(b"/x")]),
+        ("tenant_pattern", __import__("re").compile(b".*")),
+        ("gate", 5),
+    ],
+)
+def test_values_that_would_fail_at_request_time_are_refused_when_built(store, option, value):
+    from maintgate import InvalidArgument
+
+    with pytest.raises(InvalidArgument) as info:
+        if option == "gate":
+            MaintenanceMiddleware(ok_app, gate=value)
+        else:
+            MaintenanceMiddleware(ok_app, store, **{option: value})
+    assert info.value.option == option, info.value

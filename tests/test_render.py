@@ -81,3 +81,21 @@ def test_a_read_only_message_is_its_own_sentence():
         state = MaintenanceState(tenant="demo", active=True, message=message, mode="read_only")
         detail = _json.loads(renderer.render_json(state, "demo", 60))["detail"]
         assert detail.startswith(expected), detail
+
+
+@pytest.mark.parametrize(
+    ("option", "text"),
+    [
+        ("tenant_text", "{tenant.x}"),
+        ("tenant_text", "{tenant[x]}"),
+        ("retry_text", "{seconds.y}"),
+        ("retry_text", "{seconds[0]}"),
+        ("retry_text", "{seconds:c}"),
+    ],
+)
+def test_format_strings_that_would_fail_on_some_request_are_refused_when_built(option, text):
+    from maintgate import InvalidArgument, Renderer
+
+    with pytest.raises(InvalidArgument) as info:
+        Renderer(**{option: text})
+    assert info.value.option == option

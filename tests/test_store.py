@@ -193,3 +193,15 @@ def test_a_change_that_commits_late_is_never_skipped(store):
     numbered = store.changes(after.version)
     assert numbered.states.keys() == {"late", "other"}, "the next numbered change renumbers it"
     assert store.changes(numbered.version).states == {}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"table_prefix": 5}, {"schema": 5}, {"engine_options": 5}, {"listen_url": 5}, {"listen_url": "::"}],
+)
+def test_bad_store_arguments_raise_invalid_argument_naming_them(options, tmp_path):
+    from maintgate import InvalidArgument
+
+    with pytest.raises(InvalidArgument) as info:
+        MaintenanceStore(f"sqlite:///{tmp_path / 'x.db'}", **options)
+    assert info.value.option == next(iter(options)), info.value

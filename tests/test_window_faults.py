@@ -768,6 +768,7 @@ def test_windows_exclude_each_other_however_the_stores_schema_is_spelled(store):
     named = MaintenanceStore(store.engine, table_prefix=prefix, schema="public")
     plain = MaintenanceStore(store.engine, table_prefix=prefix)
     assert named.window_lock_key("demo") == plain.window_lock_key("demo")
+    assert named.channel == plain.channel == store.channel, "and one notification channel"
     opened, done = threading.Event(), threading.Event()
 
     def run() -> None:

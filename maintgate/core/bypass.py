@@ -169,19 +169,24 @@ class Bypass:
         if isinstance(source, str):
             return source
         if isinstance(source, Mapping):
-            return source.get(tenant or ALL_TENANTS) or source.get(ALL_TENANTS)
-        try:
-            secret = source(tenant)
-        except Exception:
-            logger.exception("maintgate: bypass secret callable failed for tenant %r", tenant)
-            return None
+            try:
+                secret = source.get(tenant or ALL_TENANTS) or source.get(ALL_TENANTS)
+            except Exception:
+                logger.exception("maintgate: bypass secret mapping failed for tenant %r", tenant)
+                return None
+        else:
+            try:
+                secret = source(tenant)
+            except Exception:
+                logger.exception("maintgate: bypass secret callable failed for tenant %r", tenant)
+                return None
         if secret is None or (isinstance(secret, str) and len(secret) >= MIN_SECRET_LENGTH):
             return secret
         now = time.monotonic()
         if now - self._refusal_logged >= REFUSAL_LOG_EVERY:
             self._refusal_logged = now
             logger.error(
-                "maintgate: the bypass secret callable returned a %s for tenant %r instead of a string "
+                "maintgate: the bypass secret source gave a %s for tenant %r instead of a string "
                 "of at least %d characters; no secret bypass for it (logged once a minute at most)",
                 "shorter string" if isinstance(secret, str) else type(secret).__name__,
                 tenant,

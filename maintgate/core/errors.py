@@ -1,5 +1,7 @@
 """Errors raised by maintgate."""
 
+import math
+
 
 class MaintgateError(Exception):
     """Base class of every error maintgate raises."""
@@ -20,7 +22,7 @@ class InvalidArgument(MaintgateError, ValueError):
 
 def positive_seconds(option: str, value: object) -> float:
     """``value`` as seconds, or InvalidArgument naming ``option`` (a string or bool is not a number)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
         raise InvalidArgument(f"{option} must be a positive number of seconds, got {value!r}", option)
     return float(value)
 

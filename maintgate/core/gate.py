@@ -63,7 +63,7 @@ class ExemptPaths:
             raise InvalidArgument(f"exempt_paths must be a list of paths, got {paths!r}", "exempt_paths")
         exact, prefixes, patterns = set(), [], []
         for path in paths:
-            if isinstance(path, re.Pattern):
+            if isinstance(path, re.Pattern) and isinstance(path.pattern, str):
                 patterns.append(path)
             elif isinstance(path, str) and path.startswith("/"):
                 if path.endswith("*"):
@@ -72,7 +72,7 @@ class ExemptPaths:
                     exact.add(path)
             else:
                 raise InvalidArgument(
-                    f"exempt path {path!r} must be a string starting with '/' or a compiled regex",
+                    f"exempt path {path!r} must be a string starting with '/' or a compiled str regex",
                     "exempt_paths",
                 )
         self.exact = frozenset(exact)
@@ -169,7 +169,9 @@ class Gate:
         positive_int("default_retry_after", default_retry_after)
         positive_int("log_blocked_every", log_blocked_every)
         positive_int("tenant_max_length", tenant_max_length, upto=TENANT_MAX_LENGTH)
-        if tenant_pattern is not None and not isinstance(tenant_pattern, str | re.Pattern):
+        if tenant_pattern is not None and not isinstance(
+            getattr(tenant_pattern, "pattern", tenant_pattern), str
+        ):
             raise InvalidArgument(f"tenant_pattern must be a regex, got {tenant_pattern!r}", "tenant_pattern")
         try:
             pattern = re.compile(tenant_pattern) if isinstance(tenant_pattern, str) else tenant_pattern

@@ -97,13 +97,14 @@ class Renderer:
                 f"allowed: {sorted(TEMPLATE_FIELDS)}",
                 "html_template",
             )
-        for name, text, fields in (
-            ("tenant_text", tenant_text, {"tenant": "t"}),
-            ("retry_text", retry_text, {"seconds": 1}),
+        for name, text, samples in (
+            ("tenant_text", tenant_text, [{"tenant": "t"}, {"tenant": "a-long.tenant_id"}]),
+            ("retry_text", retry_text, [{"seconds": 1}, {"seconds": 10**9}]),
         ):
             try:
-                text.format(**fields)
-            except (KeyError, IndexError, ValueError) as exc:
+                for fields in samples:  # the values a request may bring, the largest included
+                    text.format(**fields)
+            except Exception as exc:
                 raise InvalidArgument(f"{name} {text!r} is not a valid format string: {exc}", name) from None
         self.title = title
         self.default_message = default_message

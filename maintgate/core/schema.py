@@ -33,8 +33,10 @@ class Tables:
 
 def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tables:
     """Build maintgate's tables on a fresh MetaData, named ``{prefix}state`` and so on."""
-    if not prefix or not prefix.replace("_", "a").isalnum():
-        raise InvalidArgument(f"table_prefix must be letters, digits and underscores, got {prefix!r}")
+    if not isinstance(prefix, str) or not prefix or not prefix.replace("_", "a").isalnum():
+        raise InvalidArgument(
+            f"table_prefix must be letters, digits and underscores, got {prefix!r}", "table_prefix"
+        )
     md = MetaData(schema=schema)
     state = Table(
         f"{prefix}state",

@@ -436,6 +436,20 @@ class MaintenanceStore:
         engine_options: Mapping[str, Any] | None = None,
         listen_url: str | None = None,
     ) -> None:
+        if engine_options is not None and not isinstance(engine_options, Mapping):
+            raise InvalidArgument(
+                f"engine_options must be a mapping, got {engine_options!r}", "engine_options"
+            )
+        if schema is not None and not isinstance(schema, str):
+            raise InvalidArgument(f"schema must be a string or None, got {schema!r}", "schema")
+        self.tables: Tables = build_tables(table_prefix, schema)
+        try:
+            self.listen_url = None if listen_url is None else make_url(listen_url)
+            """Where gates LISTEN: a direct connection when the engine goes through PgBouncer."""
+        except Exception:
+            raise InvalidArgument(
+                f"listen_url must be a database URL, got {listen_url!r}", "listen_url"
+            ) from None
         if isinstance(database, Engine):
             if engine_options:
                 raise InvalidArgument("engine_options only apply when the store builds the engine")
@@ -447,18 +461,19 @@ class MaintenanceStore:
                 event.listen(self.engine, "connect", _wal)
         else:
             raise TypeError(f"database must be a SQLAlchemy URL or Engine, got {database!r}")
-        self.tables: Tables = build_tables(table_prefix, schema)
         self._state = self.tables.state
         self.lookup_timeout = LOOKUP_TIMEOUT
         self._qualified: Tables | None = None
         self._scope: str | None = None
         self._has_numbers = False
         self._warned_numbers = False
-        name = f"{schema or ''}.{self._state.name}".encode()
-        self.channel = "maintgate_" + hashlib.blake2b(name, digest_size=8).hexdigest()
-        """The PostgreSQL NOTIFY channel on which this store announces every committed change."""
-        self.listen_url = None if listen_url is None else make_url(listen_url)
-        """Where gates LISTEN: a direct connection when the engine goes through PgBouncer."""
+
+    @property
+    def channel(self) -> str:
+        """The PostgreSQL NOTIFY channel on which this store announces every committed change:
+        the same for every store on the same tables, however its schema is given."""
+        name = f"{self._lock_scope()}.{self._state.name}".encode()
+        return "maintgate_" + hashlib.blake2b(name, digest_size=8).hexdigest()
 
     def __repr__(self) -> str:
         return f"MaintenanceStore({self.engine.url.render_as_string(hide_password=True)!r})"

@@ -57,6 +57,7 @@ def get_store(using: str = "default") -> MaintenanceStore:
     """
     from . import conf
 
+    conf.check_store()
     url = conf.get("DATABASE_URL") or database_url(using).render_as_string(hide_password=False)
     key = (using, url, conf.get("TABLE_PREFIX", "maintgate_"), conf.get("SCHEMA"))
     store = _stores.get(key)

@@ -47,10 +47,10 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[Error]:
         from . import database_url
 
         alias = conf.database_alias()
-        if conf.get("DATABASE_URL") is None:
+        if conf.get("DATABASE_URL") is None and isinstance(conf.get("DATABASE", "default"), str):
             if alias not in settings.DATABASES:
                 raise MaintgateError(f"{alias!r} is not in settings.DATABASES")
             database_url(alias)
-    except MaintgateError as exc:
+    except Exception as exc:  # an unknown engine, a PORT that is not a number, ...
         errors.append(Error(conf.describe("DATABASE", str(exc)), hint=HINT, id=IDS["DATABASE"]))
     return errors

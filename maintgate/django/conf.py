@@ -53,8 +53,8 @@ def _import(path: str, key: str) -> Any:
 
     try:
         return import_string(path)
-    except ImportError as exc:
-        raise InvalidArgument(f"cannot import {path!r} ({exc})", key) from None
+    except Exception as exc:  # ImportError, or whatever importing the module raised
+        raise InvalidArgument(f"cannot import {path!r} ({type(exc).__name__}: {exc})", key) from None
 
 
 def _callable(value: Any, key: str) -> Callable[..., Any] | None:
@@ -105,14 +105,13 @@ def _renderer(value: Any, key: str) -> Any:
     """A ``Renderer`` built from a dict of its options."""
     if not isinstance(value, dict):
         return value
+    names = sorted(inspect.signature(Renderer).parameters)
+    unknown = sorted(repr(k) for k in value if k not in names)
+    if unknown:
+        raise InvalidArgument(f"unknown Renderer options {', '.join(unknown)}; known: {names}", key)
     try:
         return Renderer(**value)
-    except TypeError:
-        names = sorted(inspect.signature(Renderer).parameters)
-        raise InvalidArgument(
-            f"unknown Renderer options {sorted(set(value) - set(names))}; known: {names}", key
-        ) from None
-    except InvalidArgument as exc:
+    except (InvalidArgument, TypeError) as exc:
         raise InvalidArgument(str(exc), key) from None
 
 
@@ -140,7 +139,7 @@ def read() -> tuple[dict[str, Any], dict[str, str]]:
     if not isinstance(value, dict):
         return {}, {"MAINTGATE": f"must be a dict, got {type(value).__name__}"}
     options: dict[str, Any] = {}
-    problems: dict[str, str] = {}
+    problems = store_problems(value)
     for key, setting in value.items():
         if key not in KEYS:
             problems[key] = "not a maintgate setting"
@@ -162,6 +161,44 @@ def read() -> tuple[dict[str, Any], dict[str, str]]:
             del options[exc.option]
 
 
+def store_problems(value: dict[Any, Any]) -> dict[str, str]:
+    """What is wrong with the settings that say where maintgate's tables are, without a database."""
+    from sqlalchemy import make_url
+
+    from ..core.errors import explain
+    from ..core.schema import build_tables
+
+    problems: dict[str, str] = {}
+    url = value.get("DATABASE_URL")
+    if url is not None:
+        try:
+            if not isinstance(url, str):
+                raise TypeError(f"must be a SQLAlchemy URL string, got {url!r}")
+            make_url(url).get_dialect()
+        except Exception as exc:
+            problems["DATABASE_URL"] = explain(exc, url if isinstance(url, str) else "")
+    try:
+        build_tables(value.get("TABLE_PREFIX", "maintgate_"), None)
+    except InvalidArgument as exc:
+        problems["TABLE_PREFIX"] = str(exc)
+    schema = value.get("SCHEMA")
+    if schema is not None and not isinstance(schema, str):
+        problems["SCHEMA"] = f"must be a schema name or None, got {schema!r}"
+    database = value.get("DATABASE", "default")
+    if not isinstance(database, str):
+        problems["DATABASE"] = f"must be the alias of a database in settings.DATABASES, got {database!r}"
+    return problems
+
+
+def check_store() -> None:
+    """InvalidArgument naming every store setting that is wrong, before a store is built from them."""
+    value = raw()
+    problems = store_problems(value) if isinstance(value, dict) else {}
+    if problems:
+        first = next(iter(problems))
+        raise InvalidArgument("; ".join(describe(k, m) for k, m in problems.items()), first)
+
+
 def _same(value: Any, key: str) -> Any:
     return value
 
@@ -171,8 +208,10 @@ def describe(key: str, message: str) -> str:
     return f"MAINTGATE: {message}" if key == "MAINTGATE" else f"MAINTGATE[{key!r}]: {message}"
 
 
-def suggestion(key: str) -> str | None:
+def suggestion(key: object) -> str | None:
     """The known key an unknown one most resembles (``TENNANT`` → ``TENANT``), if any."""
+    if not isinstance(key, str):
+        return None
     close = difflib.get_close_matches(key.upper(), sorted(KEYS), n=1)
     return close[0] if close else None
 
@@ -196,4 +235,5 @@ def build_gate() -> Gate:
     """The gate the Django middleware uses, built from the settings."""
     from . import get_store
 
-    return Gate(get_store(database_alias()), **gate_options())
+    options = gate_options()  # every bad setting named before anything is built
+    return Gate(get_store(database_alias()), **options)

@@ -1,0 +1,3 @@
+"""A module whose import fails with something other than ImportError (for the settings checks)."""
+
+raise RuntimeError("this module cannot be imported")
