@@ -80,9 +80,10 @@ def reason(state: MaintenanceState) -> str:
         return f"{scope}schedule #{state.schedule_id}"
     if state.is_global:
         return "the global switch"
-    if state.window_id is not None and state.source == WINDOW:
+    if state.window_id is not None:
         owner = f" of {state.owner.host} pid {state.owner.pid}" if state.owner else ""
-        return f"window {state.window_id}{owner}"
+        window = f"window {state.window_id}{owner}"
+        return window if state.source == WINDOW else f"its own switch and {window}"
     return "its own switch"
 
 

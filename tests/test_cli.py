@@ -268,6 +268,10 @@ def test_status_shows_what_the_gate_answers_now_and_why(store, capsys):
         row = status_json(store, capsys, "busy")["busy"]
         assert answered("busy") == 503
         assert row["effective"] == "maintenance" and row["reason"].startswith("window "), row
+        store.activate("busy", mode="read_only", message="operator")  # the window's full mode wins
+        row = status_json(store, capsys, "busy")["busy"]
+        assert answered("busy", "GET") == 503 and row["effective"] == "maintenance"
+        assert row["reason"].startswith("its own switch and window "), row
     gate.gate.close()
 
 
