@@ -17,7 +17,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -263,6 +263,20 @@ class StateMirror:
             self._seen[tenant] = (version, own)
             self._set_manual(tenant, own)
             self._derive()
+
+    def ended(self, tenant: str, schedule_ids: Iterable[int], state: MaintenanceState | None) -> None:
+        """This process committed an operator's switch-off: ``tenant``'s own state is ``state`` and
+        those planned windows are gone. Shown at once; the read it asks for confirms it."""
+        with self._lock:
+            gone = set(schedule_ids)
+            left = tuple(s for s in self._planned.get(tenant, ()) if s.id not in gone)
+            if left:
+                self._planned[tenant] = left
+            else:
+                self._planned.pop(tenant, None)
+            self._set_manual(tenant, state if state is not None and state.active else None)
+            self._derive()
+        self.changed()
 
     def changed(self) -> None:
         """Something may have changed that no notification described: read what changed now."""

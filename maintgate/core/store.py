@@ -69,8 +69,7 @@ DEFAULT_LEASE = 30.0
 """Seconds a window's lease lasts; off PostgreSQL a running window renews it every third of that."""
 OPENING_GRACE = 5.0
 PUBLISH_WAIT = 2.0
-"""Longest a write waits for this process's gates to read a change its notification does not
-describe (a schedule's), so that the next request sees it."""
+"""Seconds a committed window waits for this process's gates to read its switch-off."""
 """PostgreSQL: longest a window's lease lasts; after opening, its transaction's lock holds the tenant."""
 LOCK_WAIT = 2.0
 """Seconds a migration's transaction retries the tenant's lock, which a switch-on holds for an instant."""
@@ -487,7 +486,7 @@ class MaintenanceStore:
         pending: list[_Change] = []
         with self.engine.begin() as conn, _collecting(conn, pending, own=True):
             yield conn
-        self._publish(pending, wait=PUBLISH_WAIT)  # committed
+        self._publish(pending)  # committed
 
     def create_tables(self, connection: Connection | None = None) -> None:
         """Create maintgate's tables where missing, and add the columns newer versions need; idempotent."""
@@ -506,6 +505,7 @@ class MaintenanceStore:
                     index.create(conn, checkfirst=True)
             self._ensure_version_row(conn, self.tables)
         self._has_numbers = True
+        self._scope = None  # the bare name may find them now
         if connection is None:
             self._t()  # where they are, found once now rather than by the first lookup
 
@@ -774,6 +774,9 @@ class MaintenanceStore:
         check_tenant(tenant)
         with self._begin(connection) as conn:
             ended = self._deactivate(tenant, conn)
+        if connection is None and ended.schedules:  # committed: no read needed to show it here
+            for mirror in mirrors_of(self):
+                mirror.ended(tenant, [s.id for s in ended.schedules], ended.state)
         if ended.switch or ended.schedules:
             announce("deactivated", tenant, schedules=[s.id for s in ended.schedules])
         if ended.released is not None:
@@ -899,10 +902,7 @@ class MaintenanceStore:
         if named is None or self.engine.dialect.name != "postgresql":
             scope = named or ""
         else:
-            found = self._unqualified_schema()
-            if found is None:
-                return named  # the bare name finds no tables (yet): ask again next time
-            scope = "" if found == named else named
+            scope = "" if self._unqualified_schema() == named else named
         self._scope = scope
         return scope
 
