@@ -29,6 +29,8 @@ class Tables:
     history: Table
     schedule: Table
     version: Table
+    rollout: Table
+    rollout_tenant: Table
 
 
 def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tables:
@@ -100,7 +102,35 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         Column("id", Integer, primary_key=True, autoincrement=False),
         Column("version", BigInteger, nullable=False),
     )
-    return Tables(md, state, history, schedule, version)
+    # A fleet rollout's plan: the rollout itself, and one row per tenant (see maintgate.rollout).
+    rollout = Table(
+        f"{prefix}rollout",
+        md,
+        Column("name", String(128), primary_key=True),
+        Column("created_at", Timestamp, nullable=False),
+        Column("canary", Integer, nullable=False, default=0),
+        Column("max_failures", Integer),
+        Column("stop_reason", Text),
+        # SQLite runs one runner at a time: the one that holds this lease.
+        Column("runner", String(128)),
+        Column("runner_lease_until", Timestamp),
+    )
+    rollout_tenant = Table(
+        f"{prefix}rollout_tenant",
+        md,
+        Column("name", String(128), primary_key=True),
+        Column("tenant", TenantId, primary_key=True),
+        Column("position", Integer, nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("attempts", Integer, nullable=False, default=0),
+        Column("runner", String(128)),
+        Column("lease_until", Timestamp),
+        Column("started_at", Timestamp),
+        Column("finished_at", Timestamp),
+        Column("error", Text),
+        Index(f"ix_{prefix}rollout_tenant_next", "name", "status", "position"),
+    )
+    return Tables(md, state, history, schedule, version, rollout, rollout_tenant)
 
 
 _DEFAULT = build_tables()

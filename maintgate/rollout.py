@@ -1,0 +1,547 @@
+"""Fleet rollout: one migration across many tenants, each inside its own migration window.
+
+The plan lives in the store's database (``{prefix}rollout`` and ``{prefix}rollout_tenant``), so
+a rollout survives its runner: running the same name again resumes it. A tenant is marked done
+*inside* its window's transaction, with the migration and the switch-off, so a tenant is never
+migrated twice, whatever crashes when. Runners claim the next tenant in a short transaction of
+their own (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, where several runners share one plan).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Connection, and_, func, insert, or_, select, update
+
+from .core.errors import InvalidArgument, MaintgateError, WindowBusy
+from .core.state import check_tenant, utcnow
+from .core.store import MaintenanceStore
+from .migration import _describe, maintenance_window
+
+logger = logging.getLogger("maintgate")
+
+PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+RUNNER_LEASE = 30.0
+"""Seconds a runner's claim on a tenant lasts unless renewed; a crashed runner's tenants are
+taken over once it ends (and once the tenant's own window is gone)."""
+BUSY_RETRY = 1.0
+"""Seconds before a tenant whose window another process holds is tried again."""
+
+Migrate = Callable[[Connection, str], Any]
+
+
+class RolloutBusy(MaintgateError):
+    """Another runner holds this rollout where only one may run at a time (SQLite)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Where a rollout stands, as :func:`rollout` reports it to ``on_progress``."""
+
+    total: int
+    done: int
+    failed: int
+    running: int
+    elapsed: float
+    done_here: int
+    """Tenants this runner migrated in this run (the rate is computed from these)."""
+
+    @property
+    def rate(self) -> float:
+        """Tenants per second this runner migrates."""
+        return self.done_here / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def left(self) -> int:
+        """Tenants neither done nor failed."""
+        return self.total - self.done - self.failed
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutReport:
+    """What a rollout run did, and where the whole rollout stands."""
+
+    name: str
+    done: tuple[str, ...]
+    """Tenants migrated by this run."""
+    failed: dict[str, str]
+    """Every failed tenant of the rollout, with its error: it stays in maintenance."""
+    skipped: tuple[str, ...]
+    """Tenants done before this run (a resumed rollout)."""
+    not_started: tuple[str, ...]
+    """Tenants nobody has migrated yet: serving, untouched."""
+    stopped: str | None = None
+    """Why the rollout stopped claiming tenants, or None."""
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def complete(self) -> bool:
+        """Whether every tenant of the rollout is done."""
+        return not self.failed and not self.not_started
+
+
+def _runner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def rollout(
+    store: MaintenanceStore,
+    name: str,
+    tenants: Iterable[str],
+    migrate: Migrate,
+    *,
+    concurrency: int = 4,
+    canary: int = 0,
+    max_failures: int | None = 0,
+    message: str | None = None,
+    retry_after: int | None = None,
+    retry_failed: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
+    stop: threading.Event | None = None,
+) -> RolloutReport:
+    """Run ``migrate(connection, tenant)`` for each tenant inside that tenant's migration window.
+
+    At most ``concurrency`` windows are open at once (one on SQLite, which has one writer).
+    ``canary=N``: the first N tenants go first, and any failure among them stops the rollout.
+    ``max_failures=K``: once K tenants have failed, no new tenant is claimed (0: the first
+    failure stops it; None: never). Windows already open finish; the rest stay untouched.
+    Running the same ``name`` again resumes: done tenants are skipped, failed ones are retried
+    only with ``retry_failed=True``. Setting ``stop`` stops claiming (open windows finish).
+    """
+    _check(name, concurrency, canary, max_failures)
+    wanted = [check_tenant(t) for t in tenants]
+    notes: list[str] = []
+    if store.engine.dialect.name == "sqlite" and concurrency > 1:
+        concurrency = 1
+        notes.append("SQLite has one writer: windows run one at a time")
+    runner = _Runner(store, name, migrate, message, retry_after, canary, max_failures, stop, on_progress)
+    runner.plan(wanted, retry_failed)
+    skipped = runner.statuses(DONE)
+    runner.start_heartbeat()
+    try:
+        workers = [
+            threading.Thread(target=runner.work, name=f"maintgate-rollout-{i}", daemon=True)
+            for i in range(concurrency)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            while worker.is_alive():
+                worker.join(0.2)
+                runner.report_progress()
+    finally:
+        runner.stop_heartbeat()
+    runner.report_progress(force=True)
+    rows = runner.rows()
+    failed = {t: e or "" for t, s, e in rows if s == FAILED}
+    left = tuple(t for t, s, _ in rows if s in (PENDING, RUNNING))
+    stopped = runner.stop_reason()
+    if runner.errors:
+        raise runner.errors[0]
+    return RolloutReport(
+        name=name,
+        done=tuple(runner.done_here),
+        failed=failed,
+        skipped=tuple(t for t in skipped),
+        not_started=left,
+        stopped=stopped,
+        notes=tuple(notes),
+    )
+
+
+def stop_rollout(store: MaintenanceStore, name: str, reason: str = "stopped by an operator") -> bool:
+    """Have every runner of rollout ``name`` stop claiming tenants; False if there is no such rollout."""
+    r = store._t().rollout
+    with store.engine.begin() as conn:
+        changed = conn.execute(update(r).where(r.c.name == name).values(stop_reason=reason)).rowcount
+    return changed == 1
+
+
+def rollout_status(store: MaintenanceStore, name: str) -> dict[str, Any] | None:
+    """Counts by status, each failed tenant's error, and why it stopped; None if no such rollout."""
+    tables = store._t()
+    r, rt = tables.rollout, tables.rollout_tenant
+    with store.engine.connect() as conn:
+        head = conn.execute(select(r).where(r.c.name == name)).first()
+        if head is None:
+            return None
+        counts = _counts(conn, rt, name)
+        failed = conn.execute(
+            select(rt.c.tenant, rt.c.error, rt.c.attempts)
+            .where(rt.c.name == name, rt.c.status == FAILED)
+            .order_by(rt.c.position)
+        ).all()
+    return {
+        "name": name,
+        "total": sum(counts.values()),
+        **{status: counts.get(status, 0) for status in (PENDING, RUNNING, DONE, FAILED)},
+        "stopped": head.stop_reason,
+        "failures": [{"tenant": t, "error": e, "attempts": a} for t, e, a in failed],
+    }
+
+
+def _check(name: str, concurrency: int, canary: int, max_failures: int | None) -> None:
+    if not isinstance(name, str) or not 0 < len(name) <= 128:
+        raise InvalidArgument(f"a rollout name is 1 to 128 characters, got {name!r}", "name")
+    for option, value in (("concurrency", concurrency), ("canary", canary)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < (1 if option == "concurrency" else 0)
+        ):
+            raise InvalidArgument(f"{option} must be a whole number, got {value!r}", option)
+    if max_failures is not None and (
+        isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0
+    ):
+        raise InvalidArgument(
+            f"max_failures must be a whole number or None, got {max_failures!r}", "max_failures"
+        )
+
+
+class _Runner:
+    """One process's share of a rollout: claims tenants, runs their windows, records the outcome."""
+
+    def __init__(
+        self,
+        store: MaintenanceStore,
+        name: str,
+        migrate: Migrate,
+        message: str | None,
+        retry_after: int | None,
+        canary: int,
+        max_failures: int | None,
+        stop: threading.Event | None,
+        on_progress: Callable[[Progress], None] | None,
+    ) -> None:
+        self.store = store
+        self.name = name
+        self.migrate = migrate
+        self.message = message
+        self.retry_after = retry_after
+        self.canary = canary
+        self.budget = None if max_failures is None else max(1, max_failures)
+        self.stop = stop or threading.Event()
+        self.on_progress = on_progress
+        self.id = _runner_id()
+        self.postgres = store.engine.dialect.name == "postgresql"
+        tables = store._t()  # named with their schema: a migration may move search_path
+        self.r = tables.rollout
+        self.rt = tables.rollout_tenant
+        self.claim_lock = threading.Lock()
+        self.held: set[str] = set()
+        self.done_here: list[str] = []
+        self.errors: list[BaseException] = []
+        self.started = time.monotonic()
+        self._beat = threading.Event()
+        self._heart: threading.Thread | None = None
+        self._last_progress = 0.0
+
+    # -- the plan ----------------------------------------------------------------------------------
+
+    def plan(self, tenants: list[str], retry_failed: bool) -> None:
+        """Create the rollout, or join it: new tenants go to the end; on SQLite, refuse a second runner."""
+        r, rt = self.r, self.rt
+        now = utcnow()
+        with self.store.engine.begin() as conn:
+            head = conn.execute(select(r).where(r.c.name == self.name)).first()
+            if head is None:
+                conn.execute(insert(r).values(name=self.name, created_at=now, canary=self.canary))
+            elif (
+                not self.postgres
+                and head.runner
+                and head.runner_lease_until
+                and _aware(head.runner_lease_until) > now
+            ):
+                raise RolloutBusy(
+                    f"rollout {self.name!r} is being run by {head.runner} (until "
+                    f"{_aware(head.runner_lease_until).isoformat()}): on SQLite one runner runs a "
+                    "rollout at a time; several runners need PostgreSQL"
+                )
+            values: dict[str, Any] = {"stop_reason": None}
+            if head is not None and head.canary != self.canary:
+                values["canary"] = self.canary
+            if not self.postgres:
+                values.update(runner=self.id, runner_lease_until=now + timedelta(seconds=RUNNER_LEASE))
+            conn.execute(update(r).where(r.c.name == self.name).values(**values))
+            known = set(conn.execute(select(rt.c.tenant).where(rt.c.name == self.name)).scalars())
+            last = conn.execute(select(func.max(rt.c.position)).where(rt.c.name == self.name)).scalar()
+            position = -1 if last is None else int(last)
+            fresh = []
+            for tenant in dict.fromkeys(tenants):
+                if tenant not in known:
+                    position += 1
+                    fresh.append(
+                        {
+                            "name": self.name,
+                            "tenant": tenant,
+                            "position": position,
+                            "status": PENDING,
+                            "attempts": 0,
+                        }
+                    )
+            for start in range(0, len(fresh), 1000):
+                conn.execute(insert(rt), fresh[start : start + 1000])
+            if retry_failed:
+                conn.execute(
+                    update(rt)
+                    .where(rt.c.name == self.name, rt.c.status == FAILED)
+                    .values(status=PENDING, error=None, runner=None, lease_until=None)
+                )
+
+    def statuses(self, status: str) -> list[str]:
+        rt = self.rt
+        with self.store.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(rt.c.tenant)
+                    .where(rt.c.name == self.name, rt.c.status == status)
+                    .order_by(rt.c.position)
+                ).scalars()
+            )
+
+    def rows(self) -> list[tuple[str, str, str | None]]:
+        rt = self.rt
+        with self.store.engine.connect() as conn:
+            return [
+                (t, s, e)
+                for t, s, e in conn.execute(
+                    select(rt.c.tenant, rt.c.status, rt.c.error)
+                    .where(rt.c.name == self.name)
+                    .order_by(rt.c.position)
+                ).all()
+            ]
+
+    def stop_reason(self) -> str | None:
+        with self.store.engine.connect() as conn:
+            reason: str | None = conn.execute(
+                select(self.r.c.stop_reason).where(self.r.c.name == self.name)
+            ).scalar()
+        return reason
+
+    # -- claiming --------------------------------------------------------------------------------
+
+    def claim(self) -> str | None:
+        """The next tenant to migrate, now held by this runner; None when there is none to take."""
+        r, rt = self.r, self.rt
+        with self.claim_lock, self.store.engine.begin() as conn:
+            if self.stop.is_set():
+                self._stop(conn, "stopped: no new tenant is claimed (interrupted)")
+                return None
+            head = conn.execute(select(r.c.stop_reason, r.c.canary).where(r.c.name == self.name)).one()
+            if head.stop_reason:
+                return None
+            now = utcnow()
+            takeable = or_(rt.c.status == PENDING, and_(rt.c.status == RUNNING, rt.c.lease_until < now))
+            where = [rt.c.name == self.name, takeable]
+            canary = int(head.canary or 0)
+            if canary:
+                first = select(rt.c.tenant, rt.c.status).where(rt.c.name == self.name, rt.c.position < canary)
+                statuses = conn.execute(first).all()
+                bad = [t for t, s in statuses if s == FAILED]
+                if bad:
+                    self._stop(
+                        conn, f"canary failed: tenant {bad[0]!r}; the rest of the fleet was not touched"
+                    )
+                    return None
+                if any(s != DONE for _, s in statuses):
+                    where.append(rt.c.position < canary)
+            counts = _counts(conn, rt, self.name)
+            failed = counts.get(FAILED, 0)
+            if self.budget is not None and failed >= self.budget:
+                self._stop(
+                    conn, f"failure budget spent: {failed} tenant(s) failed (max_failures={self.budget})"
+                )
+                return None
+            query = select(rt.c.tenant).where(*where).order_by(rt.c.position).limit(1)
+            if self.postgres:
+                query = query.with_for_update(skip_locked=True)
+            tenant: str | None = conn.execute(query).scalar()
+            if tenant is None:
+                return None
+            conn.execute(
+                update(rt)
+                .where(rt.c.name == self.name, rt.c.tenant == tenant)
+                .values(
+                    status=RUNNING,
+                    runner=self.id,
+                    lease_until=now + timedelta(seconds=RUNNER_LEASE),
+                    attempts=rt.c.attempts + 1,
+                    started_at=now,
+                    finished_at=None,
+                )
+            )
+            self.held.add(tenant)
+            return tenant
+
+    def _stop(self, conn: Connection, reason: str) -> None:
+        r = self.r
+        conn.execute(
+            update(r).where(r.c.name == self.name, r.c.stop_reason.is_(None)).values(stop_reason=reason)
+        )
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def work(self) -> None:
+        """A worker: claim, migrate inside the tenant's window, repeat until nothing is left."""
+        try:
+            while True:
+                tenant = self.claim()
+                if tenant is None:
+                    if self._waiting_on_canary():
+                        time.sleep(0.05)
+                        continue
+                    return
+                self.run(tenant)
+        except BaseException as exc:  # reported by rollout(), after the other workers end
+            self.errors.append(exc)
+            self.stop.set()
+
+    def _waiting_on_canary(self) -> bool:
+        """Whether canary tenants still run elsewhere (so the rest may be claimed once they end)."""
+        if self.stop.is_set() or self.stop_reason():
+            return False
+        r, rt = self.r, self.rt
+        with self.store.engine.connect() as conn:
+            canary = int(conn.execute(select(r.c.canary).where(r.c.name == self.name)).scalar() or 0)
+            if not canary:
+                return False
+            running = conn.execute(
+                select(func.count()).where(
+                    rt.c.name == self.name, rt.c.position < canary, rt.c.status == RUNNING
+                )
+            ).scalar()
+        return bool(running)
+
+    def run(self, tenant: str) -> None:
+        """One tenant's window: done is recorded in the window's transaction, failure after it."""
+        rt = self.rt
+        try:
+            with maintenance_window(
+                self.store, tenant, message=self.message, retry_after=self.retry_after
+            ) as conn:
+                self.migrate(conn, tenant)
+                marked = conn.execute(
+                    update(rt)
+                    .where(rt.c.name == self.name, rt.c.tenant == tenant, rt.c.runner == self.id)
+                    .values(status=DONE, finished_at=utcnow(), error=None, lease_until=None)
+                ).rowcount
+                if marked != 1:
+                    raise MaintgateError(
+                        f"rollout {self.name!r}: tenant {tenant!r} was taken over by another runner; "
+                        "this window rolls back"
+                    )
+        except WindowBusy as exc:
+            # Another process's window holds the tenant (a runner thought dead, say): not ours to fail.
+            self._release(tenant, PENDING, str(exc), retry_in=BUSY_RETRY)
+        except Exception as exc:
+            self._release(tenant, FAILED, _describe(exc))
+        else:
+            self.done_here.append(tenant)
+        finally:
+            self.held.discard(tenant)
+
+    def _release(self, tenant: str, status: str, error: str, retry_in: float = 0.0) -> None:
+        rt = self.rt
+        values: dict[str, Any] = {"status": status, "error": error, "finished_at": utcnow(), "runner": None}
+        values["lease_until"] = utcnow() + timedelta(seconds=retry_in) if retry_in else None
+        if retry_in:  # pending again, but not before then
+            values.update(status=RUNNING, runner=None)
+        with self.store.engine.begin() as conn:
+            conn.execute(
+                update(rt)
+                .where(rt.c.name == self.name, rt.c.tenant == tenant, rt.c.runner == self.id)
+                .values(**values)
+            )
+        if status == FAILED:
+            logger.warning(
+                "maintgate: rollout %r: tenant %r failed and stays in maintenance: %s",
+                self.name,
+                tenant,
+                error.splitlines()[0] if error else "",
+                extra={"maintgate_event": "rollout_tenant_failed", "tenant": tenant, "rollout": self.name},
+            )
+
+    # -- leases and progress ---------------------------------------------------------------------
+
+    def start_heartbeat(self) -> None:
+        self._heart = threading.Thread(target=self._heartbeat, name="maintgate-rollout-lease", daemon=True)
+        self._heart.start()
+
+    def stop_heartbeat(self) -> None:
+        self._beat.set()
+        if self._heart is not None:
+            self._heart.join(5)
+        if not self.postgres:
+            with self.store.engine.begin() as conn:
+                conn.execute(
+                    update(self.r)
+                    .where(self.r.c.name == self.name, self.r.c.runner == self.id)
+                    .values(runner=None, runner_lease_until=None)
+                )
+
+    def _heartbeat(self) -> None:
+        while not self._beat.wait(RUNNER_LEASE / 3):
+            try:
+                until = utcnow() + timedelta(seconds=RUNNER_LEASE)
+                with self.store.engine.begin() as conn:
+                    held = list(self.held)
+                    if held:
+                        conn.execute(
+                            update(self.rt)
+                            .where(
+                                self.rt.c.name == self.name,
+                                self.rt.c.runner == self.id,
+                                self.rt.c.tenant.in_(held),
+                            )
+                            .values(lease_until=until)
+                        )
+                    if not self.postgres:
+                        conn.execute(
+                            update(self.r)
+                            .where(self.r.c.name == self.name, self.r.c.runner == self.id)
+                            .values(runner_lease_until=until)
+                        )
+            except Exception:
+                logger.exception("maintgate: rollout %r could not renew its leases", self.name)
+
+    def report_progress(self, force: bool = False) -> None:
+        if self.on_progress is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_progress < 0.5:
+            return
+        self._last_progress = now
+        rt = self.rt
+        with self.store.engine.connect() as conn:
+            counts = _counts(conn, rt, self.name)
+        self.on_progress(
+            Progress(
+                total=sum(counts.values()),
+                done=counts.get(DONE, 0),
+                failed=counts.get(FAILED, 0),
+                running=counts.get(RUNNING, 0),
+                elapsed=now - self.started,
+                done_here=len(self.done_here),
+            )
+        )
+
+
+def _counts(conn: Connection, rt: Any, name: str) -> dict[str, int]:
+    """How many tenants of rollout ``name`` are in each status."""
+    rows = conn.execute(select(rt.c.status, func.count()).where(rt.c.name == name).group_by(rt.c.status))
+    return {status: int(count) for status, count in rows.all()}
+
+
+def _aware(moment: Any) -> Any:
+    from datetime import UTC
+
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
