@@ -268,3 +268,19 @@ def test_after_an_idle_spell_shorter_than_max_staleness_a_change_still_shows(sto
     assert wsgi_call(app, "acme") == 503
     assert time.monotonic() - started < 0.02
     app.gate.close()
+
+
+def test_back_to_back_windows_the_previous_tenant_serves_as_soon_as_its_window_commits(store):
+    """A window's switch-off is written in the migration's transaction, unnumbered (PENDING); read
+    back, it is as new as the read, so an older numbered notification (its switch-on) must not win."""
+    app = gate(store, cache_ttl=0.05)
+    tenants = [f"t{i}" for i in range(6)]
+    wrong = []
+    for tenant in tenants:
+        with maintenance_window(store, tenant):
+            answers = {other: wsgi_call(app, other) for other in tenants}
+            wrong += [
+                (tenant, other) for other, code in answers.items() if (code == 503) != (other == tenant)
+            ]
+    assert wrong == [], "(window open, tenant answered wrongly)"
+    app.gate.close()

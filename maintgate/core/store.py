@@ -612,6 +612,7 @@ class MaintenanceStore:
         states: dict[str, MaintenanceState | None] = {}
         schedules: dict[str, list[Schedule]] = {}
         versions: dict[str, int] = {}
+        unnumbered: list[str] = []
         for row in result:
             m = row._mapping
             kind = m["kind"]
@@ -619,7 +620,9 @@ class MaintenanceStore:
                 version = max(version, m["version"] or 0)
             elif kind == "state":
                 tenant = m["tenant"]
-                versions[tenant] = max(0, m["version"] or 0)  # PENDING: committed, order unknown
+                if (m["version"] or 0) < 0:
+                    unnumbered.append(tenant)
+                versions[tenant] = max(0, m["version"] or 0)
                 version = max(version, versions[tenant])
                 states[tenant] = (
                     _state(m, active=True, source=m["source"], window_id=m["window_id"])
@@ -640,6 +643,10 @@ class MaintenanceStore:
                         created_at=_aware(m["updated_at"]),
                     )
                 )
+        for tenant in unnumbered:
+            # PENDING: committed after every numbered change the read covers, so as new as the read
+            # (a notification numbered above it is newer still).
+            versions[tenant] = version
         return Changes(since is None, version, states, schedules, versions)
 
     def _numbered(self, tables: Tables) -> bool:
