@@ -21,6 +21,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Connection, and_, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from .core.errors import InvalidArgument, MaintgateError, WindowBusy
 from .core.state import check_tenant, utcnow
@@ -107,6 +108,7 @@ def rollout(
     retry_failed: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
     stop: threading.Event | None = None,
+    lease: float = RUNNER_LEASE,
 ) -> RolloutReport:
     """Run ``migrate(connection, tenant)`` for each tenant inside that tenant's migration window.
 
@@ -116,6 +118,8 @@ def rollout(
     failure stops it; None: never). Windows already open finish; the rest stay untouched.
     Running the same ``name`` again resumes: done tenants are skipped, failed ones are retried
     only with ``retry_failed=True``. Setting ``stop`` stops claiming (open windows finish).
+    ``lease``: how long a crashed runner's tenants (and, off PostgreSQL, its windows) stay
+    claimed before another runner takes them over; a running runner renews it.
     """
     _check(name, concurrency, canary, max_failures)
     wanted = [check_tenant(t) for t in tenants]
@@ -123,7 +127,10 @@ def rollout(
     if store.engine.dialect.name == "sqlite" and concurrency > 1:
         concurrency = 1
         notes.append("SQLite has one writer: windows run one at a time")
+    if isinstance(lease, bool) or not isinstance(lease, int | float) or not 0 < lease < 86400:
+        raise InvalidArgument(f"lease must be a number of seconds, got {lease!r}", "lease")
     runner = _Runner(store, name, migrate, message, retry_after, canary, max_failures, stop, on_progress)
+    runner.lease = float(lease)
     runner.plan(wanted, retry_failed)
     skipped = runner.statuses(DONE)
     runner.start_heartbeat()
@@ -232,6 +239,7 @@ class _Runner:
         self.stop = stop or threading.Event()
         self.on_progress = on_progress
         self.id = _runner_id()
+        self.lease = RUNNER_LEASE
         self.postgres = store.engine.dialect.name == "postgresql"
         tables = store._t()  # named with their schema: a migration may move search_path
         self.r = tables.rollout
@@ -252,10 +260,15 @@ class _Runner:
         r, rt = self.r, self.rt
         now = utcnow()
         with self.store.engine.begin() as conn:
-            head = conn.execute(select(r).where(r.c.name == self.name)).first()
-            if head is None:
-                conn.execute(insert(r).values(name=self.name, created_at=now, canary=self.canary))
-            elif (
+            if conn.execute(select(r.c.name).where(r.c.name == self.name)).first() is None:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(insert(r).values(name=self.name, created_at=now, canary=self.canary))
+                except IntegrityError:
+                    pass  # another runner created it meanwhile: join it
+            # Runners joining at once take turns here, so each sees the tenants the other planned.
+            head = conn.execute(select(r).where(r.c.name == self.name).with_for_update()).one()
+            if (
                 not self.postgres
                 and head.runner
                 and head.runner_lease_until
@@ -267,10 +280,10 @@ class _Runner:
                     "rollout at a time; several runners need PostgreSQL"
                 )
             values: dict[str, Any] = {"stop_reason": None}
-            if head is not None and head.canary != self.canary:
+            if head.canary != self.canary:
                 values["canary"] = self.canary
             if not self.postgres:
-                values.update(runner=self.id, runner_lease_until=now + timedelta(seconds=RUNNER_LEASE))
+                values.update(runner=self.id, runner_lease_until=now + timedelta(seconds=self.lease))
             conn.execute(update(r).where(r.c.name == self.name).values(**values))
             known = set(conn.execute(select(rt.c.tenant).where(rt.c.name == self.name)).scalars())
             last = conn.execute(select(func.max(rt.c.position)).where(rt.c.name == self.name)).scalar()
@@ -373,7 +386,7 @@ class _Runner:
                 .values(
                     status=RUNNING,
                     runner=self.id,
-                    lease_until=now + timedelta(seconds=RUNNER_LEASE),
+                    lease_until=now + timedelta(seconds=self.lease),
                     attempts=rt.c.attempts + 1,
                     started_at=now,
                     finished_at=None,
@@ -396,8 +409,8 @@ class _Runner:
             while True:
                 tenant = self.claim()
                 if tenant is None:
-                    if self._waiting_on_canary():
-                        time.sleep(0.05)
+                    if self._others_running():
+                        time.sleep(0.1)  # their tenants may be ours to take, or unlock the canary
                         continue
                     return
                 self.run(tenant)
@@ -405,18 +418,18 @@ class _Runner:
             self.errors.append(exc)
             self.stop.set()
 
-    def _waiting_on_canary(self) -> bool:
-        """Whether canary tenants still run elsewhere (so the rest may be claimed once they end)."""
+    def _others_running(self) -> bool:
+        """Whether tenants this runner does not hold are still claimed: a live runner's (whose
+        end may unlock the canary) or a crashed one's (taken over once its lease expires)."""
         if self.stop.is_set() or self.stop_reason():
             return False
-        r, rt = self.r, self.rt
+        rt = self.rt
         with self.store.engine.connect() as conn:
-            canary = int(conn.execute(select(r.c.canary).where(r.c.name == self.name)).scalar() or 0)
-            if not canary:
-                return False
             running = conn.execute(
                 select(func.count()).where(
-                    rt.c.name == self.name, rt.c.position < canary, rt.c.status == RUNNING
+                    rt.c.name == self.name,
+                    rt.c.status == RUNNING,
+                    or_(rt.c.runner.is_(None), rt.c.runner != self.id),
                 )
             ).scalar()
         return bool(running)
@@ -426,7 +439,7 @@ class _Runner:
         rt = self.rt
         try:
             with maintenance_window(
-                self.store, tenant, message=self.message, retry_after=self.retry_after
+                self.store, tenant, message=self.message, retry_after=self.retry_after, lease=self.lease
             ) as conn:
                 self.migrate(conn, tenant)
                 marked = conn.execute(
@@ -489,9 +502,9 @@ class _Runner:
                 )
 
     def _heartbeat(self) -> None:
-        while not self._beat.wait(RUNNER_LEASE / 3):
+        while not self._beat.wait(self.lease / 3):
             try:
-                until = utcnow() + timedelta(seconds=RUNNER_LEASE)
+                until = utcnow() + timedelta(seconds=self.lease)
                 with self.store.engine.begin() as conn:
                     held = list(self.held)
                     if held:

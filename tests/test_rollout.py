@@ -2,53 +2,20 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
-import uuid
+import time
+from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 
-from maintgate import MaintenanceStore
 from maintgate.rollout import RolloutBusy, rollout, rollout_status, stop_rollout
+from tests.fleet import Fleet
+from tests.helpers import eventually
 
-
-class Fleet:
-    """Per-tenant tables (``contacts_<tenant>``) with the incident's column, and a log of migrations
-    written in each migration's own transaction: it says how many times each tenant was migrated."""
-
-    def __init__(self, store: MaintenanceStore, count: int) -> None:
-        self.store = store
-        self.tag = uuid.uuid4().hex[:6]
-        self.tenants = [f"t{self.tag}{i:04d}" for i in range(count)]
-        self.log = f"migrated_{self.tag}"
-        with store.engine.begin() as conn:
-            conn.execute(text(f"CREATE TABLE {self.log} (tenant VARCHAR(64) NOT NULL)"))
-            for tenant in self.tenants:
-                conn.execute(text(f'CREATE TABLE contacts_{tenant} (id INTEGER, "primary-email" TEXT)'))
-
-    def migrate(self, conn, tenant: str, fail: set[str] = frozenset()) -> None:
-        conn.execute(
-            text(f'ALTER TABLE contacts_{tenant} RENAME COLUMN "primary-email" TO "main-email-contact"')
-        )
-        conn.execute(text(f"INSERT INTO {self.log} (tenant) VALUES (:t)"), {"t": tenant})
-        if tenant in fail:
-            raise RuntimeError(f"{tenant}: NOT NULL constraint failed")
-
-    def migrated(self) -> dict[str, int]:
-        with self.store.engine.connect() as conn:
-            rows = conn.execute(text(f"SELECT tenant, COUNT(*) FROM {self.log} GROUP BY tenant")).all()
-        return {tenant: int(count) for tenant, count in rows}
-
-    def renamed(self, tenant: str) -> bool:
-        with self.store.engine.connect() as conn:
-            columns = conn.execute(text(f"SELECT * FROM contacts_{tenant} WHERE 1 = 0")).keys()
-        return "main-email-contact" in columns
-
-    def drop(self) -> None:
-        with self.store.engine.begin() as conn:
-            conn.execute(text(f"DROP TABLE IF EXISTS {self.log}"))
-            for tenant in self.tenants:
-                conn.execute(text(f"DROP TABLE IF EXISTS contacts_{tenant}"))
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -154,3 +121,73 @@ def test_sqlite_runs_one_runner_at_a_time_and_says_so(store, fleet):
         release.set()
         first.join(30)
     assert done and done[0].complete
+
+
+def _runner(store, name: str, f: Fleet, pause: float, concurrency: int = 2, lease: float = 1.0):
+    url = store.engine.url.render_as_string(hide_password=False)
+    prefix = store.tables.state.name.removesuffix("state")
+    args = [url, prefix, name, f.tag, str(len(f.tenants)), str(pause), str(concurrency), str(lease)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.fleet", *args], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+
+
+def test_a_runner_killed_mid_rollout_is_taken_over_and_every_tenant_is_migrated_once(store, fleet):
+    f = fleet(40)
+    process = _runner(store, "killed", f, pause=0.05)
+    deadline = time.monotonic() + 60
+    while (rollout_status(store, "killed") or {}).get("done", 0) < 10 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)  # mid-window, most likely: it sleeps inside each one
+    err = process.communicate(timeout=10)[1]
+    killed = rollout_status(store, "killed")
+    assert 10 <= killed["done"] < 40, (killed, err[-3000:])
+    if store.engine.dialect.name == "sqlite":
+        with pytest.raises(RolloutBusy):  # its lease may still run: SQLite waits for it to end
+            rollout(store, "killed", f.tenants, f.migrate, lease=1.0)
+        time.sleep(1.1)
+    report = rollout(store, "killed", f.tenants, f.migrate, lease=1.0)
+    assert report.complete, report
+    assert f.migrated() == dict.fromkeys(f.tenants, 1), "every tenant migrated exactly once"
+    assert not any(store.get(t).active for t in f.tenants), "the dead runner's windows were taken over"
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_two_runner_processes_share_one_plan_and_never_migrate_a_tenant_twice(store, fleet):
+    f = fleet(60)
+    runners = [_runner(store, "shared", f, pause=0.02, lease=30.0) for _ in range(2)]
+    outputs = [r.communicate(timeout=120) for r in runners]
+    assert all(r.returncode == 0 for r in runners), outputs
+    did = [int(out.split()[-1]) for out, _ in outputs]
+    assert sum(did) == 60 and all(n > 0 for n in did), f"both runners did work: {did}"
+    assert f.migrated() == dict.fromkeys(f.tenants, 1)
+
+
+def test_a_live_gate_answers_503_for_exactly_the_tenants_whose_windows_are_open(store, fleet):
+    from maintgate import WSGIMaintenanceMiddleware
+    from maintgate.tenants import from_header
+    from tests.conftest import ok_wsgi, wsgi_call
+
+    f = fleet(24)
+    gate = WSGIMaintenanceMiddleware(ok_wsgi, store, tenant=from_header("X-Tenant-ID"), cache_ttl=0.05)
+    samples: list[tuple[str, int]] = []
+    open_now: set[str] = set()
+    lock = threading.Lock()
+
+    def migrate(conn, tenant):
+        f.migrate(conn, tenant)
+        with lock:
+            open_now.add(tenant)
+        others = [t for t in f.tenants if t != tenant]
+        # Inside the window: this tenant is in maintenance, the others not in a window serve.
+        assert eventually(lambda: wsgi_call(gate, tenant) == 503, 5), tenant
+        for other in others:  # one window at a time: every other tenant serves
+            samples.append((other, wsgi_call(gate, other)))
+        with lock:
+            open_now.discard(tenant)
+
+    report = rollout(store, "live", f.tenants, migrate, concurrency=1)
+    assert report.complete
+    assert samples and [s for s in samples if s[1] != 200] == []
+    assert all(eventually(lambda t=t: wsgi_call(gate, t) == 200, 5) for t in f.tenants)
+    gate.gate.close()
