@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
@@ -73,6 +75,32 @@ def add_commands(sub: Any) -> None:
     )
     release.add_argument("tenant", help="the tenant")
 
+    fleet = sub.add_parser("rollout", help="one migration across many tenants, each in its own window")
+    steps = fleet.add_subparsers(dest="rollout_command", required=True, metavar="STEP")
+    run = steps.add_parser("run", help="run (or resume) a rollout: claims tenants until none is left")
+    run.add_argument("name", help="the rollout's name: running it again resumes it")
+    run.add_argument("--tenants", required=True, metavar="FILE", help="one tenant per line ('-': stdin)")
+    run.add_argument(
+        "--call", required=True, metavar="MODULE:FUNCTION", help="the migration: function(connection, tenant)"
+    )
+    run.add_argument("--concurrency", type=_positive, default=4, help="windows at once (default %(default)s)")
+    run.add_argument("--canary", type=_count, default=0, help="run the first N first; any failure stops")
+    run.add_argument(
+        "--max-failures",
+        type=_count,
+        default=0,
+        metavar="K",
+        help="stop claiming once K failed (0: the first)",
+    )
+    run.add_argument("--message", help="shown to clients of a tenant in its window")
+    run.add_argument("--retry-after", type=_seconds, metavar="SECONDS", help="Retry-After for them")
+    run.add_argument("--retry-failed", action="store_true", help="retry the tenants that failed before")
+    status_step = steps.add_parser("status", help="counts, and each failed tenant's error")
+    status_step.add_argument("name", help="the rollout")
+    status_step.add_argument("--json", action="store_true", help="print JSON")
+    stop_step = steps.add_parser("stop", help="stop claiming new tenants (open windows finish)")
+    stop_step.add_argument("name", help="the rollout")
+
     history = sub.add_parser("history", help="a tenant's switches, windows and failures, oldest first")
     history.add_argument("tenant", help="the tenant, or '*' for the global switch")
     history.add_argument("--limit", type=int, default=50, help="latest N events (default %(default)s)")
@@ -83,6 +111,17 @@ def _target(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("tenant", nargs="?", help="the tenant")
     group.add_argument("--all", action="store_true", help="the global switch: every tenant")
+
+
+def _count(value: str) -> int:
+    return _seconds(value)
+
+
+def _positive(value: str) -> int:
+    number = _seconds(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value!r}")
+    return number
 
 
 def _seconds(value: str) -> int:
@@ -184,8 +223,98 @@ def execute(args: argparse.Namespace, store: MaintenanceStore, stream: Any) -> N
         if args.json:
             out.raw(json.dumps([report.history_json(e) for e in entries], indent=2))
         out.lines([] if args.json else [report.history_line(e) for e in entries])
+    elif args.command == "rollout":
+        _rollout(args, store, out, stream)
     else:
         raise MaintgateError(f"unknown command {args.command!r}")
+
+
+def _rollout(args: argparse.Namespace, store: MaintenanceStore, out: Terminal, stream: Any) -> None:
+    from . import rollout as fleet
+
+    if args.rollout_command == "stop":
+        if not fleet.stop_rollout(store, args.name):
+            raise MaintgateError(f"no rollout named {args.name!r}")
+        out.line(f"rollout {args.name}: its runners claim no new tenant; open windows finish")
+        return
+    if args.rollout_command == "status":
+        status = fleet.rollout_status(store, args.name)
+        if status is None:
+            raise MaintgateError(f"no rollout named {args.name!r}")
+        if args.json:
+            out.raw(json.dumps(status, indent=2))
+        else:
+            out.lines(report.rollout_lines(status))
+        return
+    migrate = _callable(args.call)
+    tenants = _tenant_list(args.tenants)
+    progress = report.ProgressBar(stream, args.name)
+    stop, abort = threading.Event(), threading.Event()
+
+    def interrupted(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            abort.set()
+            out.line(f"rollout {args.name}: aborting the open windows (they fail: maintenance stays on)")
+        else:
+            stop.set()
+            out.line(
+                f"rollout {args.name}: interrupted: no new tenant is claimed; open windows finish "
+                "(interrupt again to abort them)"
+            )
+
+    handled = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, interrupted) if handled else None
+    try:
+        result = fleet.rollout(
+            store,
+            args.name,
+            tenants,
+            migrate,
+            concurrency=args.concurrency,
+            canary=args.canary,
+            max_failures=args.max_failures,
+            message=args.message,
+            retry_after=args.retry_after,
+            retry_failed=args.retry_failed,
+            on_progress=progress.update,
+            stop=stop,
+            abort=abort,
+        )
+    finally:
+        if handled:
+            signal.signal(signal.SIGINT, previous)
+    progress.close()
+    out.lines(report.rollout_result_lines(result))
+    if result.failed or result.not_started:
+        raise MaintgateError(
+            f"rollout {args.name} is not complete: `maintgate rollout status {args.name}` lists the "
+            f"failures; fix them and run it again with --retry-failed"
+        )
+
+
+def _callable(spec: str) -> Any:
+    """``package.module:function``, imported."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise MaintgateError(f"--call takes package.module:function, got {spec!r}")
+    try:
+        target = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise MaintgateError(f"cannot import {spec!r}: {exc}") from None
+    if not callable(target):
+        raise MaintgateError(f"{spec!r} is not callable")
+    return target
+
+
+def _tenant_list(path: str) -> list[str]:
+    """Tenants, one per line, from a file or stdin (``-``); blank lines and ``#`` comments skipped."""
+    try:
+        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()  # noqa: SIM115
+    except OSError as exc:
+        raise MaintgateError(f"cannot read the tenant list {path!r}: {exc.strerror}") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def failure(exc: BaseException, url: str = "") -> str | None:

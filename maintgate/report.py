@@ -226,3 +226,79 @@ def history_line(entry: HistoryEntry) -> str:
     detail = entry.error or entry.message or ""
     who = f" by {entry.owner.host}:{entry.owner.pid}" if entry.owner else ""
     return f"{entry.at.isoformat()}  {entry.event:<17}{who}  {detail}".rstrip()
+
+
+class ProgressBar:
+    """A rollout's progress: one bar redrawn in place on a terminal, plain lines elsewhere
+    (a log, a CI job) at most every ``every`` seconds."""
+
+    def __init__(self, stream: Any, name: str, every: float = 5.0) -> None:
+        self.stream = stream
+        self.name = printable(name)
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.every = every
+        self._last = -every
+        self._drawn = False
+
+    def update(self, progress: Any) -> None:
+        """Show ``progress`` (a :class:`maintgate.rollout.Progress`)."""
+        left = progress.left - progress.running
+        eta = f"{_duration(left / progress.rate)} left" if progress.rate > 0 and left > 0 else ""
+        counts = (
+            f"{progress.done}/{progress.total} done, {progress.failed} failed, {progress.running} running, "
+            f"{progress.rate:.1f}/s"
+        )
+        if self.tty:
+            width = 24
+            filled = width * (progress.done + progress.failed) // max(1, progress.total)
+            bar = "#" * filled + "-" * (width - filled)
+            self.stream.write(f"\r{self.name} [{bar}] {counts} {eta}\x1b[K")
+            self.stream.flush()
+            self._drawn = True
+        elif progress.elapsed - self._last >= self.every:
+            self._last = progress.elapsed
+            self.stream.write(f"rollout {self.name}: {counts}{', ' + eta if eta else ''}\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        """End the bar's line."""
+        if self._drawn:
+            self.stream.write("\n")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def rollout_result_lines(result: Any) -> list[str]:
+    """What a rollout run did, as ``maintgate rollout run`` ends."""
+    lines = [
+        f"rollout {result.name}: {len(result.done)} migrated now, {len(result.skipped)} done before, "
+        f"{len(result.failed)} failed, {len(result.not_started)} not started"
+    ]
+    if result.stopped:
+        lines.append(f"  stopped: {result.stopped}")
+    lines += [f"  note: {note}" for note in result.notes]
+    for tenant, error in result.failed.items():
+        first = error.splitlines()[0] if error else ""
+        lines.append(f"  failed {tenant}: {first} (in maintenance; `maintgate status {tenant}`)")
+    return lines
+
+
+def rollout_lines(status: dict[str, Any]) -> list[str]:
+    """``maintgate rollout status`` as text."""
+    lines = [
+        f"rollout {status['name']}: {status['done']}/{status['total']} done, {status['failed']} failed, "
+        f"{status['running']} running, {status['pending']} pending"
+    ]
+    if status["stopped"]:
+        lines.append(f"  stopped: {status['stopped']}")
+    for failure in status["failures"]:
+        first = (failure["error"] or "").splitlines()[0] if failure["error"] else ""
+        lines.append(f"  failed {failure['tenant']} (attempts: {failure['attempts']}): {first}")
+    return lines

@@ -15,12 +15,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, event, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .core.errors import InvalidArgument, MaintgateError, WindowBusy
@@ -38,6 +39,13 @@ BUSY_RETRY = 1.0
 """Seconds before a tenant whose window another process holds is tried again."""
 
 Migrate = Callable[[Connection, str], Any]
+
+
+ABORTED = "aborted by the operator (interrupted twice): rolled back, maintenance stays on"
+
+
+class RolloutAborted(MaintgateError):
+    """An open window of a rollout was aborted by its runner (a second interrupt)."""
 
 
 class RolloutBusy(MaintgateError):
@@ -108,6 +116,7 @@ def rollout(
     retry_failed: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
     stop: threading.Event | None = None,
+    abort: threading.Event | None = None,
     lease: float = RUNNER_LEASE,
 ) -> RolloutReport:
     """Run ``migrate(connection, tenant)`` for each tenant inside that tenant's migration window.
@@ -117,7 +126,9 @@ def rollout(
     ``max_failures=K``: once K tenants have failed, no new tenant is claimed (0: the first
     failure stops it; None: never). Windows already open finish; the rest stay untouched.
     Running the same ``name`` again resumes: done tenants are skipped, failed ones are retried
-    only with ``retry_failed=True``. Setting ``stop`` stops claiming (open windows finish).
+    only with ``retry_failed=True``. Setting ``stop`` stops claiming (open windows finish);
+    setting ``abort`` also fails the open windows (maintenance stays on, the error recorded).
+    Ctrl-C (KeyboardInterrupt) does the first, then the second.
     ``lease``: how long a crashed runner's tenants (and, off PostgreSQL, its windows) stay
     claimed before another runner takes them over; a running runner renews it.
     """
@@ -143,8 +154,22 @@ def rollout(
             worker.start()
         for worker in workers:
             while worker.is_alive():
-                worker.join(0.2)
-                runner.report_progress()
+                try:
+                    worker.join(0.2)
+                    if abort is not None and abort.is_set() and not runner.aborted.is_set():
+                        runner.abort()
+                    runner.report_progress()
+                except KeyboardInterrupt:
+                    # First Ctrl-C: claim nothing more, let open windows finish. Second: abort them.
+                    if runner.stop.is_set():
+                        runner.abort()
+                    else:
+                        runner.stop.set()
+                        logger.warning(
+                            "maintgate: rollout %r interrupted: no new tenant is claimed, open windows "
+                            "finish; interrupt again to abort them (they fail: maintenance stays on)",
+                            name,
+                        )
     finally:
         runner.stop_heartbeat()
     runner.report_progress(force=True)
@@ -168,7 +193,7 @@ def rollout(
 def stop_rollout(store: MaintenanceStore, name: str, reason: str = "stopped by an operator") -> bool:
     """Have every runner of rollout ``name`` stop claiming tenants; False if there is no such rollout."""
     r = store._t().rollout
-    with store.engine.begin() as conn:
+    with _writing(store) as conn:
         changed = conn.execute(update(r).where(r.c.name == name).values(stop_reason=reason)).rowcount
     return changed == 1
 
@@ -248,6 +273,8 @@ class _Runner:
         self.held: set[str] = set()
         self.done_here: list[str] = []
         self.errors: list[BaseException] = []
+        self.open: dict[str, Connection] = {}
+        self.aborted = threading.Event()
         self.started = time.monotonic()
         self._beat = threading.Event()
         self._heart: threading.Thread | None = None
@@ -259,7 +286,7 @@ class _Runner:
         """Create the rollout, or join it: new tenants go to the end; on SQLite, refuse a second runner."""
         r, rt = self.r, self.rt
         now = utcnow()
-        with self.store.engine.begin() as conn:
+        with _writing(self.store) as conn:
             if conn.execute(select(r.c.name).where(r.c.name == self.name)).first() is None:
                 try:
                     with conn.begin_nested():
@@ -345,7 +372,7 @@ class _Runner:
     def claim(self) -> str | None:
         """The next tenant to migrate, now held by this runner; None when there is none to take."""
         r, rt = self.r, self.rt
-        with self.claim_lock, self.store.engine.begin() as conn:
+        with self.claim_lock, _writing(self.store) as conn:
             if self.stop.is_set():
                 self._stop(conn, "stopped: no new tenant is claimed (interrupted)")
                 return None
@@ -441,7 +468,12 @@ class _Runner:
             with maintenance_window(
                 self.store, tenant, message=self.message, retry_after=self.retry_after, lease=self.lease
             ) as conn:
+                self.open[tenant] = conn
+                if self.aborted.is_set():
+                    raise RolloutAborted(ABORTED)
+                event.listen(conn, "before_cursor_execute", self._abort_check)
                 self.migrate(conn, tenant)
+                self._abort_check()
                 marked = conn.execute(
                     update(rt)
                     .where(rt.c.name == self.name, rt.c.tenant == tenant, rt.c.runner == self.id)
@@ -461,6 +493,26 @@ class _Runner:
             self.done_here.append(tenant)
         finally:
             self.held.discard(tenant)
+            self.open.pop(tenant, None)
+
+    def _abort_check(self, *args: Any) -> None:
+        if self.aborted.is_set():
+            raise RolloutAborted(ABORTED)
+
+    def abort(self) -> None:
+        """Fail every open window: its next statement raises, and one running now is cancelled."""
+        self.aborted.set()
+        self.stop.set()
+        for conn in list(self.open.values()):
+            try:
+                driver = conn.connection.driver_connection
+                cancel = getattr(driver, "cancel_safe", None) or getattr(driver, "cancel", None)
+                if self.postgres and cancel is not None:
+                    cancel()
+                elif not self.postgres and driver is not None and hasattr(driver, "interrupt"):
+                    driver.interrupt()
+            except Exception:
+                logger.exception("maintgate: could not interrupt an open window's statement")
 
     def _release(self, tenant: str, status: str, error: str, retry_in: float = 0.0) -> None:
         rt = self.rt
@@ -468,7 +520,7 @@ class _Runner:
         values["lease_until"] = utcnow() + timedelta(seconds=retry_in) if retry_in else None
         if retry_in:  # pending again, but not before then
             values.update(status=RUNNING, runner=None)
-        with self.store.engine.begin() as conn:
+        with _writing(self.store) as conn:
             conn.execute(
                 update(rt)
                 .where(rt.c.name == self.name, rt.c.tenant == tenant, rt.c.runner == self.id)
@@ -494,7 +546,7 @@ class _Runner:
         if self._heart is not None:
             self._heart.join(5)
         if not self.postgres:
-            with self.store.engine.begin() as conn:
+            with _writing(self.store) as conn:
                 conn.execute(
                     update(self.r)
                     .where(self.r.c.name == self.name, self.r.c.runner == self.id)
@@ -505,7 +557,7 @@ class _Runner:
         while not self._beat.wait(self.lease / 3):
             try:
                 until = utcnow() + timedelta(seconds=self.lease)
-                with self.store.engine.begin() as conn:
+                with _writing(self.store) as conn:
                     held = list(self.held)
                     if held:
                         conn.execute(
@@ -546,6 +598,15 @@ class _Runner:
                 done_here=len(self.done_here),
             )
         )
+
+
+@contextmanager
+def _writing(store: MaintenanceStore) -> Iterator[Connection]:
+    """A transaction that reads, then writes: on SQLite it takes the write lock from the start."""
+    with store.engine.connect() as conn:
+        conn.execution_options(sqlite_immediate=True)
+        with conn.begin():
+            yield conn
 
 
 def _counts(conn: Connection, rt: Any, name: str) -> dict[str, int]:

@@ -81,3 +81,13 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def migrate(conn, tenant: str) -> None:
+    """``maintgate rollout run --call tests.fleet:migrate``: the fleet's migration, found from the
+    tenant's name; tenants listed in $FLEET_FAIL fail, and $FLEET_PAUSE slows each window."""
+    import os
+
+    tag = tenant[1:7]
+    Fleet.existing(None, tag, 0).migrate(conn, tenant, set(os.environ.get("FLEET_FAIL", "").split()))  # type: ignore[arg-type]
+    time.sleep(float(os.environ.get("FLEET_PAUSE", "0")))

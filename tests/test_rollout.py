@@ -127,9 +127,8 @@ def _runner(store, name: str, f: Fleet, pause: float, concurrency: int = 2, leas
     url = store.engine.url.render_as_string(hide_password=False)
     prefix = store.tables.state.name.removesuffix("state")
     args = [url, prefix, name, f.tag, str(len(f.tenants)), str(pause), str(concurrency), str(lease)]
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.fleet", *args], cwd=ROOT, stdout=subprocess.PIPE, text=True
-    )
+    command = [sys.executable, "-m", "tests.fleet", *args]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_a_runner_killed_mid_rollout_is_taken_over_and_every_tenant_is_migrated_once(store, fleet):
@@ -137,6 +136,7 @@ def test_a_runner_killed_mid_rollout_is_taken_over_and_every_tenant_is_migrated_
     process = _runner(store, "killed", f, pause=0.05)
     deadline = time.monotonic() + 60
     while (rollout_status(store, "killed") or {}).get("done", 0) < 10 and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)  # mid-window, most likely: it sleeps inside each one
     err = process.communicate(timeout=10)[1]
@@ -191,3 +191,94 @@ def test_a_live_gate_answers_503_for_exactly_the_tenants_whose_windows_are_open(
     assert samples and [s for s in samples if s[1] != 200] == []
     assert all(eventually(lambda t=t: wsgi_call(gate, t) == 200, 5) for t in f.tenants)
     gate.gate.close()
+
+
+def _cli(store, *args: str, env: dict[str, str] | None = None, **popen):
+    import os
+
+    url = store.engine.url.render_as_string(hide_password=False)
+    prefix = store.tables.state.name.removesuffix("state")
+    command = [sys.executable, "-m", "maintgate", "--database-url", url, "--table-prefix", prefix, *args]
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def test_the_cli_runs_reports_retries_and_stops_a_rollout(store, fleet, tmp_path):
+    import json
+
+    f = fleet(12)
+    listing = tmp_path / "tenants.txt"
+    listing.write_text("# the fleet\n" + "\n".join(f.tenants) + "\n\n")
+    run = ["rollout", "run", "cli", "--tenants", str(listing), "--call", "tests.fleet:migrate"]
+    failing = _cli(store, *run, "--max-failures", "3", env={"FLEET_FAIL": f.tenants[4]})
+    out, err = failing.communicate(timeout=120)
+    assert failing.returncode == 1 and "not complete" in err and "Traceback" not in err, err
+    assert "rollout cli: 11 migrated now" in out and f"failed {f.tenants[4]}" in out, out
+    assert "/12 done" in out.splitlines()[0] and "\r" not in out, "plain progress lines, no bar"
+    status = _cli(store, "rollout", "status", "cli", "--json")
+    data = json.loads(status.communicate(timeout=60)[0])
+    assert (data["done"], data["failed"]) == (11, 1) and "NOT NULL" in data["failures"][0]["error"]
+    assert store.get(f.tenants[4]).active, "the failed tenant stays in maintenance"
+    retry = _cli(store, *run, "--retry-failed")
+    out, err = retry.communicate(timeout=120)
+    assert retry.returncode == 0 and "1 migrated now, 11 done before, 0 failed" in out, (out, err)
+    assert f.migrated() == dict.fromkeys(f.tenants, 1) and not store.get(f.tenants[4]).active
+    stopped = _cli(store, "rollout", "stop", "cli")
+    assert stopped.communicate(timeout=60)[0].startswith("rollout cli: its runners claim no new tenant")
+    assert rollout_status(store, "cli")["stopped"]
+
+
+@pytest.mark.parametrize("interrupts", [1, 2])
+def test_ctrl_c_stops_claiming_and_a_second_ctrl_c_aborts_the_open_windows(
+    store, fleet, tmp_path, interrupts
+):
+    f = fleet(20)
+    listing = tmp_path / "tenants.txt"
+    listing.write_text("\n".join(f.tenants))
+    run = ["rollout", "run", "ctrl-c", "--tenants", str(listing), "--call", "tests.fleet:migrate"]
+    process = _cli(store, *run, "--concurrency", "2", env={"FLEET_PAUSE": "0.4"})
+    deadline = time.monotonic() + 60
+    while (rollout_status(store, "ctrl-c") or {}).get("done", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for _ in range(interrupts):
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    out, err = process.communicate(timeout=60)
+    status = rollout_status(store, "ctrl-c")
+    assert "interrupted" in (status["stopped"] or ""), (status, out, err)
+    assert status["pending"] > 0 and status["running"] == 0, status
+    if interrupts == 1:
+        assert status["failed"] == 0, "open windows finished"
+    else:
+        assert status["failed"] >= 1 and all("aborted" in x["error"] for x in status["failures"]), status
+        assert all(store.get(x["tenant"]).active for x in status["failures"]), "maintenance stays on"
+    assert f.migrated() == dict.fromkeys([t for t in f.tenants if f.migrated().get(t)], 1)
+
+
+def test_the_progress_bar_redraws_one_line_on_a_terminal():
+    import io
+
+    from maintgate.report import ProgressBar
+    from maintgate.rollout import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    bar = ProgressBar(screen, "rename")
+    bar.update(Progress(total=100, done=40, failed=2, running=4, elapsed=10.0, done_here=40))
+    bar.update(Progress(total=100, done=50, failed=2, running=4, elapsed=12.5, done_here=50))
+    bar.close()
+    text = screen.getvalue()
+    assert text.count("\r") == 2 and text.endswith("\n") and text.count("\n") == 1
+    assert (
+        "50/100 done, 2 failed, 4 running, 4.0/s" in text and "11s left" in text and "[############" in text
+    )
