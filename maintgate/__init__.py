@@ -12,6 +12,7 @@ from .core.render import Renderer
 from .core.schema import metadata
 from .core.state import ALL_TENANTS, Ended, HistoryEntry, MaintenanceState, Owner, Schedule, Window
 from .core.store import MaintenanceStore
+from .fleet import RolloutReport, rollout
 from .migration import async_maintenance_window, maintenance_window
 from .wsgi import WSGIMaintenanceMiddleware
 
@@ -30,6 +31,7 @@ __all__ = [
     "MaintgateError",
     "Owner",
     "Renderer",
+    "RolloutReport",
     "Schedule",
     "WSGIMaintenanceMiddleware",
     "Window",
@@ -39,4 +41,5 @@ __all__ = [
     "async_maintenance_window",
     "maintenance_window",
     "metadata",
+    "rollout",
 ]

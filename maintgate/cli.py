@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, NoReturn
 
 from sqlalchemy import make_url
@@ -230,7 +231,7 @@ def execute(args: argparse.Namespace, store: MaintenanceStore, stream: Any) -> N
 
 
 def _rollout(args: argparse.Namespace, store: MaintenanceStore, out: Terminal, stream: Any) -> None:
-    from . import rollout as fleet
+    from . import fleet
 
     if args.rollout_command == "stop":
         if not fleet.stop_rollout(store, args.name):
@@ -311,7 +312,7 @@ def _callable(spec: str) -> Any:
 def _tenant_list(path: str) -> list[str]:
     """Tenants, one per line, from a file or stdin (``-``); blank lines and ``#`` comments skipped."""
     try:
-        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()  # noqa: SIM115
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise MaintgateError(f"cannot read the tenant list {path!r}: {exc.strerror}") from None
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]

@@ -241,7 +241,7 @@ class ProgressBar:
         self._drawn = False
 
     def update(self, progress: Any) -> None:
-        """Show ``progress`` (a :class:`maintgate.rollout.Progress`)."""
+        """Show ``progress`` (a :class:`maintgate.fleet.Progress`)."""
         left = progress.left - progress.running
         eta = f"{_duration(left / progress.rate)} left" if progress.rate > 0 and left > 0 else ""
         counts = (

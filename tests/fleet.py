@@ -59,7 +59,7 @@ class Fleet:
 
 def main(argv: list[str]) -> int:
     """A runner in a process of its own: ``URL PREFIX NAME TAG COUNT [PAUSE] [CONCURRENCY] [LEASE]``."""
-    from maintgate.rollout import rollout
+    from maintgate.fleet import rollout
 
     url, prefix, name, tag, count = argv[:5]
     pause = float(argv[5]) if len(argv) > 5 else 0.0

@@ -309,3 +309,20 @@ def test_the_checks_report_odd_values_instead_of_crashing(maintgate, check_id):
     with override_settings(MAINTGATE={**maintgate, "TENNANT": "x"}):
         errors = checks.check_settings()
     assert sorted(e.id for e in errors) == sorted([check_id, "maintgate.E002"]), errors
+
+
+def test_manage_py_maintgate_rollout_runs_on_djangos_store(configured, tmp_path):
+    from tests.fleet import Fleet
+
+    with pytest.raises(CommandError, match="no rollout named 'nothing'"):
+        manage("rollout", "status", "nothing")
+    fleet = Fleet(configured, 3)
+    listing = tmp_path / "tenants.txt"
+    listing.write_text("\n".join(fleet.tenants))
+    try:
+        out = manage("rollout", "run", "dj", "--tenants", str(listing), "--call", "tests.fleet:migrate")
+        assert "rollout dj: 3 migrated now, 0 done before, 0 failed, 0 not started" in out, out
+        assert fleet.migrated() == dict.fromkeys(fleet.tenants, 1)
+        assert json.loads(manage("rollout", "status", "dj", "--json"))["done"] == 3
+    finally:
+        fleet.drop()

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from maintgate.rollout import RolloutBusy, rollout, rollout_status, stop_rollout
+from maintgate import rollout
+from maintgate.fleet import RolloutBusy, rollout_status, stop_rollout
 from tests.fleet import Fleet
 from tests.helpers import eventually
 
@@ -265,8 +266,8 @@ def test_ctrl_c_stops_claiming_and_a_second_ctrl_c_aborts_the_open_windows(
 def test_the_progress_bar_redraws_one_line_on_a_terminal():
     import io
 
+    from maintgate.fleet import Progress
     from maintgate.report import ProgressBar
-    from maintgate.rollout import Progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

@@ -102,7 +102,7 @@ def build_tables(prefix: str = DEFAULT_PREFIX, schema: str | None = None) -> Tab
         Column("id", Integer, primary_key=True, autoincrement=False),
         Column("version", BigInteger, nullable=False),
     )
-    # A fleet rollout's plan: the rollout itself, and one row per tenant (see maintgate.rollout).
+    # A fleet rollout's plan: the rollout itself, and one row per tenant (see maintgate.fleet).
     rollout = Table(
         f"{prefix}rollout",
         md,
