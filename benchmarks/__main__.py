@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, text
 
 from maintgate import MaintenanceStore
 
-from . import e2e, hot_path, propagation, queries, scale, window
+from . import e2e, hot_path, propagation, queries, rollout, scale, window
 
 POSTGRES_URL = os.environ.get(
     "MAINTGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -107,6 +107,51 @@ def _scale_section(s: dict, table: Table) -> None:
             f"   {'':<12} known tenants answered wrongly: {row['wrong']};"
             f" new tenants p99 {_ms(unknown, 'p99')}; unanswered at the end: {row['unfinished']}"
         )
+
+
+def _rollout_section(result: dict, table: Table) -> None:
+    count, rows = result["tenants"], result["rows"]
+    by = {(r["label"], r["concurrency"]): r for r in rows}
+    bare = by[("bare loop", 1)]["seconds"] / count
+    windows = by[("loop of windows", 1)]["seconds"] / count
+    print(
+        f"\n9. Fleet rollout on PostgreSQL: {count:,} tenants, one ALTER TABLE each "
+        "(time per tenant; overhead against the bare loop)"
+    )
+    print(f"   {'':<26}{'windows':>8}{'seconds':>9}{'tenants/s':>11}{'ms/tenant':>11}{'overhead':>10}")
+    for r in rows:
+        per = r["seconds"] / r["done"] if r["done"] else float("nan")
+        split = f"  ({' + '.join(map(str, r['split']))} tenants)" if "split" in r else ""
+        print(
+            f"   {r['label']:<26}{r['concurrency']:>8}{r['seconds']:>9.2f}{r['done'] / r['seconds']:>11,.0f}"
+            f"{per * 1000:>11.2f}{(per - bare) * 1000:>+9.2f}ms{split}"
+        )
+    one = by[("rollout", 1)]["seconds"] / count
+    rate = {c: count / by[("rollout", c)]["seconds"] for c in (1, 4, 8)}
+    two = by[("rollout, 2 processes", 8)]
+    print(
+        f"   rollout at concurrency 1: +{(one - bare) * 1000:.2f} ms per tenant over the bare loop, of which "
+        f"the window is +{(windows - bare) * 1000:.2f} ms and the rollout's claim and record "
+        f"{(one - windows) * 1000:+.2f} ms"
+    )
+    print(
+        f"   overhead ≤ 2 ms per tenant: {table.verdict(one - bare <= 0.002)};"
+        f" the rollout's own share ≤ 2 ms: {table.verdict(one - windows <= 0.002)}"
+    )
+    print(
+        f"   throughput with concurrency: 1 → 4 → 8 windows: {rate[1]:,.0f} → {rate[4]:,.0f} → "
+        f"{rate[8]:,.0f} tenants/s (4 ≥ 1.5× 1: {table.verdict(rate[4] >= 1.5 * rate[1])}; "
+        f"8 ≥ 0.9× 4: {table.verdict(rate[8] >= 0.9 * rate[4])});"
+        f" 2 runner processes: {count / two['seconds']:,.0f}/s, both did work: "
+        f"{table.verdict(min(two['split']) > 0 and two['done'] == count)}"
+    )
+    big = by[(f"rollout, {rollout.BIG_PLAN:,} in plan", 1)]
+    print(
+        f"   with {rollout.BIG_PLAN:,} tenants in the plan: {big['seconds'] / big['done'] * 1000:.2f} ms per "
+        f"tenant, against {one * 1000:.2f} ms with {count:,} (≤ 1.2×: "
+        f"{table.verdict(big['seconds'] / big['done'] <= 1.2 * one)}); creating that plan and "
+        f"migrating {big['done']:,} took {big['total']:.1f} s"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pg = _postgres()
     if pg is None:
-        print(f"\n5-8. skipped: PostgreSQL not reachable at {POSTGRES_URL}")
+        print(f"\n5-9. skipped: PostgreSQL not reachable at {POSTGRES_URL}")
     else:
         if not args.skip_servers:
             print("\n5. Propagation: commit → all 4 uvicorn workers answer with the new state (real HTTP)")
@@ -251,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             f"   bare transaction {w['bare']:.2f} ms, inside a window {w['window']:.2f} ms: "
             f"+{w['window'] - w['bare']:.2f} ms per window"
         )
+        _rollout_section(rollout.run(pg, quick=args.quick), table)
         if not args.skip_servers:
             _scale_section(scale.run(pg, quick=args.quick), table)
     print(f"\n{table.missed} target(s) missed")

@@ -8,7 +8,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -42,8 +43,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_commands(sub: Any) -> None:
-    """The commands that act on a store, added to ``sub`` (the CLI's subparsers, or Django's)."""
+@dataclass(frozen=True, slots=True)
+class BuiltinMigration:
+    """A migration ``rollout run --call NAME`` names without a module (Django's ``migrate``)."""
+
+    migrate: Callable[[Any, str], Any]
+    opener: Callable[..., Any]
+    help: str
+    concurrency: int | None = None
+    """Windows at once this migration allows in one process (None: as asked)."""
+    check: Callable[[], None] | None = None
+    """Raises if the migration cannot run here, before anything changes."""
+
+
+def add_commands(sub: Any, builtins: Mapping[str, BuiltinMigration] | None = None) -> None:
+    """The commands that act on a store, added to ``sub`` (the CLI's subparsers, or Django's);
+    ``builtins``: migrations ``rollout run --call`` takes by name."""
     sub.add_parser("init", help="create maintgate's tables (idempotent)")
 
     status = sub.add_parser("status", help="show what the gate answers each tenant now, and why")
@@ -81,8 +96,12 @@ def add_commands(sub: Any) -> None:
     run = steps.add_parser("run", help="run (or resume) a rollout: claims tenants until none is left")
     run.add_argument("name", help="the rollout's name: running it again resumes it")
     run.add_argument("--tenants", required=True, metavar="FILE", help="one tenant per line ('-': stdin)")
+    named = "".join(f"; or {name}: {b.help}" for name, b in (builtins or {}).items())
     run.add_argument(
-        "--call", required=True, metavar="MODULE:FUNCTION", help="the migration: function(connection, tenant)"
+        "--call",
+        required=True,
+        metavar="MODULE:FUNCTION",
+        help=f"the migration: function(connection, tenant){named}",
     )
     run.add_argument("--concurrency", type=_positive, default=4, help="windows at once (default %(default)s)")
     run.add_argument("--canary", type=_count, default=0, help="run the first N first; any failure stops")
@@ -167,7 +186,12 @@ class _Parser(argparse.ArgumentParser):
         super().error(printable(message))
 
 
-def execute(args: argparse.Namespace, store: MaintenanceStore, stream: Any) -> None:
+def execute(
+    args: argparse.Namespace,
+    store: MaintenanceStore,
+    stream: Any,
+    builtins: Mapping[str, BuiltinMigration] | None = None,
+) -> None:
     """Carry out one parsed command of :func:`add_commands` on ``store``, writing to ``stream``.
 
     Text has its control characters escaped; JSON is written as is. Errors are raised
@@ -225,12 +249,18 @@ def execute(args: argparse.Namespace, store: MaintenanceStore, stream: Any) -> N
             out.raw(json.dumps([report.history_json(e) for e in entries], indent=2))
         out.lines([] if args.json else [report.history_line(e) for e in entries])
     elif args.command == "rollout":
-        _rollout(args, store, out, stream)
+        _rollout(args, store, out, stream, builtins or {})
     else:
         raise MaintgateError(f"unknown command {args.command!r}")
 
 
-def _rollout(args: argparse.Namespace, store: MaintenanceStore, out: Terminal, stream: Any) -> None:
+def _rollout(
+    args: argparse.Namespace,
+    store: MaintenanceStore,
+    out: Terminal,
+    stream: Any,
+    builtins: Mapping[str, BuiltinMigration],
+) -> None:
     from . import fleet
 
     if args.rollout_command == "stop":
@@ -247,7 +277,21 @@ def _rollout(args: argparse.Namespace, store: MaintenanceStore, out: Terminal, s
         else:
             out.lines(report.rollout_lines(status))
         return
-    migrate = _callable(args.call)
+    builtin = builtins.get(args.call)
+    options: dict[str, Any] = {"concurrency": args.concurrency}
+    if builtin is None:
+        migrate = _callable(args.call)
+    else:
+        if builtin.check is not None:
+            builtin.check()
+        migrate = builtin.migrate
+        options["opener"] = builtin.opener
+        if builtin.concurrency is not None and args.concurrency > builtin.concurrency:
+            options["concurrency"] = builtin.concurrency
+            out.line(
+                f"rollout {args.name}: {args.call} runs {builtin.concurrency} window(s) at a time in a "
+                "process; start more runners of this rollout for more (PostgreSQL)"
+            )
     tenants = _tenant_list(args.tenants)
     progress = report.ProgressBar(stream, args.name)
     stop, abort = threading.Event(), threading.Event()
@@ -271,7 +315,6 @@ def _rollout(args: argparse.Namespace, store: MaintenanceStore, out: Terminal, s
             args.name,
             tenants,
             migrate,
-            concurrency=args.concurrency,
             canary=args.canary,
             max_failures=args.max_failures,
             message=args.message,
@@ -280,6 +323,7 @@ def _rollout(args: argparse.Namespace, store: MaintenanceStore, out: Terminal, s
             on_progress=progress.update,
             stop=stop,
             abort=abort,
+            **options,
         )
     finally:
         if handled:

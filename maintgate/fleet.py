@@ -16,12 +16,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, event, func, insert, or_, select, update
+from sqlalchemy import Connection, event, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .core.errors import InvalidArgument, MaintgateError, WindowBusy
@@ -38,7 +38,19 @@ taken over once it ends (and once the tenant's own window is gone)."""
 BUSY_RETRY = 1.0
 """Seconds before a tenant whose window another process holds is tried again."""
 
-Migrate = Callable[[Connection, str], Any]
+Migrate = Callable[[Any, str], Any]
+Opener = Callable[..., AbstractContextManager[tuple[Any, Connection]]]
+"""Opens a tenant's window: ``opener(store, tenant, message=, retry_after=, lease=)`` yields what
+the migration is handed and the SQLAlchemy connection of the window's transaction."""
+
+
+@contextmanager
+def sqlalchemy_window(
+    store: MaintenanceStore, tenant: str, *, message: str | None, retry_after: int | None, lease: float
+) -> Iterator[tuple[Connection, Connection]]:
+    """The rollout's default window: :func:`maintgate.maintenance_window` on the store's engine."""
+    with maintenance_window(store, tenant, message=message, retry_after=retry_after, lease=lease) as conn:
+        yield conn, conn
 
 
 ABORTED = "aborted by the operator (interrupted twice): rolled back, maintenance stays on"
@@ -118,6 +130,7 @@ def rollout(
     stop: threading.Event | None = None,
     abort: threading.Event | None = None,
     lease: float = RUNNER_LEASE,
+    opener: Opener = sqlalchemy_window,
 ) -> RolloutReport:
     """Run ``migrate(connection, tenant)`` for each tenant inside that tenant's migration window.
 
@@ -130,9 +143,17 @@ def rollout(
     setting ``abort`` also fails the open windows (maintenance stays on, the error recorded).
     Ctrl-C (KeyboardInterrupt) does the first, then the second.
     ``lease``: how long a crashed runner's tenants (and, off PostgreSQL, its windows) stay
-    claimed before another runner takes them over; a running runner renews it.
+    claimed before another runner takes them over; a running runner renews it. ``opener``
+    opens each window (:mod:`maintgate.django` passes one on Django's connection).
     """
     _check(name, concurrency, canary, max_failures)
+    dialect = store.engine.dialect.name
+    if dialect not in ("postgresql", "sqlite"):
+        raise MaintgateError(
+            f"a rollout needs PostgreSQL or SQLite, not {dialect}: there DDL commits implicitly, so "
+            "a tenant's migration could not commit with its switch-off and its place in the plan; "
+            "run single windows with allow_non_transactional_ddl=True instead"
+        )
     wanted = [check_tenant(t) for t in tenants]
     notes: list[str] = []
     if store.engine.dialect.name == "sqlite" and concurrency > 1:
@@ -142,6 +163,7 @@ def rollout(
         raise InvalidArgument(f"lease must be a number of seconds, got {lease!r}", "lease")
     runner = _Runner(store, name, migrate, message, retry_after, canary, max_failures, stop, on_progress)
     runner.lease = float(lease)
+    runner.opener = opener
     runner.plan(wanted, retry_failed)
     skipped = runner.statuses(DONE)
     runner.start_heartbeat()
@@ -265,6 +287,7 @@ class _Runner:
         self.on_progress = on_progress
         self.id = _runner_id()
         self.lease = RUNNER_LEASE
+        self.opener: Opener = sqlalchemy_window
         self.postgres = store.engine.dialect.name == "postgresql"
         tables = store._t()  # named with their schema: a migration may move search_path
         self.r = tables.rollout
@@ -279,6 +302,7 @@ class _Runner:
         self._beat = threading.Event()
         self._heart: threading.Thread | None = None
         self._last_progress = 0.0
+        self._expired_check = 0.0
 
     # -- the plan ----------------------------------------------------------------------------------
 
@@ -370,57 +394,80 @@ class _Runner:
     # -- claiming --------------------------------------------------------------------------------
 
     def claim(self) -> str | None:
-        """The next tenant to migrate, now held by this runner; None when there is none to take."""
+        """The next tenant to migrate, now held by this runner; None when there is none to take.
+
+        Three statements whatever the plan's size: the rollout's head with its failure count and
+        canary state, then one UPDATE that takes the next tenant (an index range, never a scan).
+        """
         r, rt = self.r, self.rt
         with self.claim_lock, _writing(self.store) as conn:
             if self.stop.is_set():
                 self._stop(conn, "stopped: no new tenant is claimed (interrupted)")
                 return None
-            head = conn.execute(select(r.c.stop_reason, r.c.canary).where(r.c.name == self.name)).one()
-            if head.stop_reason:
+            of_this = rt.c.name == r.c.name
+            in_canary = rt.c.position < r.c.canary
+            head = conn.execute(
+                select(
+                    r.c.stop_reason,
+                    r.c.canary,
+                    select(func.count()).where(of_this, rt.c.status == FAILED).scalar_subquery(),
+                    select(rt.c.tenant)
+                    .where(of_this, rt.c.status == FAILED, in_canary)
+                    .order_by(rt.c.position)
+                    .limit(1)
+                    .scalar_subquery(),
+                    exists().where(of_this, rt.c.status.in_((PENDING, RUNNING)), in_canary),
+                ).where(r.c.name == self.name)
+            ).one()
+            stop_reason, canary, failed, canary_failed, canary_open = head
+            if stop_reason:
                 return None
-            now = utcnow()
-            takeable = or_(rt.c.status == PENDING, and_(rt.c.status == RUNNING, rt.c.lease_until < now))
-            where = [rt.c.name == self.name, takeable]
-            canary = int(head.canary or 0)
-            if canary:
-                first = select(rt.c.tenant, rt.c.status).where(rt.c.name == self.name, rt.c.position < canary)
-                statuses = conn.execute(first).all()
-                bad = [t for t, s in statuses if s == FAILED]
-                if bad:
-                    self._stop(
-                        conn, f"canary failed: tenant {bad[0]!r}; the rest of the fleet was not touched"
-                    )
-                    return None
-                if any(s != DONE for _, s in statuses):
-                    where.append(rt.c.position < canary)
-            counts = _counts(conn, rt, self.name)
-            failed = counts.get(FAILED, 0)
+            if canary_failed is not None:
+                self._stop(
+                    conn, f"canary failed: tenant {canary_failed!r}; the rest of the fleet was not touched"
+                )
+                return None
             if self.budget is not None and failed >= self.budget:
                 self._stop(
                     conn, f"failure budget spent: {failed} tenant(s) failed (max_failures={self.budget})"
                 )
                 return None
-            query = select(rt.c.tenant).where(*where).order_by(rt.c.position).limit(1)
-            if self.postgres:
-                query = query.with_for_update(skip_locked=True)
-            tenant: str | None = conn.execute(query).scalar()
+            now = utcnow()
+            where = [rt.c.name == self.name] + ([rt.c.position < int(canary)] if canary_open else [])
+            # A crashed runner's tenants first (looked for now and then: usually there are none),
+            # then the next pending one in plan order.
+            tenant = None
+            if time.monotonic() >= self._expired_check:
+                self._expired_check = time.monotonic() + min(1.0, self.lease / 3)
+                tenant = self._take(conn, now, *where, rt.c.status == RUNNING, rt.c.lease_until < now)
             if tenant is None:
-                return None
-            conn.execute(
-                update(rt)
-                .where(rt.c.name == self.name, rt.c.tenant == tenant)
-                .values(
-                    status=RUNNING,
-                    runner=self.id,
-                    lease_until=now + timedelta(seconds=self.lease),
-                    attempts=rt.c.attempts + 1,
-                    started_at=now,
-                    finished_at=None,
-                )
-            )
-            self.held.add(tenant)
+                tenant = self._take(conn, now, *where, rt.c.status == PENDING)
+            if tenant is None and self._expired_check > time.monotonic():
+                self._expired_check = 0.0  # nothing pending: look for expired claims next time
+            if tenant is not None:
+                self.held.add(tenant)
             return tenant
+
+    def _take(self, conn: Connection, now: datetime, *where: Any) -> str | None:
+        """Take the first tenant matching ``where`` in plan order, in one statement."""
+        rt = self.rt
+        first = select(rt.c.tenant).where(*where).order_by(rt.c.position).limit(1)
+        if self.postgres:
+            first = first.with_for_update(skip_locked=True)
+        taken: str | None = conn.execute(
+            update(rt)
+            .where(rt.c.name == self.name, rt.c.tenant == first.scalar_subquery())
+            .values(
+                status=RUNNING,
+                runner=self.id,
+                lease_until=now + timedelta(seconds=self.lease),
+                attempts=rt.c.attempts + 1,
+                started_at=now,
+                finished_at=None,
+            )
+            .returning(rt.c.tenant)
+        ).scalar()
+        return taken
 
     def _stop(self, conn: Connection, reason: str) -> None:
         r = self.r
@@ -465,14 +512,14 @@ class _Runner:
         """One tenant's window: done is recorded in the window's transaction, failure after it."""
         rt = self.rt
         try:
-            with maintenance_window(
+            with self.opener(
                 self.store, tenant, message=self.message, retry_after=self.retry_after, lease=self.lease
-            ) as conn:
+            ) as (handed, conn):
                 self.open[tenant] = conn
                 if self.aborted.is_set():
                     raise RolloutAborted(ABORTED)
                 event.listen(conn, "before_cursor_execute", self._abort_check)
-                self.migrate(conn, tenant)
+                self.migrate(handed, tenant)
                 self._abort_check()
                 marked = conn.execute(
                     update(rt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 
 import pytest
@@ -14,6 +15,7 @@ setup()
 from django.db import connections, models  # noqa: E402
 
 from maintgate.django import get_store, maintenance_window  # noqa: E402
+from maintgate.fleet import rollout_status as fleet_status  # noqa: E402
 from tests.djapp.models import Contact  # noqa: E402
 
 
@@ -336,3 +338,101 @@ def test_manage_py_maintgate_migrate_failure_is_one_line_and_says_maintenance_st
     assert "\n" not in message and "\x1b" not in message and "DETAIL" not in message, message
     assert "0003 refused: dirty data" in message and "maintenance stays on" in message, message
     assert "DETAIL" in get_store(migrating).get("demo").error, "the operator's record keeps it"
+
+
+@pytest.fixture
+def schemas(request) -> Iterator[tuple[list[str], object]]:
+    """Three tenants with a PostgreSQL schema each, and a store of their own on Django's ``pg``."""
+    import uuid
+
+    from django.test import override_settings
+
+    require_postgres()
+    tag = uuid.uuid4().hex[:6]
+    settings = override_settings(MAINTGATE={"DATABASE": "pg", "TABLE_PREFIX": f"mg{tag}_"})
+    settings.enable()
+    store = get_store("pg")
+    store.create_tables()
+    tenants = [f"s{tag}{i}" for i in range(3)]
+    with connections["pg"].cursor() as cursor:
+        for tenant in tenants:
+            cursor.execute(f'CREATE SCHEMA "{tenant}"')
+    yield tenants, store
+    with connections["pg"].cursor() as cursor:
+        for tenant in tenants:
+            cursor.execute(f'DROP SCHEMA IF EXISTS "{tenant}" CASCADE')
+    store.drop_tables()
+    settings.disable()
+
+
+def schema_state(schema: str) -> tuple[set[str], list[str]]:
+    """The djmig table's columns in ``schema`` and the djmig migrations recorded there."""
+    with connections["pg"].cursor() as cursor:
+        cursor.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = %s"
+            " AND table_name = 'djmig_widget'",
+            [schema],
+        )
+        cols = {row[0] for row in cursor.fetchall()}
+        cursor.execute("SELECT to_regclass(%s)", [f'"{schema}".django_migrations'])
+        applied: list[str] = []
+        if cursor.fetchone()[0] is not None:
+            recorded = f'"{schema}".django_migrations'
+            cursor.execute(f"SELECT name FROM {recorded} WHERE app = 'djmig' ORDER BY name")
+            applied = [row[0] for row in cursor.fetchall()]
+    return cols, applied
+
+
+def test_manage_py_maintgate_rollout_call_migrate_migrates_each_tenants_schema(
+    schemas, tmp_path, monkeypatch
+):
+    from django.core.management import CommandError, call_command
+
+    tenants, store = schemas
+    listing = tmp_path / "tenants.txt"
+    listing.write_text("\n".join([*tenants, "nosuchschema"]))
+    run = ["rollout", "run", "schemas", "--tenants", str(listing), "--call", "migrate"]
+    out = io.StringIO()
+    monkeypatch.setenv("MAINTGATE_TEST_FAIL_0003", "1")
+    with pytest.raises(CommandError, match="not complete"):
+        call_command("maintgate", *run, "--concurrency", "4", stdout=out)
+    assert "migrate runs 1 window(s) at a time" in out.getvalue(), out.getvalue()
+    first = tenants[0]
+    assert schema_state(first) == (set(), []), "0001-0003 rolled back with their records"
+    assert store.get(first).active and "0003 refused" in store.get(first).error
+    assert all(store.get(t) is None for t in tenants[1:]), "the first failure stopped the rollout"
+
+    monkeypatch.delenv("MAINTGATE_TEST_FAIL_0003")
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="not complete"):
+        call_command("maintgate", *run, "--retry-failed", "--max-failures", "1", stdout=out)
+    assert "3 migrated now, 0 done before, 1 failed" in out.getvalue(), out.getvalue()
+    assert "has no schema 'nosuchschema'" in out.getvalue()
+    for tenant in tenants:
+        assert schema_state(tenant) == (
+            {"id", "name", "size"},
+            ["0001_initial", "0002_size", "0003_backfill"],
+        ), tenant
+        assert not store.get(tenant).active
+    assert store.get("nosuchschema").active, "the tenant without a schema stays in maintenance"
+    public = connections["pg"]
+    with public.cursor() as cursor:
+        cursor.execute("SELECT to_regclass('public.djmig_widget')")
+        assert cursor.fetchone()[0] is None, "nothing was migrated in the public schema"
+
+
+def test_manage_py_maintgate_rollout_call_migrate_is_refused_off_postgresql(tmp_path):
+    from django.core.management import CommandError, call_command
+    from django.test import override_settings
+
+    listing = tmp_path / "tenants.txt"
+    listing.write_text("demo\n")
+    with override_settings(MAINTGATE={"DATABASE": "default", "TABLE_PREFIX": "mgsqliteroll_"}):
+        store = get_store("default")
+        store.create_tables()
+        try:
+            with pytest.raises(CommandError, match=r"runs each tenant's migrations in its own PostgreSQL"):
+                call_command("maintgate", "rollout", "run", "r", "--tenants", listing, "--call", "migrate")
+            assert store.get("demo") is None and fleet_status(store, "r") is None, "nothing changed"
+        finally:
+            store.drop_tables()

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import text
 
-from maintgate import MaintenanceStore, MaintgateError, maintenance_window
+from maintgate import MaintenanceStore, MaintgateError, maintenance_window, rollout
 from tests.conftest import MYSQL_URL, require_mysql
 from tests.helpers import columns, rename
 
@@ -80,3 +80,10 @@ def test_a_joined_degraded_window_leaves_the_commit_to_the_caller(mysql_store):
         assert store.get("demo").active, "the switch-off waits for the caller's commit"
         conn.commit()
     assert not store.get("demo").active and store.get("demo").window_id is None
+
+
+def test_a_rollout_is_refused_before_anything_changes(mysql_store):
+    store, table = mysql_store
+    with pytest.raises(MaintgateError, match="needs PostgreSQL or SQLite, not mysql"):
+        rollout(store, "fleet", ["demo"], lambda conn, tenant: rename(conn, table))
+    assert columns(store, table) == {"id", "primary-email"} and store.get("demo") is None

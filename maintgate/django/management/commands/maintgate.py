@@ -17,7 +17,10 @@ from django.core.management.base import BaseCommand, CommandError
 from maintgate import cli
 from maintgate.core.state import ALL_TENANTS
 from maintgate.django import conf
+from maintgate.django.fleet import MIGRATE
 from maintgate.report import printable
+
+BUILTINS = {"migrate": MIGRATE}
 
 MIGRATE_USAGE = "usage: manage.py maintgate migrate (TENANT | --all) [migrate's arguments]"
 MIGRATE_HELP = (
@@ -35,7 +38,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-        cli.add_commands(sub)
+        cli.add_commands(sub, BUILTINS)
         # Everything after `migrate` is ours to read, options included: `--all --database pg`.
         migrate = sub.add_parser(
             "migrate",
@@ -54,7 +57,7 @@ class Command(BaseCommand):
 
         store = get_store(conf.database_alias())
         try:
-            cli.execute(argparse.Namespace(**options), store, self.stdout)
+            cli.execute(argparse.Namespace(**options), store, self.stdout, BUILTINS)
         except Exception as exc:
             line = cli.failure(exc, store.engine.url.render_as_string(hide_password=True))
             if line is None:
