@@ -192,9 +192,11 @@ class _Window:
         if self.postgres:
             self._unprepared = unprepared(conn)
             self._unprepared.__enter__()
-            if (conn.dialect.server_version_info or (0,)) >= (14,):
-                # A backend busy in a statement notices a dead client within a second.
-                conn.exec_driver_sql("SET LOCAL client_connection_check_interval = '1s'")
+            # The transaction's id, to check at the end that it is still this one; on PostgreSQL
+            # 14+, a backend busy in a statement notices a dead client within a second.
+            check = (conn.dialect.server_version_info or (0,)) >= (14,)
+            first = "set_config('client_connection_check_interval', '1s', true), " if check else ""
+            self._token = conn.exec_driver_sql(f"SELECT {first}{_xid(conn)}::text").one()[-1]
             self._lock(conn)
 
     def close(self, conn: Connection) -> None:
@@ -214,7 +216,6 @@ class _Window:
         assert self.window is not None
         backend_pid = self.store.hold_window(self.window, conn)
         self.owner = Owner(self.owner.host, self.owner.pid, backend_pid)
-        self._token = conn.exec_driver_sql(f"SELECT {_xid(conn)}::text").scalar()
 
     def _watch(self, conn: Connection) -> None:
         """Notice the work ending the window's transaction through SQLAlchemy (commit or rollback)."""

@@ -28,7 +28,9 @@ def test_the_wheel_carries_its_license_typing_marker_and_extras(tmp_path):
     assert "MIT License" in license_text and license_text == (ROOT / "LICENSE").read_text()
     assert "License-Expression: MIT" in metadata
     assert "Provides-Extra: django" in metadata and "Provides-Extra: postgres" in metadata
-    assert "Classifier: Typing :: Typed" in metadata
+    assert "Classifier: Typing :: Typed" in metadata and "Classifier: Framework :: Django" in metadata
+    assert "Project-URL: Homepage, https://pypi.org/project/maintgate/" in metadata
+    assert "Project-URL: Documentation, " in metadata
     assert not any(name.startswith(("tests/", "benchmarks/")) for name in names)
 
 

@@ -980,7 +980,16 @@ class MaintenanceStore:
             if changed != 1:
                 holder = self.get(tenant, connection=conn)
                 raise WindowBusy(_busy_message(tenant, holder, now))
-            self._log(conn, tenant, "window_opened", now, message=message, owner=owner, window_id=window_id)
+            self._log(
+                conn,
+                tenant,
+                "window_opened",
+                now,
+                message=message,
+                owner=owner,
+                window_id=window_id,
+                locked=True,
+            )
             schema = self._t().state.schema
         announce("window_opened", tenant, owner=owner, message=message, mode=mode, window=window_id)
         return Window(window_id, tenant, owner, mode, message, lease_until, schema)
@@ -1061,6 +1070,7 @@ class MaintenanceStore:
             owner=window.owner,
             window_id=window.id,
             tables=tables,
+            locked=True,
         )
 
     def record_window_failure(self, window: Window, error: str) -> bool:
@@ -1231,7 +1241,9 @@ class MaintenanceStore:
             ).scalar()
         return found
 
-    def _changed(self, conn: Connection, tenant: str, tables: Tables, carry_state: bool) -> None:
+    def _changed(
+        self, conn: Connection, tenant: str, tables: Tables, carry_state: bool, locked: bool = False
+    ) -> None:
         """Number the change of ``tenant`` in the writing transaction, and announce it on PostgreSQL.
 
         In a short transaction of the store's own, the tenant's row takes the next change number
@@ -1244,19 +1256,23 @@ class MaintenanceStore:
         """
         t = tables.state
         touch = update(t).where(t.c.tenant == tenant).values(version=t.c.version)
-        if conn.execute(touch).rowcount != 1:  # a schedule of a tenant that has no row yet
+        if not locked and conn.execute(touch).rowcount != 1:  # a schedule of a tenant with no row yet
             self._ensure_row(conn, tenant, tables)
             conn.execute(touch)  # the row exists now, whoever inserted it: lock it
         version: int | None = None
-        if conn.info.get(_OWN, False):
+        own = conn.info.get(_OWN, False)
+        if own:
             version = self._next_version(conn, tables)
-            conn.execute(update(t).where(t.c.tenant == tenant).values(version=version))
-        else:
-            conn.execute(update(t).where(t.c.tenant == tenant).values(version=PENDING))
-        pending = conn.info.get(_PENDING)
+        number = update(t).where(t.c.tenant == tenant).values(version=PENDING if version is None else version)
         postgres = conn.dialect.name == "postgresql"
-        readable = carry_state and (postgres or conn.info.get(_OWN, False))
-        row = conn.execute(select(t).where(t.c.tenant == tenant)).first() if readable else None
+        readable = carry_state and (postgres or own)
+        row = None
+        if readable and conn.dialect.update_returning:  # the row as numbered, in the same round trip
+            row = conn.execute(number.returning(*t.c)).first()
+        else:
+            conn.execute(number)
+            row = conn.execute(select(t).where(t.c.tenant == tenant)).first() if readable else None
+        pending = conn.info.get(_PENDING)
         state = None if row is None else self._from_row(row)
         if pending is not None:
             pending.append((tenant, state, version if row is not None else None))
@@ -1269,12 +1285,21 @@ class MaintenanceStore:
         rows left ``PENDING`` by committed writes in callers' transactions."""
         t, v = tables.state, tables.version
         bump = update(v).where(v.c.id == 1).values(version=v.c.version + 1)
-        if conn.execute(bump).rowcount != 1:
+        taken: int | None = None
+        if conn.dialect.update_returning:
+            taken = conn.execute(bump.returning(v.c.version)).scalar()
+        elif conn.execute(bump).rowcount == 1:
+            taken = conn.execute(select(v.c.version).where(v.c.id == 1)).scalar_one()
+        if taken is None:
             self._ensure_version_row(conn, tables)
             conn.execute(bump)
-        version: int = conn.execute(select(v.c.version).where(v.c.id == 1)).scalar_one()
+            taken = conn.execute(select(v.c.version).where(v.c.id == 1)).scalar_one()
+        version: int = taken
         # Rows a caller's open transaction holds are skipped: they are renumbered by a later change.
         waiting = select(t.c.tenant).where(t.c.version < 0).with_for_update(skip_locked=True)
+        if conn.dialect.name in ("postgresql", "sqlite"):  # MySQL cannot update what it reads in one
+            conn.execute(update(t).where(t.c.tenant.in_(waiting.scalar_subquery())).values(version=version))
+            return version
         pending = conn.execute(waiting).scalars().all()
         if pending:
             conn.execute(update(t).where(t.c.tenant.in_(pending)).values(version=version))
@@ -1303,9 +1328,11 @@ class MaintenanceStore:
         window_id: str | None = None,
         tables: Tables | None = None,
         schedules: bool = False,
+        locked: bool = False,
     ) -> None:
         """Record ``event`` in the history and number the change; ``schedules``: the change is
-        (also) to the tenant's schedules, which its row does not describe."""
+        (also) to the tenant's schedules, which its row does not describe; ``locked``: this
+        transaction has just updated the tenant's row, so it holds its lock already."""
         tables = tables or self._t()
         conn.execute(
             tables.history.insert().values(
@@ -1320,7 +1347,7 @@ class MaintenanceStore:
         )
         # A schedule's change is not in the row: gates read it from the table.
         schedules = schedules or event in ("scheduled", "unscheduled")
-        self._changed(conn, tenant, tables, carry_state=not schedules)
+        self._changed(conn, tenant, tables, carry_state=not schedules, locked=locked)
 
     def _ensure_row(self, conn: Connection, tenant: str, tables: Tables | None = None) -> None:
         """Insert an inactive row for ``tenant`` unless one exists, race-free where the dialect can."""
