@@ -54,11 +54,11 @@ def _runner(argv: list[str]) -> int:
     store = MaintenanceStore(url, table_prefix=prefix)
     tenants = _tenants(tag, int(count))
     stamps: list[float] = []
-    start = time.time()
+    start, cpu = time.time(), time.process_time()
     report = rollout(store, name, tenants, _migration(column, stamps), concurrency=int(concurrency))
-    end = time.time()
+    end, cpu = time.time(), time.process_time() - cpu
     store.engine.dispose()
-    print(json.dumps({"start": start, "end": end, "done": len(report.done)}))
+    print(json.dumps({"start": start, "end": end, "done": len(report.done), "cpu": cpu}))
     return 0
 
 
@@ -76,13 +76,17 @@ def run(url: str, quick: bool = False) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     columns = iter(f"c{i}" for i in range(100))
 
+    cpu = [time.process_time()]
+
     def row(label: str, concurrency: int, seconds: float, done: int, **extra: Any) -> None:
+        used, cpu[0] = time.process_time() - cpu[0], time.process_time()
+        extra.setdefault("cpu", used / seconds)  # this process's CPU, in cores, while the row ran
         rows.append({"label": label, "concurrency": concurrency, "seconds": seconds, "done": done, **extra})
 
     try:
         # Bare loop, one at a time.
         migrate = _migration(next(columns), [])
-        start = time.perf_counter()
+        start, cpu[0] = time.perf_counter(), time.process_time()
         for tenant in tenants:
             with store.engine.begin() as conn:
                 migrate(conn, tenant)
@@ -95,14 +99,14 @@ def run(url: str, quick: bool = False) -> dict[str, Any]:
             with store.engine.begin() as conn:
                 migrate(conn, tenant)
 
-        start = time.perf_counter()
+        start, cpu[0] = time.perf_counter(), time.process_time()
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(bare, tenants))
         row("bare, 8 threads", 8, time.perf_counter() - start, count)
 
         # A loop of windows: the window's own cost, without the rollout's.
         migrate = _migration(next(columns), [])
-        start = time.perf_counter()
+        start, cpu[0] = time.perf_counter(), time.process_time()
         for tenant in tenants:
             with maintenance_window(store, tenant) as conn:
                 migrate(conn, tenant)
@@ -110,7 +114,7 @@ def run(url: str, quick: bool = False) -> dict[str, Any]:
 
         for concurrency in (1, 4, 8):
             migrate = _migration(next(columns), [])
-            start = time.perf_counter()
+            start, cpu[0] = time.perf_counter(), time.process_time()
             report = rollout(store, f"c{concurrency}", tenants, migrate, concurrency=concurrency)
             row("rollout", concurrency, time.perf_counter() - start, len(report.done))
 
@@ -126,6 +130,7 @@ def run(url: str, quick: bool = False) -> dict[str, Any]:
             seconds,
             sum(r["done"] for r in results),
             split=[r["done"] for r in results],
+            cpu=sum(r["cpu"] for r in results) / seconds,
         )
 
         # 100,000 tenants in the plan (those past the first `count` have no table: never reached).
@@ -139,7 +144,7 @@ def run(url: str, quick: bool = False) -> dict[str, Any]:
             if len(stamps) == count:
                 stop.set()
 
-        start = time.perf_counter()
+        start, cpu[0] = time.perf_counter(), time.process_time()
         report = rollout(store, "big-plan", big, stopping, concurrency=1, stop=stop)
         total = time.perf_counter() - start
         # Time per tenant from the first window's work to the last's: the plan's creation left out.

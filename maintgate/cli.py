@@ -348,6 +348,8 @@ def _callable(spec: str) -> Any:
         target = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
         raise MaintgateError(f"cannot import {spec!r}: {exc}") from None
+    except Exception as exc:  # the module itself fails as it is imported
+        raise MaintgateError(f"cannot import {spec!r}: {type(exc).__name__}: {exc}") from None
     if not callable(target):
         raise MaintgateError(f"{spec!r} is not callable")
     return target
@@ -359,7 +361,8 @@ def _tenant_list(path: str) -> list[str]:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise MaintgateError(f"cannot read the tenant list {path!r}: {exc.strerror}") from None
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    lines = (line.strip() for line in text.removeprefix("\ufeff").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def failure(exc: BaseException, url: str = "") -> str | None:

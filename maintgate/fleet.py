@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, event, exists, func, insert, or_, select, update
+from sqlalchemy import Connection, event, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .core.errors import InvalidArgument, MaintgateError, WindowBusy
-from .core.state import check_tenant, utcnow
-from .core.store import MaintenanceStore
-from .migration import _describe, maintenance_window
+from .core.state import ALL_TENANTS, check_tenant, utcnow
+from .core.store import MaintenanceStore, _check_retry_after
+from .migration import _describe, _pool_capacity, maintenance_window
 
 logger = logging.getLogger("maintgate")
 
@@ -37,6 +37,8 @@ RUNNER_LEASE = 30.0
 taken over once it ends (and once the tenant's own window is gone)."""
 BUSY_RETRY = 1.0
 """Seconds before a tenant whose window another process holds is tried again."""
+BUSY_ATTEMPTS = 60
+"""Attempts after which a tenant that another window holds all along fails (about a minute)."""
 
 Migrate = Callable[[Any, str], Any]
 Opener = Callable[..., AbstractContextManager[tuple[Any, Connection]]]
@@ -154,13 +156,30 @@ def rollout(
             "a tenant's migration could not commit with its switch-off and its place in the plan; "
             "run single windows with allow_non_transactional_ddl=True instead"
         )
+    if isinstance(tenants, str | bytes):
+        raise InvalidArgument("tenants must be a list of tenant ids, not one string", "tenants")
     wanted = [check_tenant(t) for t in tenants]
+    if ALL_TENANTS in wanted:
+        raise InvalidArgument(
+            f"{ALL_TENANTS!r} (the global switch) is not a tenant of a rollout: a window on it would "
+            "put every tenant in maintenance",
+            "tenants",
+        )
+    _check_retry_after(retry_after)
     notes: list[str] = []
     if store.engine.dialect.name == "sqlite" and concurrency > 1:
         concurrency = 1
         notes.append("SQLite has one writer: windows run one at a time")
     if isinstance(lease, bool) or not isinstance(lease, int | float) or not 0 < lease < 86400:
         raise InvalidArgument(f"lease must be a number of seconds, got {lease!r}", "lease")
+    capacity = _pool_capacity(store.engine)
+    if concurrency + 2 > capacity:
+        raise InvalidArgument(
+            f"concurrency {concurrency} needs {concurrency + 2} connections of the store's engine (one "
+            f"per open window, one to claim tenants, one for leases and progress); its pool lends at "
+            f"most {int(capacity)}: lower concurrency, or raise pool_size or max_overflow",
+            "concurrency",
+        )
     runner = _Runner(store, name, migrate, message, retry_after, canary, max_failures, stop, on_progress)
     runner.lease = float(lease)
     runner.opener = opener
@@ -186,6 +205,7 @@ def rollout(
                     if runner.stop.is_set():
                         runner.abort()
                     else:
+                        runner.interrupted = True
                         runner.stop.set()
                         logger.warning(
                             "maintgate: rollout %r interrupted: no new tenant is claimed, open windows "
@@ -198,7 +218,11 @@ def rollout(
     rows = runner.rows()
     failed = {t: e or "" for t, s, e in rows if s == FAILED}
     left = tuple(t for t, s, _ in rows if s in (PENDING, RUNNING))
-    stopped = runner.stop_reason()
+    stopped = runner.stop_reason() or (
+        "this runner was stopped (interrupted): it claimed no new tenant; other runners go on"
+        if runner.interrupted or (stop is not None and stop.is_set())
+        else None
+    )
     if runner.errors:
         raise runner.errors[0]
     return RolloutReport(
@@ -282,7 +306,9 @@ class _Runner:
         self.message = message
         self.retry_after = retry_after
         self.canary = canary
+        self.max_failures = max_failures
         self.budget = None if max_failures is None else max(1, max_failures)
+        self.interrupted = False
         self.stop = stop or threading.Event()
         self.on_progress = on_progress
         self.id = _runner_id()
@@ -294,6 +320,7 @@ class _Runner:
         self.rt = tables.rollout_tenant
         self.claim_lock = threading.Lock()
         self.held: set[str] = set()
+        self.claimed_at: dict[str, tuple[float, datetime]] = {}
         self.done_here: list[str] = []
         self.errors: list[BaseException] = []
         self.open: dict[str, Connection] = {}
@@ -331,7 +358,7 @@ class _Runner:
                     "rollout at a time; several runners need PostgreSQL"
                 )
             values: dict[str, Any] = {"stop_reason": None}
-            if head.canary != self.canary:
+            if self.canary and head.canary != self.canary:  # a runner without one keeps the plan's
                 values["canary"] = self.canary
             if not self.postgres:
                 values.update(runner=self.id, runner_lease_until=now + timedelta(seconds=self.lease))
@@ -401,8 +428,7 @@ class _Runner:
         """
         r, rt = self.r, self.rt
         with self.claim_lock, _writing(self.store) as conn:
-            if self.stop.is_set():
-                self._stop(conn, "stopped: no new tenant is claimed (interrupted)")
+            if self.stop.is_set():  # this runner's own stop: the others go on
                 return None
             of_this = rt.c.name == r.c.name
             in_canary = rt.c.position < r.c.canary
@@ -429,7 +455,8 @@ class _Runner:
                 return None
             if self.budget is not None and failed >= self.budget:
                 self._stop(
-                    conn, f"failure budget spent: {failed} tenant(s) failed (max_failures={self.budget})"
+                    conn,
+                    f"failure budget spent: {failed} tenant(s) failed (max_failures={self.max_failures})",
                 )
                 return None
             now = utcnow()
@@ -446,6 +473,7 @@ class _Runner:
                 self._expired_check = 0.0  # nothing pending: look for expired claims next time
             if tenant is not None:
                 self.held.add(tenant)
+                self.claimed_at[tenant] = (time.monotonic(), now)
             return tenant
 
     def _take(self, conn: Connection, now: datetime, *where: Any) -> str | None:
@@ -493,8 +521,9 @@ class _Runner:
             self.stop.set()
 
     def _others_running(self) -> bool:
-        """Whether tenants this runner does not hold are still claimed: a live runner's (whose
-        end may unlock the canary) or a crashed one's (taken over once its lease expires)."""
+        """Whether other tenants are still claimed: by this runner's other workers or a live
+        runner (whose end may unlock the canary), or a crashed one (taken over once its lease
+        expires). A worker with nothing to claim waits for them rather than ending."""
         if self.stop.is_set() or self.stop_reason():
             return False
         rt = self.rt
@@ -503,7 +532,6 @@ class _Runner:
                 select(func.count()).where(
                     rt.c.name == self.name,
                     rt.c.status == RUNNING,
-                    or_(rt.c.runner.is_(None), rt.c.runner != self.id),
                 )
             ).scalar()
         return bool(running)
@@ -511,6 +539,15 @@ class _Runner:
     def run(self, tenant: str) -> None:
         """One tenant's window: done is recorded in the window's transaction, failure after it."""
         rt = self.rt
+        if not self._still_ours(tenant):
+            self.held.discard(tenant)
+            logger.warning(
+                "maintgate: rollout %r: this runner's claim on tenant %r ran out before its window "
+                "opened (the process stalled?); another runner has it",
+                self.name,
+                tenant,
+            )
+            return
         try:
             with self.opener(
                 self.store, tenant, message=self.message, retry_after=self.retry_after, lease=self.lease
@@ -532,15 +569,50 @@ class _Runner:
                         "this window rolls back"
                     )
         except WindowBusy as exc:
-            # Another process's window holds the tenant (a runner thought dead, say): not ours to fail.
-            self._release(tenant, PENDING, str(exc), retry_in=BUSY_RETRY)
+            # Another process's window holds the tenant (a runner thought dead, say): not ours to
+            # fail, unless it holds it all along.
+            if self._attempts(tenant) >= BUSY_ATTEMPTS:
+                self._release(tenant, FAILED, f"another window held the tenant at every attempt: {exc}")
+            else:
+                self._release(tenant, PENDING, str(exc), retry_in=BUSY_RETRY)
         except Exception as exc:
-            self._release(tenant, FAILED, _describe(exc))
+            if not self._release(tenant, FAILED, _describe(exc)):
+                self._lost(tenant, exc)
         else:
             self.done_here.append(tenant)
         finally:
             self.held.discard(tenant)
+            self.claimed_at.pop(tenant, None)
             self.open.pop(tenant, None)
+
+    def _still_ours(self, tenant: str) -> bool:
+        """Whether this runner still holds ``tenant``: checked (and the lease renewed) only when the
+        claim is old enough that its lease may have run out, as when the process stalled."""
+        since, at = self.claimed_at.get(tenant, (time.monotonic(), utcnow()))
+        margin = self.lease / 3
+        if time.monotonic() - since < margin and (utcnow() - at).total_seconds() < margin:
+            return True
+        rt = self.rt
+        with _writing(self.store) as conn:
+            renewed = conn.execute(
+                update(rt)
+                .where(
+                    rt.c.name == self.name,
+                    rt.c.tenant == tenant,
+                    rt.c.runner == self.id,
+                    rt.c.status == RUNNING,
+                )
+                .values(lease_until=utcnow() + timedelta(seconds=self.lease))
+            ).rowcount
+        return renewed == 1
+
+    def _attempts(self, tenant: str) -> int:
+        rt = self.rt
+        with self.store.engine.connect() as conn:
+            attempts = conn.execute(
+                select(rt.c.attempts).where(rt.c.name == self.name, rt.c.tenant == tenant)
+            ).scalar()
+        return int(attempts or 0)
 
     def _abort_check(self, *args: Any) -> None:
         if self.aborted.is_set():
@@ -561,18 +633,40 @@ class _Runner:
             except Exception:
                 logger.exception("maintgate: could not interrupt an open window's statement")
 
-    def _release(self, tenant: str, status: str, error: str, retry_in: float = 0.0) -> None:
+    def _lost(self, tenant: str, exc: BaseException) -> None:
+        """A window failed on a tenant this runner no longer held (it stalled past its lease): if
+        the runner that took it over has migrated it, the failure is moot, and the maintenance it
+        left is switched off (a window still running keeps the tenant)."""
+        rt = self.rt
+        with self.store.engine.connect() as conn:
+            status = conn.execute(
+                select(rt.c.status).where(rt.c.name == self.name, rt.c.tenant == tenant)
+            ).scalar()
+        logger.warning(
+            "maintgate: rollout %r: tenant %r was taken over by another runner while this one "
+            "stalled; its window here failed (%s)%s",
+            self.name,
+            tenant,
+            _describe(exc).splitlines()[0],
+            "; the tenant is migrated: maintenance switched off again" if status == DONE else "",
+        )
+        if status == DONE:
+            self.store.deactivate(tenant)
+
+    def _release(self, tenant: str, status: str, error: str, retry_in: float = 0.0) -> bool:
         rt = self.rt
         values: dict[str, Any] = {"status": status, "error": error, "finished_at": utcnow(), "runner": None}
         values["lease_until"] = utcnow() + timedelta(seconds=retry_in) if retry_in else None
         if retry_in:  # pending again, but not before then
             values.update(status=RUNNING, runner=None)
         with _writing(self.store) as conn:
-            conn.execute(
+            released = conn.execute(
                 update(rt)
                 .where(rt.c.name == self.name, rt.c.tenant == tenant, rt.c.runner == self.id)
                 .values(**values)
-            )
+            ).rowcount
+        if not released:
+            return False
         if status == FAILED:
             logger.warning(
                 "maintgate: rollout %r: tenant %r failed and stays in maintenance: %s",
@@ -581,6 +675,7 @@ class _Runner:
                 error.splitlines()[0] if error else "",
                 extra={"maintgate_event": "rollout_tenant_failed", "tenant": tenant, "rollout": self.name},
             )
+        return True
 
     # -- leases and progress ---------------------------------------------------------------------
 

@@ -286,7 +286,7 @@ def rollout_result_lines(result: Any) -> list[str]:
     lines += [f"  note: {note}" for note in result.notes]
     for tenant, error in result.failed.items():
         first = error.splitlines()[0] if error else ""
-        lines.append(f"  failed {tenant}: {first} (in maintenance; `maintgate status {tenant}`)")
+        lines.append(f"  failed {tenant}: {first} (`maintgate status {tenant}` shows what it serves)")
     return lines
 
 

@@ -78,6 +78,9 @@ def test_the_failure_budget_stops_claiming_and_says_why(store, fleet):
         store, "budget", f.tenants, lambda c, t: f.migrate(c, t, broken), max_failures=2, concurrency=1
     )
     assert len(report.failed) == 2 and report.stopped and "failure budget" in report.stopped
+    assert "(max_failures=2)" in report.stopped
+    zero = rollout(store, "budget-0", f.tenants, lambda c, t: f.migrate(c, t, broken), concurrency=1)
+    assert len(zero.failed) == 1 and "(max_failures=0)" in zero.stopped
     assert report.not_started and not any(store.get(t) for t in report.not_started)
     first_stop = rollout(store, "budget", f.tenants, f.migrate, max_failures=2)
     assert first_stop.done == () and "failure budget" in first_stop.stopped, "a spent budget stays spent"
@@ -294,7 +297,8 @@ def test_ctrl_c_stops_claiming_and_a_second_ctrl_c_aborts_the_open_windows(
         time.sleep(0.05)
     out, err = process.communicate(timeout=60)
     status = rollout_status(store, "ctrl-c")
-    assert "interrupted" in (status["stopped"] or ""), (status, out, err)
+    assert "stopped: this runner was stopped (interrupted)" in out, (status, out, err)
+    assert status["stopped"] is None, "an interrupted runner stops itself, not the rollout's other runners"
     assert status["pending"] > 0 and status["running"] == 0, status
     if interrupts == 1:
         assert status["failed"] == 0, "open windows finished"
@@ -324,3 +328,111 @@ def test_the_progress_bar_redraws_one_line_on_a_terminal():
     assert (
         "50/100 done, 2 failed, 4 running, 4.0/s" in text and "11s left" in text and "[############" in text
     )
+
+
+def test_what_a_rollout_cannot_do_is_refused_before_anything_changes(store, fleet):
+    from maintgate import InvalidArgument
+
+    f = fleet(2)
+    for tenants, option in (([f.tenants[0], "*"], "tenants"), (f.tenants[0], "tenants")):
+        with pytest.raises(InvalidArgument) as refused:
+            rollout(store, "refused", tenants, f.migrate)
+        assert refused.value.option == option
+    with pytest.raises(InvalidArgument, match="retry_after"):
+        rollout(store, "refused", f.tenants, f.migrate, retry_after=-1)
+    if store.engine.dialect.name == "postgresql":  # SQLite runs one window at a time anyway
+        with pytest.raises(InvalidArgument, match=r"concurrency 16 needs 18 connections.*lends at most 15"):
+            rollout(store, "refused", f.tenants, f.migrate, concurrency=16)
+    assert rollout_status(store, "refused") is None and not any(store.get(t) for t in ["*", *f.tenants])
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_canary_holds_when_a_runner_joins_without_one_and_windows_run_concurrently_after_it(store, fleet):
+    f = fleet(24)
+    peak, open_now, lock = [0], [0], threading.Lock()
+
+    def migrate(conn, tenant):
+        with lock:
+            open_now[0] += 1
+            peak[0] = max(peak[0], open_now[0])
+        time.sleep(0.1)
+        with lock:
+            open_now[0] -= 1
+        f.migrate(conn, tenant)
+
+    first = rollout(store, "canary-join", f.tenants, migrate, canary=1, concurrency=4)
+    assert first.complete and peak[0] >= 3, f"after the canary, windows run at once again: peak {peak[0]}"
+
+    g = fleet(12)
+    stop = threading.Event()
+    joined: list[object] = []
+
+    def slow(conn, tenant):
+        stop.wait(0.5)
+        g.migrate(conn, tenant, {g.tenants[1]})
+
+    starter = threading.Thread(
+        target=lambda: joined.append(
+            rollout(store, "canary-joined", g.tenants, slow, canary=3, concurrency=1)
+        )
+    )
+    starter.start()
+    time.sleep(0.2)
+    second = rollout(store, "canary-joined", g.tenants, slow, concurrency=2)  # no canary of its own
+    starter.join(30)
+    assert second.stopped and "canary failed" in second.stopped, second
+    assert all(store.get(t) is None for t in g.tenants[3:]), "past the canary, nothing was touched"
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_stopping_one_runner_leaves_the_others_running(store, fleet):
+    f = fleet(30)
+    stop_a = threading.Event()
+    reports: dict[str, object] = {}
+
+    def migrate(conn, tenant):
+        f.migrate(conn, tenant)
+        time.sleep(0.05)
+        stop_a.set()
+
+    a = threading.Thread(
+        target=lambda: reports.update(
+            a=rollout(store, "one-stops", f.tenants, migrate, stop=stop_a, concurrency=1)
+        )
+    )
+    a.start()
+    b = rollout(store, "one-stops", f.tenants, migrate, concurrency=1)
+    a.join(60)
+    assert "this runner was stopped" in reports["a"].stopped
+    assert b.stopped is None and b.complete, b
+    assert f.migrated() == dict.fromkeys(f.tenants, 1)
+
+
+def test_a_tenant_another_window_holds_all_along_fails_instead_of_spinning(store, fleet, monkeypatch):
+    import maintgate.fleet
+    from maintgate import maintenance_window
+
+    monkeypatch.setattr(maintgate.fleet, "BUSY_RETRY", 0.05)
+    monkeypatch.setattr(maintgate.fleet, "BUSY_ATTEMPTS", 3)
+    f = fleet(2)
+    with maintenance_window(store, f.tenants[0]):  # an operator's window, open throughout
+        report = rollout(store, "busy", f.tenants, f.migrate, max_failures=None, lease=2.0)
+    assert report.done == (f.tenants[1],) and "another window held the tenant" in report.failed[f.tenants[0]]
+    assert rollout_status(store, "busy")["failures"][0]["attempts"] == 3
+
+
+def test_the_cli_says_in_one_line_what_is_wrong_with_a_call_or_a_list(store, fleet, tmp_path):
+    f = fleet(2)
+    listing = tmp_path / "tenants.txt"
+    listing.write_text("\ufeff" + f.tenants[0] + "\n   # an indented comment\n" + f.tenants[1] + "\n")
+    broken = _cli(
+        store, "rollout", "run", "x", "--tenants", str(listing), "--call", "tests.raises_on_import:f"
+    )
+    out, err = broken.communicate(timeout=60)
+    assert broken.returncode == 1 and "Traceback" not in err and "cannot import" in err, err
+    star = _cli(store, "rollout", "run", "x", "--tenants", "-", "--call", "tests.fleet:migrate", stdin=-1)
+    out, err = star.communicate("*\n", timeout=60)
+    assert star.returncode == 1 and "global switch" in err and store.get("*") is None, err
+    ok = _cli(store, "rollout", "run", "x", "--tenants", str(listing), "--call", "tests.fleet:migrate")
+    out, err = ok.communicate(timeout=60)
+    assert ok.returncode == 0 and "2 migrated now" in out, (out, err)
