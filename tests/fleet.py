@@ -58,8 +58,13 @@ class Fleet:
 
 
 def main(argv: list[str]) -> int:
-    """A runner in a process of its own: ``URL PREFIX NAME TAG COUNT [PAUSE] [CONCURRENCY] [LEASE]``."""
-    from maintgate.fleet import rollout
+    """A runner in a process of its own: ``URL PREFIX NAME TAG COUNT [PAUSE] [CONCURRENCY] [LEASE]
+    [stall]``; ``stall``: the process stops itself (SIGSTOP) between its first claim and that
+    tenant's window, as a paused VM would, after printing ``claimed TENANT``."""
+    import os
+    import signal
+
+    from maintgate.fleet import rollout, sqlalchemy_window
 
     url, prefix, name, tag, count = argv[:5]
     pause = float(argv[5]) if len(argv) > 5 else 0.0
@@ -72,8 +77,24 @@ def main(argv: list[str]) -> int:
         fleet.migrate(conn, tenant)
         time.sleep(pause)
 
+    stalled: list[str] = []
+
+    def opener(store, tenant, **options):
+        if len(argv) > 8 and argv[8] == "stall" and not stalled:
+            stalled.append(tenant)
+            print(f"claimed {tenant}", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return sqlalchemy_window(store, tenant, **options)
+
     report = rollout(
-        store, name, fleet.tenants, migrate, concurrency=concurrency, lease=lease, max_failures=None
+        store,
+        name,
+        fleet.tenants,
+        migrate,
+        concurrency=concurrency,
+        lease=lease,
+        max_failures=None,
+        opener=opener,
     )
     print(f"done {len(report.done)}", flush=True)
     return 0

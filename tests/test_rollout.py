@@ -126,10 +126,10 @@ def test_sqlite_runs_one_runner_at_a_time_and_says_so(store, fleet):
     assert done and done[0].complete
 
 
-def _runner(store, name: str, f: Fleet, pause: float, concurrency: int = 2, lease: float = 1.0):
+def _runner(store, name: str, f: Fleet, pause: float, concurrency: int = 2, lease: float = 1.0, *more: str):
     url = store.engine.url.render_as_string(hide_password=False)
     prefix = store.tables.state.name.removesuffix("state")
-    args = [url, prefix, name, f.tag, str(len(f.tenants)), str(pause), str(concurrency), str(lease)]
+    args = [url, prefix, name, f.tag, str(len(f.tenants)), str(pause), str(concurrency), str(lease), *more]
     command = [sys.executable, "-m", "tests.fleet", *args]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -436,3 +436,24 @@ def test_the_cli_says_in_one_line_what_is_wrong_with_a_call_or_a_list(store, fle
     ok = _cli(store, "rollout", "run", "x", "--tenants", str(listing), "--call", "tests.fleet:migrate")
     out, err = ok.communicate(timeout=60)
     assert ok.returncode == 0 and "2 migrated now" in out, (out, err)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_runner_that_stalls_past_its_lease_leaves_the_tenant_another_runner_migrated_serving(store, fleet):
+    f = fleet(4)
+    stalled = _runner(store, "stall", f, 0.0, 1, 1.0, "stall")
+    first = stalled.stdout.readline().split()
+    assert first[:1] == ["claimed"], stalled.communicate()
+    tenant = first[1]
+    try:
+        time.sleep(1.5)  # its 1 s lease runs out while it is stopped
+        other = rollout(store, "stall", f.tenants, f.migrate, concurrency=1, lease=1.0)
+        assert other.complete and tenant in other.done and not store.get(tenant).active
+    finally:
+        stalled.send_signal(signal.SIGCONT)
+    _, err = stalled.communicate(timeout=60)
+    assert stalled.returncode == 0, err[-2000:]
+    assert not store.get(tenant).active, "the stalled runner's late window left the tenant serving"
+    status = rollout_status(store, "stall")
+    assert (status["done"], status["failed"]) == (4, 0), status
+    assert f.migrated() == dict.fromkeys(f.tenants, 1)
