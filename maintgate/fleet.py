@@ -31,7 +31,7 @@ from .migration import _describe, _pool_capacity, maintenance_window
 
 logger = logging.getLogger("maintgate")
 
-PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+PENDING, RUNNING, DONE, FAILED, DROPPED = "pending", "running", "done", "failed", "dropped"
 RUNNER_LEASE = 30.0
 """Seconds a runner's claim on a tenant lasts unless renewed; a crashed runner's tenants are
 taken over once it ends (and once the tenant's own window is gone)."""
@@ -102,6 +102,10 @@ class RolloutReport:
     """Tenants done before this run (a resumed rollout)."""
     not_started: tuple[str, ...]
     """Tenants nobody has migrated yet: serving, untouched."""
+    done_elsewhere: tuple[str, ...] = ()
+    """Tenants other runners of the rollout migrated while this run ran."""
+    dropped: tuple[str, ...] = ()
+    """Planned tenants this run's list left out: never migrated, unless listed again."""
     stopped: str | None = None
     """Why the rollout stopped claiming tenants, or None."""
     notes: tuple[str, ...] = field(default=())
@@ -159,6 +163,11 @@ def rollout(
     if isinstance(tenants, str | bytes):
         raise InvalidArgument("tenants must be a list of tenant ids, not one string", "tenants")
     wanted = [check_tenant(t) for t in tenants]
+    if not wanted:
+        raise InvalidArgument(
+            "no tenants: a run's list is the fleet (pending tenants it does not name are dropped)",
+            "tenants",
+        )
     if ALL_TENANTS in wanted:
         raise InvalidArgument(
             f"{ALL_TENANTS!r} (the global switch) is not a tenant of a rollout: a window on it would "
@@ -218,6 +227,8 @@ def rollout(
     rows = runner.rows()
     failed = {t: e or "" for t, s, e in rows if s == FAILED}
     left = tuple(t for t, s, _ in rows if s in (PENDING, RUNNING))
+    mine = set(runner.done_here) | set(skipped)
+    elsewhere = tuple(t for t, s, _ in rows if s == DONE and t not in mine)
     stopped = runner.stop_reason() or (
         "this runner was stopped (interrupted): it claimed no new tenant; other runners go on"
         if runner.interrupted or (stop is not None and stop.is_set())
@@ -231,6 +242,8 @@ def rollout(
         failed=failed,
         skipped=tuple(t for t in skipped),
         not_started=left,
+        done_elsewhere=elsewhere,
+        dropped=tuple(t for t, s, _ in rows if s == DROPPED),
         stopped=stopped,
         notes=tuple(notes),
     )
@@ -260,8 +273,8 @@ def rollout_status(store: MaintenanceStore, name: str) -> dict[str, Any] | None:
         ).all()
     return {
         "name": name,
-        "total": sum(counts.values()),
-        **{status: counts.get(status, 0) for status in (PENDING, RUNNING, DONE, FAILED)},
+        "total": sum(n for status, n in counts.items() if status != DROPPED),
+        **{status: counts.get(status, 0) for status in (PENDING, RUNNING, DONE, FAILED, DROPPED)},
         "stopped": head.stop_reason,
         "failures": [{"tenant": t, "error": e, "attempts": a} for t, e, a in failed],
     }
@@ -363,11 +376,25 @@ class _Runner:
             if not self.postgres:
                 values.update(runner=self.id, runner_lease_until=now + timedelta(seconds=self.lease))
             conn.execute(update(r).where(r.c.name == self.name).values(**values))
-            known = set(conn.execute(select(rt.c.tenant).where(rt.c.name == self.name)).scalars())
+            known = dict(conn.execute(select(rt.c.tenant, rt.c.status).where(rt.c.name == self.name)).all())
+            listed = dict.fromkeys(tenants)
+            # A run's list is the fleet as it is now: pending tenants it leaves out (deleted ones,
+            # say) are dropped, and dropped ones it names again are pending again.
+            moves = (
+                (DROPPED, [t for t, status in known.items() if status == PENDING and t not in listed]),
+                (PENDING, [t for t in listed if known.get(t) == DROPPED]),
+            )
+            for status, names in moves:
+                for start in range(0, len(names), 1000):
+                    conn.execute(
+                        update(rt)
+                        .where(rt.c.name == self.name, rt.c.tenant.in_(names[start : start + 1000]))
+                        .values(status=status)
+                    )
             last = conn.execute(select(func.max(rt.c.position)).where(rt.c.name == self.name)).scalar()
             position = -1 if last is None else int(last)
             fresh = []
-            for tenant in dict.fromkeys(tenants):
+            for tenant in listed:
                 if tenant not in known:
                     position += 1
                     fresh.append(
@@ -556,13 +583,23 @@ class _Runner:
                 if self.aborted.is_set():
                     raise RolloutAborted(ABORTED)
                 event.listen(conn, "before_cursor_execute", self._abort_check)
+                # A pooled connection carries a migration's session-level SET search_path to the next
+                # tenant's window: note the path it came with, and put it back before commit.
+                tracked = self.postgres and self.opener is sqlalchemy_window
+                entry = _entry_search_path(conn) if tracked else None
                 self.migrate(handed, tenant)
                 self._abort_check()
-                marked = conn.execute(
+                mark = (
                     update(rt)
                     .where(rt.c.name == self.name, rt.c.tenant == tenant, rt.c.runner == self.id)
                     .values(status=DONE, finished_at=utcnow(), error=None, lease_until=None)
-                ).rowcount
+                )
+                if tracked:
+                    mark = mark.returning(func.current_setting("search_path"))
+                result = conn.execute(mark)
+                marked = result.rowcount
+                if tracked and marked == 1 and result.scalar() != entry:
+                    conn.execute(select(func.set_config("search_path", entry, False)))
                 if marked != 1:
                     raise MaintgateError(
                         f"rollout {self.name!r}: tenant {tenant!r} was taken over by another runner; "
@@ -732,7 +769,7 @@ class _Runner:
             counts = _counts(conn, rt, self.name)
         self.on_progress(
             Progress(
-                total=sum(counts.values()),
+                total=sum(n for status, n in counts.items() if status != DROPPED),
                 done=counts.get(DONE, 0),
                 failed=counts.get(FAILED, 0),
                 running=counts.get(RUNNING, 0),
@@ -740,6 +777,18 @@ class _Runner:
                 done_here=len(self.done_here),
             )
         )
+
+
+def _entry_search_path(conn: Connection) -> str | None:
+    """The search_path a pooled connection had when a rollout's window first used it."""
+    info = conn.connection.info
+    if _SEARCH_PATH not in info:
+        info[_SEARCH_PATH] = conn.execute(select(func.current_setting("search_path"))).scalar()
+    path: str | None = info[_SEARCH_PATH]
+    return path
+
+
+_SEARCH_PATH = "maintgate_rollout_search_path"
 
 
 @contextmanager

@@ -280,6 +280,8 @@ def rollout_result_lines(result: Any) -> list[str]:
     lines = [
         f"rollout {result.name}: {len(result.done)} migrated now, {len(result.skipped)} done before, "
         f"{len(result.failed)} failed, {len(result.not_started)} not started"
+        + (f", {len(result.done_elsewhere)} by other runners" if result.done_elsewhere else "")
+        + (f", {len(result.dropped)} dropped (not in the list)" if result.dropped else "")
     ]
     if result.stopped:
         lines.append(f"  stopped: {result.stopped}")
@@ -295,6 +297,7 @@ def rollout_lines(status: dict[str, Any]) -> list[str]:
     lines = [
         f"rollout {status['name']}: {status['done']}/{status['total']} done, {status['failed']} failed, "
         f"{status['running']} running, {status['pending']} pending"
+        + (f", {status['dropped']} dropped (not in the last list)" if status["dropped"] else "")
     ]
     if status["stopped"]:
         lines.append(f"  stopped: {status['stopped']}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from maintgate import rollout
+from maintgate import InvalidArgument, rollout
 from maintgate.fleet import RolloutBusy, rollout_status, stop_rollout
 from tests.fleet import Fleet
 
@@ -331,8 +331,6 @@ def test_the_progress_bar_redraws_one_line_on_a_terminal():
 
 
 def test_what_a_rollout_cannot_do_is_refused_before_anything_changes(store, fleet):
-    from maintgate import InvalidArgument
-
     f = fleet(2)
     for tenants, option in (([f.tenants[0], "*"], "tenants"), (f.tenants[0], "tenants")):
         with pytest.raises(InvalidArgument) as refused:
@@ -403,8 +401,11 @@ def test_stopping_one_runner_leaves_the_others_running(store, fleet):
     a.start()
     b = rollout(store, "one-stops", f.tenants, migrate, concurrency=1)
     a.join(60)
-    assert "this runner was stopped" in reports["a"].stopped
+    a_report = reports["a"]
+    assert "this runner was stopped" in a_report.stopped
     assert b.stopped is None and b.complete, b
+    accounted = set(a_report.done) | set(a_report.done_elsewhere) | set(a_report.not_started)
+    assert accounted == set(f.tenants) and set(b.done_elsewhere) == set(a_report.done), "reports add up"
     assert f.migrated() == dict.fromkeys(f.tenants, 1)
 
 
@@ -457,3 +458,58 @@ def test_a_runner_that_stalls_past_its_lease_leaves_the_tenant_another_runner_mi
     status = rollout_status(store, "stall")
     assert (status["done"], status["failed"]) == (4, 0), status
     assert f.migrated() == dict.fromkeys(f.tenants, 1)
+
+
+def test_a_runs_list_is_the_fleet_tenants_it_leaves_out_are_dropped_not_migrated(store, fleet):
+    f = fleet(6)
+    stop = threading.Event()
+
+    def migrate(conn, tenant):
+        f.migrate(conn, tenant)
+        if tenant == f.tenants[1]:
+            stop.set()
+
+    first = rollout(store, "drop", f.tenants, migrate, stop=stop, concurrency=1)
+    assert first.done == tuple(f.tenants[:2])
+    second = rollout(store, "drop", f.tenants[:4], f.migrate)  # tenants 4 and 5 were deleted
+    assert second.done == tuple(f.tenants[2:4]) and second.dropped == tuple(f.tenants[4:]), second
+    assert second.complete and set(f.migrated()) == set(f.tenants[:4])
+    assert rollout_status(store, "drop")["dropped"] == 2
+    with pytest.raises(InvalidArgument, match="no tenants"):
+        rollout(store, "drop", [], f.migrate)
+    third = rollout(store, "drop", f.tenants, f.migrate)  # listed again: pending again
+    assert third.done == tuple(f.tenants[4:]) and third.complete
+    assert f.migrated() == dict.fromkeys(f.tenants, 1)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_migrations_search_path_does_not_follow_the_pooled_connection_to_the_next_tenant(store, fleet):
+    from sqlalchemy import text
+
+    f = fleet(6)
+    seen: dict[str, str] = {}
+    with store.engine.connect() as conn:
+        default = conn.execute(text("SHOW search_path")).scalar()
+        for tenant in f.tenants:
+            conn.execute(text(f'CREATE SCHEMA "{tenant}"'))
+        conn.commit()
+    try:
+
+        def migrate(conn, tenant):
+            seen[tenant] = conn.execute(text("SHOW search_path")).scalar()
+            conn.execute(text(f'SET search_path TO "{tenant}"'))  # session-level, as people write it
+            conn.execute(text("CREATE TABLE marker (id INTEGER)"))  # lands in the tenant's schema
+
+        report = rollout(store, "paths", f.tenants, migrate, concurrency=1)
+        assert report.complete
+        assert seen == dict.fromkeys(f.tenants, default), seen
+        with store.engine.connect() as conn:
+            assert conn.execute(text("SHOW search_path")).scalar() == default
+            placed = conn.execute(
+                text("SELECT table_schema FROM information_schema.tables WHERE table_name = 'marker'")
+            ).scalars()
+            assert sorted(placed) == sorted(f.tenants)
+    finally:
+        with store.engine.begin() as conn:
+            for tenant in f.tenants:
+                conn.execute(text(f'DROP SCHEMA IF EXISTS "{tenant}" CASCADE'))
