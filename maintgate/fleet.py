@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, event, exists, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, event, exists, func, insert, or_, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from .core.errors import InvalidArgument, MaintgateError, WindowBusy
 from .core.state import ALL_TENANTS, check_tenant, utcnow
-from .core.store import MaintenanceStore, _check_retry_after
+from .core.store import MaintenanceStore, _check_retry_after, unprepared
 from .migration import _describe, _pool_capacity, maintenance_window
 
 logger = logging.getLogger("maintgate")
@@ -261,7 +261,7 @@ def rollout_status(store: MaintenanceStore, name: str) -> dict[str, Any] | None:
     """Counts by status, each failed tenant's error, and why it stopped; None if no such rollout."""
     tables = store._t()
     r, rt = tables.rollout, tables.rollout_tenant
-    with store.engine.connect() as conn:
+    with _reading(store) as conn:
         head = conn.execute(select(r).where(r.c.name == name)).first()
         if head is None:
             return None
@@ -343,6 +343,8 @@ class _Runner:
         self._heart: threading.Thread | None = None
         self._last_progress = 0.0
         self._expired_check = 0.0
+        self._claimer: Connection | None = None
+        self._claimer_unprepared: AbstractContextManager[None] | None = None
 
     # -- the plan ----------------------------------------------------------------------------------
 
@@ -417,7 +419,7 @@ class _Runner:
 
     def statuses(self, status: str) -> list[str]:
         rt = self.rt
-        with self.store.engine.connect() as conn:
+        with _reading(self.store) as conn:
             return list(
                 conn.execute(
                     select(rt.c.tenant)
@@ -428,7 +430,7 @@ class _Runner:
 
     def rows(self) -> list[tuple[str, str, str | None]]:
         rt = self.rt
-        with self.store.engine.connect() as conn:
+        with _reading(self.store) as conn:
             return [
                 (t, s, e)
                 for t, s, e in conn.execute(
@@ -439,7 +441,7 @@ class _Runner:
             ]
 
     def stop_reason(self) -> str | None:
-        with self.store.engine.connect() as conn:
+        with _reading(self.store) as conn:
             reason: str | None = conn.execute(
                 select(self.r.c.stop_reason).where(self.r.c.name == self.name)
             ).scalar()
@@ -450,63 +452,73 @@ class _Runner:
     def claim(self) -> str | None:
         """The next tenant to migrate, now held by this runner; None when there is none to take.
 
-        Three statements whatever the plan's size: the rollout's head with its failure count and
-        canary state, then one UPDATE that takes the next tenant (an index range, never a scan).
+        One UPDATE whatever the plan's size (an index range, never a scan), which also checks the
+        rollout's stop, its failure budget and its canary; only when it takes nothing does a
+        second read say why. On PostgreSQL it runs in autocommit on a connection the runner holds.
         """
-        r, rt = self.r, self.rt
-        with self.claim_lock, _writing(self.store) as conn:
+        with self.claim_lock:
             if self.stop.is_set():  # this runner's own stop: the others go on
                 return None
-            of_this = rt.c.name == r.c.name
-            in_canary = rt.c.position < r.c.canary
-            head = conn.execute(
-                select(
-                    r.c.stop_reason,
-                    r.c.canary,
-                    select(func.count()).where(of_this, rt.c.status == FAILED).scalar_subquery(),
-                    select(rt.c.tenant)
-                    .where(of_this, rt.c.status == FAILED, in_canary)
-                    .order_by(rt.c.position)
-                    .limit(1)
-                    .scalar_subquery(),
-                    exists().where(of_this, rt.c.status.in_((PENDING, RUNNING)), in_canary),
-                ).where(r.c.name == self.name)
-            ).one()
-            stop_reason, canary, failed, canary_failed, canary_open = head
-            if stop_reason:
-                return None
-            if canary_failed is not None:
-                self._stop(
-                    conn, f"canary failed: tenant {canary_failed!r}; the rest of the fleet was not touched"
-                )
-                return None
-            if self.budget is not None and failed >= self.budget:
-                self._stop(
-                    conn,
-                    f"failure budget spent: {failed} tenant(s) failed (max_failures={self.max_failures})",
-                )
-                return None
-            now = utcnow()
-            where = [rt.c.name == self.name] + ([rt.c.position < int(canary)] if canary_open else [])
-            # A crashed runner's tenants first (looked for now and then: usually there are none),
-            # then the next pending one in plan order.
-            tenant = None
-            if time.monotonic() >= self._expired_check:
-                self._expired_check = time.monotonic() + min(1.0, self.lease / 3)
-                tenant = self._take(conn, now, *where, rt.c.status == RUNNING, rt.c.lease_until < now)
-            if tenant is None:
-                tenant = self._take(conn, now, *where, rt.c.status == PENDING)
-            if tenant is None and self._expired_check > time.monotonic():
-                self._expired_check = 0.0  # nothing pending: look for expired claims next time
-            if tenant is not None:
-                self.held.add(tenant)
-                self.claimed_at[tenant] = (time.monotonic(), now)
-            return tenant
+            for attempt in (1, 2):
+                try:
+                    with self._claiming() as conn:
+                        return self._claim(conn)
+                except DBAPIError as exc:
+                    if attempt == 2 or not exc.connection_invalidated:
+                        raise
+                    self._drop_claimer()  # its session was ended (idle_session_timeout, a restart)
+            return None  # not reached
 
-    def _take(self, conn: Connection, now: datetime, *where: Any) -> str | None:
-        """Take the first tenant matching ``where`` in plan order, in one statement."""
-        rt = self.rt
-        first = select(rt.c.tenant).where(*where).order_by(rt.c.position).limit(1)
+    def _claim(self, conn: Connection) -> str | None:
+        now = utcnow()
+        # A crashed runner's tenants first (looked for now and then: usually there are none),
+        # then the next pending one in plan order.
+        tenant = None
+        if time.monotonic() >= self._expired_check:
+            self._expired_check = time.monotonic() + min(1.0, self.lease / 3)
+            tenant = self._take(conn, now, RUNNING)
+        if tenant is None:
+            tenant = self._take(conn, now, PENDING)
+        if tenant is None:
+            if self._expired_check > time.monotonic():
+                self._expired_check = 0.0  # nothing pending: look for expired claims next time
+            self._why_none(conn)
+            return None
+        self.held.add(tenant)
+        self.claimed_at[tenant] = (time.monotonic(), now)
+        return tenant
+
+    def _take(self, conn: Connection, now: datetime, status: str) -> str | None:
+        """Take the first tenant in ``status`` (RUNNING: whose lease ran out) in plan order, if the
+        rollout is not stopped, its budget not spent, and its canary allows it."""
+        r, rt = self.r, self.rt
+        x, failed, canaries = rt.alias("x"), rt.alias("f"), rt.alias("c")
+        canary = select(r.c.canary).where(r.c.name == self.name).scalar_subquery()
+        checks = [
+            exists().where(r.c.name == self.name, r.c.stop_reason.is_(None)),
+            ~exists().where(
+                failed.c.name == self.name, failed.c.status == FAILED, failed.c.position < canary
+            ),
+            or_(
+                x.c.position < canary,
+                ~exists().where(
+                    canaries.c.name == self.name,
+                    canaries.c.status.in_((PENDING, RUNNING)),
+                    canaries.c.position < canary,
+                ),
+            ),
+        ]
+        if self.budget is not None:
+            spent = select(func.count()).where(failed.c.name == self.name, failed.c.status == FAILED)
+            checks.append(spent.scalar_subquery() < self.budget)
+        if status == RUNNING:
+            checks.append(x.c.lease_until < now)
+        first = (
+            select(x.c.tenant)
+            .where(x.c.name == self.name, x.c.status == status, *checks)
+            .order_by(x.c.position)
+            .limit(1)
+        )
         if self.postgres:
             first = first.with_for_update(skip_locked=True)
         taken: str | None = conn.execute(
@@ -523,6 +535,55 @@ class _Runner:
             .returning(rt.c.tenant)
         ).scalar()
         return taken
+
+    def _why_none(self, conn: Connection) -> None:
+        """Nothing was taken: stop the rollout if its canary failed or its budget is spent."""
+        r, rt = self.r, self.rt
+        of_this = rt.c.name == r.c.name
+        in_canary = rt.c.position < r.c.canary
+        stop_reason, canary_failed, failed = conn.execute(
+            select(
+                r.c.stop_reason,
+                select(rt.c.tenant)
+                .where(of_this, rt.c.status == FAILED, in_canary)
+                .order_by(rt.c.position)
+                .limit(1)
+                .scalar_subquery(),
+                select(func.count()).where(of_this, rt.c.status == FAILED).scalar_subquery(),
+            ).where(r.c.name == self.name)
+        ).one()
+        if stop_reason:
+            return
+        if canary_failed is not None:
+            self._stop(
+                conn, f"canary failed: tenant {canary_failed!r}; the rest of the fleet was not touched"
+            )
+        elif self.budget is not None and failed >= self.budget:
+            self._stop(
+                conn, f"failure budget spent: {failed} tenant(s) failed (max_failures={self.max_failures})"
+            )
+
+    @contextmanager
+    def _claiming(self) -> Iterator[Connection]:
+        """Where claims run: on PostgreSQL a connection held by the runner, in autocommit (a claim
+        is one statement); on SQLite a write transaction of its own each time."""
+        if not self.postgres:
+            with _writing(self.store) as conn:
+                yield conn
+            return
+        if self._claimer is None or self._claimer.closed or self._claimer.invalidated:
+            conn = self.store.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            self._claimer_unprepared = unprepared(conn)
+            self._claimer_unprepared.__enter__()
+            self._claimer = conn
+        yield self._claimer
+
+    def _drop_claimer(self) -> None:
+        conn, self._claimer = self._claimer, None
+        if conn is not None:
+            if self._claimer_unprepared is not None:
+                self._claimer_unprepared.__exit__(None, None, None)
+            conn.close()
 
     def _stop(self, conn: Connection, reason: str) -> None:
         r = self.r
@@ -554,7 +615,7 @@ class _Runner:
         if self.stop.is_set() or self.stop_reason():
             return False
         rt = self.rt
-        with self.store.engine.connect() as conn:
+        with _reading(self.store) as conn:
             running = conn.execute(
                 select(func.count()).where(
                     rt.c.name == self.name,
@@ -645,7 +706,7 @@ class _Runner:
 
     def _attempts(self, tenant: str) -> int:
         rt = self.rt
-        with self.store.engine.connect() as conn:
+        with _reading(self.store) as conn:
             attempts = conn.execute(
                 select(rt.c.attempts).where(rt.c.name == self.name, rt.c.tenant == tenant)
             ).scalar()
@@ -675,7 +736,7 @@ class _Runner:
         the runner that took it over has migrated it, the failure is moot, and the maintenance it
         left is switched off (a window still running keeps the tenant)."""
         rt = self.rt
-        with self.store.engine.connect() as conn:
+        with _reading(self.store) as conn:
             status = conn.execute(
                 select(rt.c.status).where(rt.c.name == self.name, rt.c.tenant == tenant)
             ).scalar()
@@ -721,6 +782,7 @@ class _Runner:
         self._heart.start()
 
     def stop_heartbeat(self) -> None:
+        self._drop_claimer()
         self._beat.set()
         if self._heart is not None:
             self._heart.join(5)
@@ -765,7 +827,7 @@ class _Runner:
             return
         self._last_progress = now
         rt = self.rt
-        with self.store.engine.connect() as conn:
+        with _reading(self.store) as conn:
             counts = _counts(conn, rt, self.name)
         self.on_progress(
             Progress(
@@ -794,10 +856,17 @@ _SEARCH_PATH = "maintgate_rollout_search_path"
 @contextmanager
 def _writing(store: MaintenanceStore) -> Iterator[Connection]:
     """A transaction that reads, then writes: on SQLite it takes the write lock from the start."""
-    with store.engine.connect() as conn:
+    with store._connect() as conn:
         conn.execution_options(sqlite_immediate=True)
         with conn.begin():
             yield conn
+
+
+@contextmanager
+def _reading(store: MaintenanceStore) -> Iterator[Connection]:
+    """A connection for the rollout's reads, which never prepares a statement (PgBouncer)."""
+    with store._connect() as conn:
+        yield conn
 
 
 def _counts(conn: Connection, rt: Any, name: str) -> dict[str, int]:

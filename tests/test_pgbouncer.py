@@ -237,3 +237,23 @@ def test_writes_under_background_reads_never_meet_a_prepared_statement(bounced, 
             app.gate.close()
     assert errors == []
     assert not any(app.gate.mirror.failing for app in apps), "every refresh went through"
+
+
+def test_a_rollout_through_the_bouncer_on_the_users_own_engine(bounced, pgbouncer_url):
+    """Claims, leases and done marks repeat the same statements: none may be prepared."""
+    from maintgate import rollout
+    from tests.fleet import Fleet
+
+    engine = create_engine(pgbouncer_url)  # psycopg's default: statements prepared after 5 runs
+    store = MaintenanceStore(engine, table_prefix=bounced.tables.state.name.removesuffix("state"))
+    fleet = Fleet(store, 30)
+    try:
+        with Background(pgbouncer_url, bounced.tables.state.name.removesuffix("state")) as background:
+            report = rollout(store, "bounced", fleet.tenants, fleet.migrate, concurrency=3, lease=0.6)
+        assert not background.errors, background.errors[:3]
+        assert report.complete, report
+        assert fleet.migrated() == dict.fromkeys(fleet.tenants, 1)
+        assert not any(store.get(t).active for t in fleet.tenants)
+    finally:
+        fleet.drop()
+        engine.dispose()

@@ -487,9 +487,15 @@ class MaintenanceStore:
             yield connection
             return
         pending: list[_Change] = []
-        with self.engine.begin() as conn, _collecting(conn, pending, own=True):
+        with self._connect() as conn, conn.begin(), _collecting(conn, pending, own=True):
             yield conn
         self._publish(pending)  # committed
+
+    @contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        """A connection of the store's engine on which no statement is prepared (PgBouncer)."""
+        with self.engine.connect() as conn, unprepared(conn):
+            yield conn
 
     def create_tables(self, connection: Connection | None = None) -> None:
         """Create maintgate's tables where missing, and add the columns newer versions need; idempotent."""
@@ -554,7 +560,7 @@ class MaintenanceStore:
         planned = _schedule_rows(sc).where(
             sc.c.tenant.in_(wanted), or_(sc.c.ends_at.is_(None), sc.c.ends_at > _to_db(now))
         )
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             if conn.dialect.name == "postgresql":
                 # A gate must not hang on a stuck server: bound this read, not the app's work.
                 conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(self.lookup_timeout * 1000)}")
@@ -606,7 +612,7 @@ class MaintenanceStore:
             news = or_(t.c.version > since, t.c.version < 0)
             changed = select(t.c.tenant).where(news).scalar_subquery()
             query = union_all(rows.where(news), planned.where(sc.c.tenant.in_(changed)))
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             if conn.dialect.name == "postgresql":
                 # A gate must not hang on a stuck server: bound this read, not the app's work.
                 conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(self.lookup_timeout * 1000)}")
@@ -656,7 +662,7 @@ class MaintenanceStore:
         """Whether the tables have change numbers (``create_tables`` adds them to older tables)."""
         if self._has_numbers:
             return True
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             inspector = inspect(conn)
             t, v = tables.state, tables.version
             numbered = inspector.has_table(v.name, schema=v.schema) and "version" in {
@@ -729,7 +735,7 @@ class MaintenanceStore:
         query = select(sc).where(or_(sc.c.ends_at.is_(None), sc.c.ends_at > _to_db(utcnow())))
         if tenant is not None:
             query = query.where(sc.c.tenant == check_tenant(tenant))
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             rows = conn.execute(query.order_by(sc.c.starts_at, sc.c.id)).all()
         return [_schedule(r._mapping) for r in rows]
 
@@ -748,7 +754,7 @@ class MaintenanceStore:
     def all(self) -> list[MaintenanceState]:
         """Every recorded state, the global switch first."""
         t = self._t().state
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             rows = conn.execute(select(t).order_by(t.c.tenant)).all()
         states = [self._from_row(r) for r in rows]
         states.sort(key=lambda s: (not s.is_global, s.tenant))
@@ -800,7 +806,7 @@ class MaintenanceStore:
         if not isinstance(limit, int) or limit < 1:
             raise InvalidArgument(f"limit must be a positive int, got {limit!r}")
         h = self._t().history
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             rows = conn.execute(
                 select(h).where(h.c.tenant == tenant).order_by(h.c.id.desc()).limit(limit)
             ).all()
@@ -1157,7 +1163,7 @@ class MaintenanceStore:
         if self.engine.dialect.name != "postgresql":
             return False
         key = self.window_lock_key(state.tenant)
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             held = conn.execute(
                 text(
                     "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
@@ -1179,7 +1185,7 @@ class MaintenanceStore:
     @contextmanager
     def _bookkeeping(self) -> Iterator[Connection]:
         """A short transaction of the window's own, READ COMMITTED on PostgreSQL whatever the engine's."""
-        with self.engine.connect() as conn, unprepared(conn):
+        with self._connect() as conn:
             postgres = conn.dialect.name == "postgresql"
             if postgres:
                 conn.execution_options(isolation_level="READ COMMITTED")
@@ -1230,7 +1236,7 @@ class MaintenanceStore:
     def _unqualified_schema(self) -> str | None:
         """PostgreSQL: the schema the state table's bare name finds under the session's own
         ``search_path`` (its reset value), or None if it finds none."""
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             conn.execute(text(RESET_SEARCH_PATH))
             found: str | None = conn.execute(
                 text(
