@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, event, exists, func, insert, or_, select, update
+from sqlalchemy import Connection, bindparam, event, exists, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from .core.errors import InvalidArgument, MaintgateError, WindowBusy
 from .core.state import ALL_TENANTS, check_tenant, utcnow
-from .core.store import MaintenanceStore, _check_retry_after, unprepared
+from .core.store import WINDOW, MaintenanceStore, _check_retry_after, unprepared
 from .migration import _describe, _pool_capacity, maintenance_window
 
 logger = logging.getLogger("maintgate")
@@ -344,6 +344,7 @@ class _Runner:
         self._last_progress = 0.0
         self._expired_check = 0.0
         self._claimer: Connection | None = None
+        self._takes: dict[str, Any] = {}
         self._claimer_unprepared: AbstractContextManager[None] | None = None
 
     # -- the plan ----------------------------------------------------------------------------------
@@ -491,6 +492,16 @@ class _Runner:
     def _take(self, conn: Connection, now: datetime, status: str) -> str | None:
         """Take the first tenant in ``status`` (RUNNING: whose lease ran out) in plan order, if the
         rollout is not stopped, its budget not spent, and its canary allows it."""
+        statement = self._takes.get(status)
+        if statement is None:
+            statement = self._takes[status] = self._take_statement(status)
+        taken: str | None = conn.execute(
+            statement, {"now": now, "until": now + timedelta(seconds=self.lease)}
+        ).scalar()
+        return taken
+
+    def _take_statement(self, status: str) -> Any:
+        """The claim's one statement, built once per runner (it runs for every tenant)."""
         r, rt = self.r, self.rt
         x, failed, canaries = rt.alias("x"), rt.alias("f"), rt.alias("c")
         canary = select(r.c.canary).where(r.c.name == self.name).scalar_subquery()
@@ -512,7 +523,7 @@ class _Runner:
             spent = select(func.count()).where(failed.c.name == self.name, failed.c.status == FAILED)
             checks.append(spent.scalar_subquery() < self.budget)
         if status == RUNNING:
-            checks.append(x.c.lease_until < now)
+            checks.append(x.c.lease_until < bindparam("now"))
         first = (
             select(x.c.tenant)
             .where(x.c.name == self.name, x.c.status == status, *checks)
@@ -521,20 +532,19 @@ class _Runner:
         )
         if self.postgres:
             first = first.with_for_update(skip_locked=True)
-        taken: str | None = conn.execute(
+        return (
             update(rt)
             .where(rt.c.name == self.name, rt.c.tenant == first.scalar_subquery())
             .values(
                 status=RUNNING,
                 runner=self.id,
-                lease_until=now + timedelta(seconds=self.lease),
+                lease_until=bindparam("until"),
                 attempts=rt.c.attempts + 1,
-                started_at=now,
+                started_at=bindparam("now"),
                 finished_at=None,
             )
             .returning(rt.c.tenant)
-        ).scalar()
-        return taken
+        )
 
     def _why_none(self, conn: Connection) -> None:
         """Nothing was taken: stop the rollout if its canary failed or its budget is spent."""
@@ -733,22 +743,34 @@ class _Runner:
 
     def _lost(self, tenant: str, exc: BaseException) -> None:
         """A window failed on a tenant this runner no longer held (it stalled past its lease): if
-        the runner that took it over has migrated it, the failure is moot, and the maintenance it
-        left is switched off (a window still running keeps the tenant)."""
+        the runner that took it over has migrated it, the failure is moot, and the maintenance
+        that failure left is switched off. Anything else that holds the tenant (a window, an
+        operator's switch, a schedule) is left alone, and logged."""
         rt = self.rt
         with _reading(self.store) as conn:
             status = conn.execute(
                 select(rt.c.status).where(rt.c.name == self.name, rt.c.tenant == tenant)
             ).scalar()
+        state = self.store.get(tenant)
+        only_ours = (
+            status == DONE
+            and state is not None
+            and state.active
+            and state.source == WINDOW
+            and state.window_id is None
+            and not self.store.schedules(tenant)
+        )
         logger.warning(
             "maintgate: rollout %r: tenant %r was taken over by another runner while this one "
-            "stalled; its window here failed (%s)%s",
+            "stalled; its window here failed (%s); %s",
             self.name,
             tenant,
             _describe(exc).splitlines()[0],
-            "; the tenant is migrated: maintenance switched off again" if status == DONE else "",
+            "the tenant is migrated: maintenance switched off again"
+            if only_ours
+            else "what holds the tenant now is not this failure's: left as it is",
         )
-        if status == DONE:
+        if only_ours:
             self.store.deactivate(tenant)
 
     def _release(self, tenant: str, status: str, error: str, retry_in: float = 0.0) -> bool:
