@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, event, exists, func, insert, or_, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from .core.errors import InvalidArgument, MaintgateError, WindowBusy
 from .core.state import ALL_TENANTS, check_tenant, utcnow
@@ -192,9 +192,19 @@ def rollout(
     runner = _Runner(store, name, migrate, message, retry_after, canary, max_failures, stop, on_progress)
     runner.lease = float(lease)
     runner.opener = opener
-    runner.plan(wanted, retry_failed)
+    try:
+        runner.plan(wanted, retry_failed)
+    except OperationalError as exc:
+        if dialect != "sqlite" or "locked" not in str(exc):
+            raise
+        raise RolloutBusy(
+            f"rollout {name!r}: SQLite's write lock is held (a migration is running, most likely a "
+            "runner of this rollout's): on SQLite one runner runs a rollout at a time; several "
+            "runners need PostgreSQL"
+        ) from None
     skipped = runner.statuses(DONE)
     runner.start_heartbeat()
+    failure: Exception | None = None
     try:
         workers = [
             threading.Thread(target=runner.work, name=f"maintgate-rollout-{i}", daemon=True)
@@ -209,6 +219,11 @@ def rollout(
                     if abort is not None and abort.is_set() and not runner.aborted.is_set():
                         runner.abort()
                     runner.report_progress()
+                except Exception as exc:
+                    # A progress callback (or its output) failed: claim nothing more, let the open
+                    # windows finish, then raise it.
+                    failure = failure or exc
+                    runner.stop.set()
                 except KeyboardInterrupt:
                     # First Ctrl-C: claim nothing more, let open windows finish. Second: abort them.
                     if runner.stop.is_set():
@@ -223,10 +238,14 @@ def rollout(
                         )
     finally:
         runner.stop_heartbeat()
+    if failure is not None:
+        raise failure
     runner.report_progress(force=True)
     rows = runner.rows()
     failed = {t: e or "" for t, s, e in rows if s == FAILED}
-    left = tuple(t for t, s, _ in rows if s in (PENDING, RUNNING))
+    listed = set(wanted)
+    # This run's tenants a runner with another list dropped meanwhile are not done either.
+    left = tuple(t for t, s, _ in rows if s in (PENDING, RUNNING) or (s == DROPPED and t in listed))
     mine = set(runner.done_here) | set(skipped)
     elsewhere = tuple(t for t, s, _ in rows if s == DONE and t not in mine)
     stopped = runner.stop_reason() or (
@@ -243,7 +262,7 @@ def rollout(
         skipped=tuple(t for t in skipped),
         not_started=left,
         done_elsewhere=elsewhere,
-        dropped=tuple(t for t, s, _ in rows if s == DROPPED),
+        dropped=tuple(t for t, s, _ in rows if s == DROPPED and t not in listed),
         stopped=stopped,
         notes=tuple(notes),
     )
@@ -381,17 +400,23 @@ class _Runner:
             conn.execute(update(r).where(r.c.name == self.name).values(**values))
             known = dict(conn.execute(select(rt.c.tenant, rt.c.status).where(rt.c.name == self.name)).all())
             listed = dict.fromkeys(tenants)
-            # A run's list is the fleet as it is now: pending tenants it leaves out (deleted ones,
-            # say) are dropped, and dropped ones it names again are pending again.
+            # A run's list is the fleet as it is now: pending and failed tenants it leaves out
+            # (deleted ones, say) are dropped, and dropped ones it names again are pending again.
+            # Only rows still in the status read move: another runner may finish one meanwhile.
             moves = (
-                (DROPPED, [t for t, status in known.items() if status == PENDING and t not in listed]),
-                (PENDING, [t for t in listed if known.get(t) == DROPPED]),
+                (DROPPED, (PENDING, FAILED), [t for t, st in known.items() if st in (PENDING, FAILED)]),
+                (PENDING, (DROPPED,), [t for t in listed if known.get(t) == DROPPED]),
             )
-            for status, names in moves:
+            for status, was, names in moves:
+                names = [t for t in names if (t in listed) == (status == PENDING)]
                 for start in range(0, len(names), 1000):
                     conn.execute(
                         update(rt)
-                        .where(rt.c.name == self.name, rt.c.tenant.in_(names[start : start + 1000]))
+                        .where(
+                            rt.c.name == self.name,
+                            rt.c.tenant.in_(names[start : start + 1000]),
+                            rt.c.status.in_(was),
+                        )
                         .values(status=status)
                     )
             last = conn.execute(select(func.max(rt.c.position)).where(rt.c.name == self.name)).scalar()
@@ -485,6 +510,14 @@ class _Runner:
                 self._expired_check = 0.0  # nothing pending: look for expired claims next time
             self._why_none(conn)
             return None
+        if not self.postgres:
+            # SQLite's one runner: its lease is renewed here too, since the heartbeat cannot write
+            # while a window holds the database's write lock.
+            conn.execute(
+                update(self.r)
+                .where(self.r.c.name == self.name, self.r.c.runner == self.id)
+                .values(runner_lease_until=now + timedelta(seconds=self.lease))
+            )
         self.held.add(tenant)
         self.claimed_at[tenant] = (time.monotonic(), now)
         return tenant
@@ -523,7 +556,7 @@ class _Runner:
             spent = select(func.count()).where(failed.c.name == self.name, failed.c.status == FAILED)
             checks.append(spent.scalar_subquery() < self.budget)
         if status == RUNNING:
-            checks.append(x.c.lease_until < bindparam("now"))
+            checks.append(x.c.lease_until < (func.now() if self.postgres else bindparam("now")))
         first = (
             select(x.c.tenant)
             .where(x.c.name == self.name, x.c.status == status, *checks)
@@ -538,7 +571,7 @@ class _Runner:
             .values(
                 status=RUNNING,
                 runner=self.id,
-                lease_until=bindparam("until"),
+                lease_until=self._later(self.lease) if self.postgres else bindparam("until"),
                 attempts=rt.c.attempts + 1,
                 started_at=bindparam("now"),
                 finished_at=None,
@@ -693,6 +726,13 @@ class _Runner:
             self.claimed_at.pop(tenant, None)
             self.open.pop(tenant, None)
 
+    def _later(self, seconds: float) -> Any:
+        """``seconds`` from now; on PostgreSQL by the database's clock, so that runners on hosts
+        whose clocks disagree still agree on when a claim runs out."""
+        if self.postgres:
+            return func.now() + timedelta(seconds=seconds)
+        return utcnow() + timedelta(seconds=seconds)
+
     def _still_ours(self, tenant: str) -> bool:
         """Whether this runner still holds ``tenant``: checked (and the lease renewed) only when the
         claim is old enough that its lease may have run out, as when the process stalled."""
@@ -710,7 +750,7 @@ class _Runner:
                     rt.c.runner == self.id,
                     rt.c.status == RUNNING,
                 )
-                .values(lease_until=utcnow() + timedelta(seconds=self.lease))
+                .values(lease_until=self._later(self.lease))
             ).rowcount
         return renewed == 1
 
@@ -776,7 +816,7 @@ class _Runner:
     def _release(self, tenant: str, status: str, error: str, retry_in: float = 0.0) -> bool:
         rt = self.rt
         values: dict[str, Any] = {"status": status, "error": error, "finished_at": utcnow(), "runner": None}
-        values["lease_until"] = utcnow() + timedelta(seconds=retry_in) if retry_in else None
+        values["lease_until"] = self._later(retry_in) if retry_in else None
         if retry_in:  # pending again, but not before then
             values.update(status=RUNNING, runner=None)
         with _writing(self.store) as conn:
@@ -819,7 +859,7 @@ class _Runner:
     def _heartbeat(self) -> None:
         while not self._beat.wait(self.lease / 3):
             try:
-                until = utcnow() + timedelta(seconds=self.lease)
+                until = utcnow() + timedelta(seconds=self.lease)  # SQLite's runner lease: one host
                 with _writing(self.store) as conn:
                     held = list(self.held)
                     if held:
@@ -830,7 +870,7 @@ class _Runner:
                                 self.rt.c.runner == self.id,
                                 self.rt.c.tenant.in_(held),
                             )
-                            .values(lease_until=until)
+                            .values(lease_until=self._later(self.lease))
                         )
                     if not self.postgres:
                         conn.execute(

@@ -239,9 +239,19 @@ class ProgressBar:
         self.every = every
         self._last = -every
         self._drawn = False
+        self.closed = False
 
     def update(self, progress: Any) -> None:
-        """Show ``progress`` (a :class:`maintgate.fleet.Progress`)."""
+        """Show ``progress`` (a :class:`maintgate.fleet.Progress`); a closed output ends the display,
+        never the rollout (``maintgate rollout run ... | head``)."""
+        if self.closed:
+            return
+        try:
+            self._draw(progress)
+        except OSError:
+            self.closed = True
+
+    def _draw(self, progress: Any) -> None:
         left = progress.left - progress.running
         eta = f"{_duration(left / progress.rate)} left" if progress.rate > 0 and left > 0 else ""
         counts = (
@@ -262,7 +272,7 @@ class ProgressBar:
 
     def close(self) -> None:
         """End the bar's line."""
-        if self._drawn:
+        if self._drawn and not self.closed:
             self.stream.write("\n")
 
 

@@ -59,8 +59,9 @@ class Fleet:
 
 def main(argv: list[str]) -> int:
     """A runner in a process of its own: ``URL PREFIX NAME TAG COUNT [PAUSE] [CONCURRENCY] [LEASE]
-    [stall]``; ``stall``: the process stops itself (SIGSTOP) between its first claim and that
-    tenant's window, as a paused VM would, after printing ``claimed TENANT``."""
+    [stall|skew=SECONDS]``; ``stall``: the process stops itself (SIGSTOP) between its first claim
+    and that tenant's window, as a paused VM would, after printing ``claimed TENANT``; ``skew``:
+    its clock runs that many seconds ahead."""
     import os
     import signal
 
@@ -78,9 +79,18 @@ def main(argv: list[str]) -> int:
         time.sleep(pause)
 
     stalled: list[str] = []
+    extra = argv[8] if len(argv) > 8 else ""
+    if extra.startswith("skew="):  # this host's clock runs ahead of the others'
+        from datetime import timedelta
+
+        import maintgate.fleet
+
+        ahead = timedelta(seconds=float(extra.split("=")[1]))
+        real = maintgate.fleet.utcnow
+        maintgate.fleet.utcnow = lambda: real() + ahead  # type: ignore[assignment]
 
     def opener(store, tenant, **options):
-        if len(argv) > 8 and argv[8] == "stall" and not stalled:
+        if extra == "stall" and not stalled:
             stalled.append(tenant)
             print(f"claimed {tenant}", flush=True)
             os.kill(os.getpid(), signal.SIGSTOP)

@@ -284,3 +284,24 @@ def test_back_to_back_windows_the_previous_tenant_serves_as_soon_as_its_window_c
             ]
     assert wrong == [], "(window open, tenant answered wrongly)"
     app.gate.close()
+
+
+@postgres
+def test_a_switch_on_in_a_callers_transaction_right_after_a_notified_switch_off_is_seen(store):
+    """The switch-off's notification is newer than any number left on a row once the caller's
+    write (PENDING) replaced it: only the counter tells the next read how new that row is."""
+    app = gate(store, cache_ttl=0.1)
+    other = elsewhere(store)
+    other.activate("acme")
+    assert eventually(lambda: wsgi_call(app, "acme") == 503, 3)
+    other.deactivate("acme")
+    assert eventually(lambda: wsgi_call(app, "acme") == 200, 3), "the switch-off, by notification"
+    with other.engine.begin() as conn:
+        other.activate("acme", message="again", connection=conn)
+    assert eventually(lambda: wsgi_call(app, "acme") == 503, 3), "the switch-on, by the next read"
+    other.deactivate("acme")
+    with other.engine.begin() as conn:  # and the other way round: a switch-off in a caller's transaction
+        other.activate("acme")
+        other.deactivate("acme", connection=conn)
+    assert eventually(lambda: wsgi_call(app, "acme") == 200, 3)
+    app.gate.close()

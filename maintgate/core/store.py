@@ -601,17 +601,21 @@ class MaintenanceStore:
         planned = _schedule_rows(sc).where(or_(sc.c.ends_at.is_(None), sc.c.ends_at > _to_db(now)))
         if not numbered:
             query = union_all(rows.where(t.c.active), planned)
-        elif since is None:
+        else:
+            # The counter, in the same snapshot: a row left PENDING is newer than every numbered
+            # change this read can see, including one known by notification whose number no row
+            # carries any more (the PENDING write replaced it).
             counter = select(
                 literal("version").label("kind"),
                 *[cast(null(), c.type).label(c.name) for c in rows.selected_columns][1:-1],
                 v.c.version,
             ).where(v.c.id == 1)
-            query = union_all(counter, rows.where(t.c.active), planned)
-        else:
-            news = or_(t.c.version > since, t.c.version < 0)
-            changed = select(t.c.tenant).where(news).scalar_subquery()
-            query = union_all(rows.where(news), planned.where(sc.c.tenant.in_(changed)))
+            if since is None:
+                query = union_all(counter, rows.where(t.c.active), planned)
+            else:
+                news = or_(t.c.version > since, t.c.version < 0)
+                changed = select(t.c.tenant).where(news).scalar_subquery()
+                query = union_all(counter, rows.where(news), planned.where(sc.c.tenant.in_(changed)))
         with self._connect() as conn:
             if conn.dialect.name == "postgresql":
                 # A gate must not hang on a stuck server: bound this read, not the app's work.
@@ -653,8 +657,8 @@ class MaintenanceStore:
                     )
                 )
         for tenant in unnumbered:
-            # PENDING: committed after every numbered change the read covers, so as new as the read
-            # (a notification numbered above it is newer still).
+            # PENDING: committed after every numbered change of its tenant that the read can see,
+            # so as new as the counter it read (a notification numbered above it is newer still).
             versions[tenant] = version
         return Changes(since is None, version, states, schedules, versions)
 
