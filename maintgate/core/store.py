@@ -1252,7 +1252,13 @@ class MaintenanceStore:
         return found
 
     def _changed(
-        self, conn: Connection, tenant: str, tables: Tables, carry_state: bool, locked: bool = False
+        self,
+        conn: Connection,
+        tenant: str,
+        tables: Tables,
+        carry_state: bool,
+        locked: bool = False,
+        record: Any = None,
     ) -> None:
         """Number the change of ``tenant`` in the writing transaction, and announce it on PostgreSQL.
 
@@ -1263,6 +1269,7 @@ class MaintenanceStore:
         counter for as long as the caller likes: it marks the row ``PENDING``, which gates read
         on every refresh until the next numbered change renumbers it. The tenant's row is locked
         before the counter, always. The notification (sent on commit only) carries the state.
+        ``record`` (the history row of the change) is written in the same statement on PostgreSQL.
         """
         t = tables.state
         touch = update(t).where(t.c.tenant == tenant).values(version=t.c.version)
@@ -1271,17 +1278,27 @@ class MaintenanceStore:
             conn.execute(touch)  # the row exists now, whoever inserted it: lock it
         version: int | None = None
         own = conn.info.get(_OWN, False)
-        if own:
-            version = self._next_version(conn, tables)
-        number = update(t).where(t.c.tenant == tenant).values(version=PENDING if version is None else version)
         postgres = conn.dialect.name == "postgresql"
         readable = carry_state and (postgres or own)
         row = None
-        if readable and conn.dialect.update_returning:  # the row as numbered, in the same round trip
-            row = conn.execute(number.returning(*t.c)).first()
+        if postgres:
+            # One round trip: the history row, the counter, the rows left PENDING, and this row.
+            row, version = self._numbered_in_one(conn, tenant, tables, own, record)
         else:
-            conn.execute(number)
-            row = conn.execute(select(t).where(t.c.tenant == tenant)).first() if readable else None
+            if record is not None:
+                conn.execute(record)
+            if own:
+                version = self._next_version(conn, tables)
+            number = (
+                update(t).where(t.c.tenant == tenant).values(version=PENDING if version is None else version)
+            )
+            if readable and conn.dialect.update_returning:  # the row as numbered, in one round trip
+                row = conn.execute(number.returning(*t.c)).first()
+            else:
+                conn.execute(number)
+                row = conn.execute(select(t).where(t.c.tenant == tenant)).first() if readable else None
+        if not readable:
+            row = None
         pending = conn.info.get(_PENDING)
         state = None if row is None else self._from_row(row)
         if pending is not None:
@@ -1289,6 +1306,44 @@ class MaintenanceStore:
         if postgres:
             payload = notification_payload(tenant, state, version)
             conn.execute(select(func.pg_notify(self.channel, payload)))
+
+    def _numbered_in_one(
+        self, conn: Connection, tenant: str, tables: Tables, own: bool, record: Any
+    ) -> tuple[Row[Any] | None, int | None]:
+        """PostgreSQL: write ``record``, take the next change number when ``own`` (the counter
+        stays locked until commit), give it to the rows left PENDING and to ``tenant``'s row, in
+        one statement; or mark that row PENDING. The row (already locked) and its number."""
+        t, v = tables.state, tables.version
+        ctes = [] if record is None else [record.cte("record")]
+        if not own:
+            pending = update(t).where(t.c.tenant == tenant).values(version=PENDING).returning(*t.c)
+            return conn.execute(pending.add_cte(*ctes)).first(), None
+        taken = (
+            update(v).where(v.c.id == 1).values(version=v.c.version + 1).returning(v.c.version).cte("taken")
+        )
+        number = select(taken.c.version).scalar_subquery()
+        w = t.alias("waiting")
+        # Rows a caller's open transaction holds are skipped: they are renumbered by a later change.
+        waiting = (
+            select(w.c.tenant).where(w.c.version < 0, w.c.tenant != tenant).with_for_update(skip_locked=True)
+        )
+        renumbered = update(t).where(t.c.tenant.in_(waiting), number.is_not(None)).values(version=number)
+        numbered = (
+            update(t)
+            .where(t.c.tenant == tenant)
+            .values(version=func.coalesce(number, t.c.version))
+            .returning(*t.c, number.label("taken"))
+            .add_cte(*ctes, renumbered.cte("renumbered"))
+        )
+        row = conn.execute(numbered).first()
+        if row is not None and row._mapping["taken"] is not None:
+            return row, int(row._mapping["taken"])
+        # No counter yet (tables from before change numbers): make it, then number as elsewhere.
+        version = self._next_version(conn, tables)
+        row = conn.execute(
+            update(t).where(t.c.tenant == tenant).values(version=version).returning(*t.c)
+        ).first()
+        return row, version
 
     def _next_version(self, conn: Connection, tables: Tables) -> int:
         """Take the next change number (the counter stays locked until commit), and give it to
@@ -1344,20 +1399,18 @@ class MaintenanceStore:
         (also) to the tenant's schedules, which its row does not describe; ``locked``: this
         transaction has just updated the tenant's row, so it holds its lock already."""
         tables = tables or self._t()
-        conn.execute(
-            tables.history.insert().values(
-                tenant=tenant,
-                event=event,
-                at=at,
-                message=message,
-                error=error,
-                window_id=window_id,
-                **_owner_values(owner),
-            )
+        record = tables.history.insert().values(
+            tenant=tenant,
+            event=event,
+            at=at,
+            message=message,
+            error=error,
+            window_id=window_id,
+            **_owner_values(owner),
         )
         # A schedule's change is not in the row: gates read it from the table.
         schedules = schedules or event in ("scheduled", "unscheduled")
-        self._changed(conn, tenant, tables, carry_state=not schedules, locked=locked)
+        self._changed(conn, tenant, tables, carry_state=not schedules, locked=locked, record=record)
 
     def _ensure_row(self, conn: Connection, tenant: str, tables: Tables | None = None) -> None:
         """Insert an inactive row for ``tenant`` unless one exists, race-free where the dialect can."""
