@@ -339,6 +339,8 @@ RESET_SEARCH_PATH = (
 )
 BOOKKEEPING_LOCK_TIMEOUT = 5.0
 """Seconds a window's own write waits for the tenant's row before it gives up."""
+LOCK_TIMEOUT_SETTING = func.set_config("lock_timeout", f"{int(BOOKKEEPING_LOCK_TIMEOUT * 1000)}ms", True)
+"""PostgreSQL: that wait, for the rest of the transaction (as ``SET LOCAL``), as an expression."""
 LOOKUP_TIMEOUT = 2.0
 """Seconds a connection attempt or a pool checkout may take on engines the store builds; on
 PostgreSQL, also the statement timeout of :meth:`MaintenanceStore.lookup` and ``changes`` on any engine."""
@@ -956,12 +958,13 @@ class MaintenanceStore:
         postgres = self.engine.dialect.name == "postgresql"
         window_id = window_id or uuid.uuid4().hex
         t = self._t().state
-        with self._bookkeeping() as conn, _refusing(tenant):
+        with self._bookkeeping(timeout_sent=postgres) as conn, _refusing(tenant):
             now = utcnow()
             lease_until = now + timedelta(seconds=min(lease, OPENING_GRACE) if postgres else lease)
             if postgres:
-                got = conn.execute(select(func.pg_try_advisory_xact_lock(self.window_lock_key(tenant))))
-                if not got.scalar():
+                key = self.window_lock_key(tenant)
+                got = conn.execute(select(LOCK_TIMEOUT_SETTING, func.pg_try_advisory_xact_lock(key)))
+                if not got.one()[-1]:
                     raise WindowBusy(_busy_message(tenant, self.get(tenant, connection=conn), now))
             self._ensure_row(conn, tenant)
             operators = and_(t.c.active == true(), t.c.source == OPERATOR)
@@ -1187,16 +1190,18 @@ class MaintenanceStore:
         ]
 
     @contextmanager
-    def _bookkeeping(self) -> Iterator[Connection]:
-        """A short transaction of the window's own, READ COMMITTED on PostgreSQL whatever the engine's."""
+    def _bookkeeping(self, timeout_sent: bool = False) -> Iterator[Connection]:
+        """A short transaction of the window's own, READ COMMITTED on PostgreSQL whatever the engine's;
+        ``timeout_sent``: the caller sets its lock timeout (:data:`LOCK_TIMEOUT_SETTING`) itself."""
         with self._connect() as conn:
             postgres = conn.dialect.name == "postgresql"
             if postgres:
                 conn.execution_options(isolation_level="READ COMMITTED")
             pending: list[_Change] = []
             with conn.begin(), _collecting(conn, pending, own=True):
-                if postgres:  # never wait forever on a row another transaction holds (the caller's own)
-                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(BOOKKEEPING_LOCK_TIMEOUT * 1000)}")
+                if postgres and not timeout_sent:
+                    # Never wait forever on a row another transaction holds (the caller's own).
+                    conn.execute(select(LOCK_TIMEOUT_SETTING))
                 yield conn
         self._publish(pending)  # committed
 
