@@ -395,3 +395,17 @@ def test_values_that_would_fail_at_request_time_are_refused_when_built(store, op
         else:
             MaintenanceMiddleware(ok_app, store, **{option: value})
     assert info.value.option == option, info.value
+
+
+def test_notifications_asked_of_a_database_that_cannot_send_them_are_refused(tmp_path):
+    from maintgate import InvalidArgument
+
+    store = MaintenanceStore(f"sqlite:///{tmp_path / 'n.db'}")
+    with pytest.raises(InvalidArgument, match="notifications need PostgreSQL") as refused:
+        WSGIMaintenanceMiddleware(
+            lambda e, s: [], store, tenant=from_header("X-Tenant-ID"), notifications=True
+        )
+    assert refused.value.option == "notifications"
+    off = WSGIMaintenanceMiddleware(lambda e, s: [], store, tenant=from_header("X-Tenant-ID"))
+    assert off.gate.notifications is False
+    store.engine.dispose()

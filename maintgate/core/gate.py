@@ -212,6 +212,12 @@ class Gate:
         listenable = (
             getattr(dialect, "name", None) == "postgresql" and getattr(dialect, "driver", None) == "psycopg"
         )
+        if notifications and not listenable and getattr(store, "listen_url", None) is None:
+            raise InvalidArgument(
+                "notifications need PostgreSQL through psycopg (LISTEN/NOTIFY); this store's database "
+                f"is {getattr(dialect, 'name', None)}: leave notifications unset, and gates use their TTL",
+                "notifications",
+            )
         self.notifications = listenable if notifications is None else bool(notifications)
         """Whether this gate subscribes to the store's PostgreSQL notifications (default: on PostgreSQL)."""
         self.on_store_error = on_store_error

@@ -489,8 +489,13 @@ class MaintenanceStore:
             yield connection
             return
         pending: list[_Change] = []
-        with self._connect() as conn, conn.begin(), _collecting(conn, pending, own=True):
-            yield conn
+        with self._connect() as conn:
+            if conn.dialect.name == "postgresql":
+                # The store's own short writes all take the counter: under an engine's REPEATABLE READ
+                # or SERIALIZABLE, writers of different tenants would fail on it (serialization).
+                conn.execution_options(isolation_level="READ COMMITTED")
+            with conn.begin(), _collecting(conn, pending, own=True):
+                yield conn
         self._publish(pending)  # committed
 
     @contextmanager
