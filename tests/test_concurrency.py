@@ -49,8 +49,8 @@ def test_wsgi_threads_share_one_query_for_every_tenant_and_see_toggles(store, cl
 
 def test_asgi_cold_start_one_query_for_many_concurrent_requests(store):
     store.activate("hot")
-    app = MaintenanceMiddleware(
-        apps.starlette_app(), store, tenant=from_header("X-Tenant-ID"), notifications=False
+    app = MaintenanceMiddleware(  # a TTL longer than the test: no refresh is due while it runs
+        apps.starlette_app(), store, tenant=from_header("X-Tenant-ID"), notifications=False, cache_ttl=60
     )
     queries = QueryCounter(store.engine)
 

@@ -58,7 +58,10 @@ def test_wsgi_threads_hammer_while_the_state_flips(store):
 def test_a_thousand_concurrent_requests_on_a_cold_cache(store):
     store.activate("hot")
     # Without the listener, whose connecting reads what changed once more (tested in test_notify).
-    app = MaintenanceMiddleware(ok_app_asgi, store, tenant=from_header("X-Tenant-ID"), notifications=False)
+    # A TTL longer than the test: under load the requests can outlast 1 s, and a refresh then is due.
+    app = MaintenanceMiddleware(
+        ok_app_asgi, store, tenant=from_header("X-Tenant-ID"), notifications=False, cache_ttl=60
+    )
     queries = QueryCounter(store.engine)
 
     async def one(tenant: str) -> int:
