@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,7 +26,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from .core.errors import InvalidArgument, MaintgateError, WindowBusy
 from .core.state import ALL_TENANTS, check_tenant, utcnow
-from .core.store import WINDOW, MaintenanceStore, _check_retry_after, unprepared
+from .core.store import WINDOW, MaintenanceStore, _check_retry_after
 from .migration import _describe, _pool_capacity, maintenance_window
 
 logger = logging.getLogger("maintgate")
@@ -176,7 +176,7 @@ def rollout(
         )
     _check_retry_after(retry_after)
     notes: list[str] = []
-    if store.engine.dialect.name == "sqlite" and concurrency > 1:
+    if dialect == "sqlite" and concurrency > 1:
         concurrency = 1
         notes.append("SQLite has one writer: windows run one at a time")
     if isinstance(lease, bool) or not isinstance(lease, int | float) or not 0 < lease < 86400:
@@ -280,7 +280,7 @@ def rollout_status(store: MaintenanceStore, name: str) -> dict[str, Any] | None:
     """Counts by status, each failed tenant's error, and why it stopped; None if no such rollout."""
     tables = store._t()
     r, rt = tables.rollout, tables.rollout_tenant
-    with _reading(store) as conn:
+    with store._connect() as conn:
         head = conn.execute(select(r).where(r.c.name == name)).first()
         if head is None:
             return None
@@ -292,7 +292,7 @@ def rollout_status(store: MaintenanceStore, name: str) -> dict[str, Any] | None:
         ).all()
     return {
         "name": name,
-        "total": sum(n for status, n in counts.items() if status != DROPPED),
+        "total": _total(counts),
         **{status: counts.get(status, 0) for status in (PENDING, RUNNING, DONE, FAILED, DROPPED)},
         "stopped": head.stop_reason,
         "failures": [{"tenant": t, "error": e, "attempts": a} for t, e, a in failed],
@@ -363,8 +363,8 @@ class _Runner:
         self._last_progress = 0.0
         self._expired_check = 0.0
         self._claimer: Connection | None = None
+        self._claimer_held = ExitStack()
         self._takes: dict[str, Any] = {}
-        self._claimer_unprepared: AbstractContextManager[None] | None = None
 
     # -- the plan ----------------------------------------------------------------------------------
 
@@ -445,7 +445,7 @@ class _Runner:
 
     def statuses(self, status: str) -> list[str]:
         rt = self.rt
-        with _reading(self.store) as conn:
+        with self.store._connect() as conn:
             return list(
                 conn.execute(
                     select(rt.c.tenant)
@@ -456,7 +456,7 @@ class _Runner:
 
     def rows(self) -> list[tuple[str, str, str | None]]:
         rt = self.rt
-        with _reading(self.store) as conn:
+        with self.store._connect() as conn:
             return [
                 (t, s, e)
                 for t, s, e in conn.execute(
@@ -467,7 +467,7 @@ class _Runner:
             ]
 
     def stop_reason(self) -> str | None:
-        with _reading(self.store) as conn:
+        with self.store._connect() as conn:
             reason: str | None = conn.execute(
                 select(self.r.c.stop_reason).where(self.r.c.name == self.name)
             ).scalar()
@@ -615,18 +615,14 @@ class _Runner:
                 yield conn
             return
         if self._claimer is None or self._claimer.closed or self._claimer.invalidated:
-            conn = self.store.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-            self._claimer_unprepared = unprepared(conn)
-            self._claimer_unprepared.__enter__()
-            self._claimer = conn
+            self._drop_claimer()
+            conn = self._claimer_held.enter_context(self.store._connect())
+            self._claimer = conn.execution_options(isolation_level="AUTOCOMMIT")
         yield self._claimer
 
     def _drop_claimer(self) -> None:
-        conn, self._claimer = self._claimer, None
-        if conn is not None:
-            if self._claimer_unprepared is not None:
-                self._claimer_unprepared.__exit__(None, None, None)
-            conn.close()
+        self._claimer = None
+        self._claimer_held.close()
 
     def _stop(self, conn: Connection, reason: str) -> None:
         r = self.r
@@ -658,7 +654,7 @@ class _Runner:
         if self.stop.is_set() or self.stop_reason():
             return False
         rt = self.rt
-        with _reading(self.store) as conn:
+        with self.store._connect() as conn:
             running = conn.execute(
                 select(func.count()).where(
                     rt.c.name == self.name,
@@ -756,7 +752,7 @@ class _Runner:
 
     def _attempts(self, tenant: str) -> int:
         rt = self.rt
-        with _reading(self.store) as conn:
+        with self.store._connect() as conn:
             attempts = conn.execute(
                 select(rt.c.attempts).where(rt.c.name == self.name, rt.c.tenant == tenant)
             ).scalar()
@@ -787,7 +783,7 @@ class _Runner:
         that failure left is switched off. Anything else that holds the tenant (a window, an
         operator's switch, a schedule) is left alone, and logged."""
         rt = self.rt
-        with _reading(self.store) as conn:
+        with self.store._connect() as conn:
             status = conn.execute(
                 select(rt.c.status).where(rt.c.name == self.name, rt.c.tenant == tenant)
             ).scalar()
@@ -889,11 +885,11 @@ class _Runner:
             return
         self._last_progress = now
         rt = self.rt
-        with _reading(self.store) as conn:
+        with self.store._connect() as conn:
             counts = _counts(conn, rt, self.name)
         self.on_progress(
             Progress(
-                total=sum(n for status, n in counts.items() if status != DROPPED),
+                total=_total(counts),
                 done=counts.get(DONE, 0),
                 failed=counts.get(FAILED, 0),
                 running=counts.get(RUNNING, 0),
@@ -924,11 +920,9 @@ def _writing(store: MaintenanceStore) -> Iterator[Connection]:
             yield conn
 
 
-@contextmanager
-def _reading(store: MaintenanceStore) -> Iterator[Connection]:
-    """A connection for the rollout's reads, which never prepares a statement (PgBouncer)."""
-    with store._connect() as conn:
-        yield conn
+def _total(counts: dict[str, int]) -> int:
+    """The tenants a rollout plans to migrate: every status but dropped."""
+    return sum(n for status, n in counts.items() if status != DROPPED)
 
 
 def _counts(conn: Connection, rt: Any, name: str) -> dict[str, int]:

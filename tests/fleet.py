@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import text
 
@@ -39,6 +42,17 @@ class Fleet:
         conn.execute(text(f"INSERT INTO {self.log} (tenant) VALUES (:t)"), {"t": tenant})
         if tenant in fail:
             raise RuntimeError(f"{tenant}: NOT NULL constraint failed")
+
+    def stopping_after(self, last: str, stop: threading.Event) -> Callable[[Any, str], None]:
+        """The migration, which sets ``stop`` (as Ctrl-C or ``maintgate rollout stop`` would) once
+        tenant ``last`` is migrated."""
+
+        def migrate(conn, tenant: str) -> None:
+            self.migrate(conn, tenant)
+            if tenant == last:
+                stop.set()
+
+        return migrate
 
     def migrated(self) -> dict[str, int]:
         with self.store.engine.connect() as conn:

@@ -90,12 +90,7 @@ def test_the_failure_budget_stops_claiming_and_says_why(store, fleet):
 def test_a_stopped_rollout_resumes_where_it_stopped(store, fleet):
     f = fleet(40)
     stop = threading.Event()
-
-    def migrate(conn, tenant):
-        f.migrate(conn, tenant)
-        if tenant == f.tenants[9]:
-            stop.set()  # as Ctrl-C or `maintgate rollout stop` would
-
+    migrate = f.stopping_after(f.tenants[9], stop)
     first = rollout(store, "resume", f.tenants, migrate, stop=stop, concurrency=1)
     assert first.stopped and len(first.done) == 10 and len(first.not_started) == 30
     second = rollout(store, "resume", f.tenants, f.migrate)
@@ -473,12 +468,7 @@ def test_a_runner_that_stalls_past_its_lease_leaves_the_tenant_another_runner_mi
 def test_a_runs_list_is_the_fleet_tenants_it_leaves_out_are_dropped_not_migrated(store, fleet):
     f = fleet(6)
     stop = threading.Event()
-
-    def migrate(conn, tenant):
-        f.migrate(conn, tenant)
-        if tenant == f.tenants[1]:
-            stop.set()
-
+    migrate = f.stopping_after(f.tenants[1], stop)
     first = rollout(store, "drop", f.tenants, migrate, stop=stop, concurrency=1)
     assert first.done == tuple(f.tenants[:2])
     second = rollout(store, "drop", f.tenants[:4], f.migrate)  # tenants 4 and 5 were deleted
