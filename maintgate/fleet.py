@@ -25,8 +25,8 @@ from sqlalchemy import Connection, bindparam, event, exists, func, insert, or_, 
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from .core.errors import InvalidArgument, MaintgateError, WindowBusy
-from .core.state import ALL_TENANTS, check_tenant, utcnow
-from .core.store import WINDOW, MaintenanceStore, _check_retry_after
+from .core.state import ALL_TENANTS, WINDOW, check_tenant, utcnow
+from .core.store import MaintenanceStore, _check_retry_after
 from .migration import _describe, _pool_capacity, maintenance_window
 
 logger = logging.getLogger("maintgate")

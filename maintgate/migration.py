@@ -39,6 +39,7 @@ from .core.errors import MaintgateError, WindowBusy, WindowLost, WindowRefused
 from .core.state import FULL, Owner, Window, check_tenant
 from .core.store import (
     DEFAULT_LEASE,
+    ENDED_BY_WORK,
     PUBLISH_WAIT,
     MaintenanceStore,
     _collecting,
@@ -192,11 +193,6 @@ class _Window:
         if self.postgres:
             self._unprepared = unprepared(conn)
             self._unprepared.__enter__()
-            # The transaction's id, to check at the end that it is still this one; on PostgreSQL
-            # 14+, a backend busy in a statement notices a dead client within a second.
-            check = (conn.dialect.server_version_info or (0,)) >= (14,)
-            first = "set_config('client_connection_check_interval', '1s', true), " if check else ""
-            self._token = conn.exec_driver_sql(f"SELECT {first}{_xid(conn)}::text").one()[-1]
             self._lock(conn)
 
     def close(self, conn: Connection) -> None:
@@ -207,14 +203,15 @@ class _Window:
         self._check_transaction(conn)
         if self.owned:  # shown to this process's gates once the window commits it
             with _collecting(conn, self._closing):
-                self.store.close_window(self.window, conn)
+                self.store.close_window(self.window, conn, transaction=self._token)
         else:
-            self.store.close_window(self.window, conn)
+            self.store.close_window(self.window, conn, transaction=self._token)
             self._announce_on_commit(conn)
 
     def _lock(self, conn: Connection) -> None:
         assert self.window is not None
-        backend_pid = self.store.hold_window(self.window, conn)
+        # The transaction's id too: the switch-off checks that the work did not end it.
+        backend_pid, self._token = self.store.hold_window(self.window, conn)
         self.owner = Owner(self.owner.host, self.owner.pid, backend_pid)
 
     def _watch(self, conn: Connection) -> None:
@@ -236,14 +233,9 @@ class _Window:
                     event.remove(conn, name, self._ended)
 
     def _check_transaction(self, conn: Connection) -> None:
+        """Refuse to switch off if the work ended the window's transaction (PostgreSQL: the
+        switch-off itself checks the transaction's id as well)."""
         why = self._ended_by_caller
-        token = self._token
-        if (
-            why is None
-            and token is not None
-            and conn.exec_driver_sql(f"SELECT {_xid(conn)}::text").scalar() != token
-        ):
-            why = "ended (COMMIT or ROLLBACK sent)"
         if (
             why is None
             and conn.dialect.name == "sqlite"
@@ -251,11 +243,7 @@ class _Window:
         ):
             why = "ended (COMMIT or ROLLBACK sent)"
         if why is not None:
-            raise WindowLost(
-                f"the work {why} the window's transaction itself, so the migration is no longer "
-                "one transaction with the switch-off; maintenance stays on. Never commit or roll "
-                "back the connection the window yields"
-            )
+            raise WindowLost(ENDED_BY_WORK.format(why=why))
 
     # -- bookkeeping steps, each in a transaction of its own --------------------------------------
 
@@ -474,11 +462,6 @@ class _Renewer:
                         _describe(exc),
                         extra={"maintgate_event": "lease_renewal_failed", "tenant": self._window.tenant},
                     )
-
-
-def _xid(conn: Connection) -> str:
-    """SQL for the current transaction's id: it changes if the work ends the transaction."""
-    return "pg_current_xact_id()" if (conn.dialect.server_version_info or (0,)) >= (13,) else "txid_current()"
 
 
 def _sqlite_in_transaction(dbapi: Any) -> bool:

@@ -11,6 +11,7 @@ from typing import Any
 
 from .core.state import (
     ALL_TENANTS,
+    WINDOW,
     Ended,
     HistoryEntry,
     MaintenanceState,
@@ -19,7 +20,7 @@ from .core.state import (
     strictness,
     utcnow,
 )
-from .core.store import WINDOW, MaintenanceStore, iso, state_fields
+from .core.store import MaintenanceStore, iso, state_fields
 
 SERVING, MAINTENANCE, READ_ONLY = "serving", "maintenance", "read_only"
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")

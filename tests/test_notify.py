@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime, timedelta
 
 import httpx2 as httpx
 import psycopg
@@ -17,6 +18,8 @@ from maintgate import (
     maintenance_window,
     notify,
 )
+from maintgate.core.state import READ_ONLY
+from maintgate.core.store import PENDING, state_fields, state_from_payload
 from maintgate.tenants import from_header
 from tests import apps
 from tests.conftest import POSTGRES_URL, QueryCounter, ok_app, wsgi_call
@@ -64,6 +67,45 @@ def test_every_committed_change_notifies_and_a_rollback_does_not(store):
         sched = store.schedule("demo", store.get("demo").updated_at)
         store.unschedule(sched.id)
         assert inbox.drain() == ["demo", "demo"]
+    finally:
+        inbox.close()
+
+
+def test_each_notification_carries_exactly_the_state_the_table_holds(store):
+    """The payload is built by the writing statement itself: it must say what a read says."""
+    inbox = Inbox(store)
+
+    def heard() -> list[tuple[str, object, object]]:
+        return [state_from_payload(n.payload) for n in inbox.conn.notifies(timeout=0.3)]
+
+    def fields(state):
+        return None if state is None else state_fields(state)
+
+    try:
+        ends = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+        store.activate("demo", message="<b>é\"\n</b>", retry_after=7, ends_at=ends, mode=READ_ONLY)
+        [(tenant, state, version)] = heard()
+        assert (tenant, fields(state)) == ("demo", fields(store.get("demo")))
+        assert isinstance(version, int) and version > 0
+        with maintenance_window(store, "demo", message="window"):
+            [(_, state, opened)] = heard()
+            assert fields(state) == fields(store.get("demo"))
+            assert state.mode == "full", "a window needs full over the operator's read-only"
+            assert opened > version
+        [(_, state, closed)] = heard()
+        assert fields(state) == fields(store.get("demo")) and state.active, "the operator's stays on"
+        assert closed == PENDING, "written in the migration's transaction: no number taken"
+        store.deactivate("demo")
+        with maintenance_window(store, "fresh"):
+            heard()
+        [(_, state, _)] = heard()
+        assert fields(state) == fields(store.get("fresh")) and not state.active
+        store.activate("long", message="x" * 9_000)
+        [(tenant, state, version)] = heard()
+        assert (tenant, state) == ("long", None) and version > 0, "too long for NOTIFY: no state"
+        store.schedule("demo", datetime.now(UTC) + timedelta(hours=1))
+        [(tenant, state, _)] = heard()
+        assert (tenant, state) == ("demo", None), "a schedule is not in the row: read it"
     finally:
         inbox.close()
 

@@ -19,6 +19,11 @@ READ_ONLY = "read_only"
 """Maintenance mode that lets GET, HEAD and OPTIONS through and answers writes with a 503."""
 MODES = (FULL, READ_ONLY)
 
+OPERATOR = "operator"
+"""``source`` of maintenance an operator switched on (activate, the CLI)."""
+WINDOW = "window"
+"""``source`` of maintenance a migration window switched on."""
+
 TENANT_MAX_LENGTH = 128
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 

@@ -7,10 +7,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import (
     BigInteger,
@@ -20,6 +20,7 @@ from sqlalchemy import (
     Row,
     String,
     and_,
+    bindparam,
     case,
     cast,
     create_engine,
@@ -41,6 +42,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from . import pgsql
 from .errors import InvalidArgument, MaintgateError, WindowBusy, WindowLost
 from .mirror import mirrors_of
 from .schema import DEFAULT_PREFIX, Tables, build_tables
@@ -48,6 +50,8 @@ from .state import (
     ALL_TENANTS,
     FULL,
     MODES,
+    OPERATOR,
+    WINDOW,
     Changes,
     Ended,
     HistoryEntry,
@@ -63,8 +67,6 @@ from .state import (
 
 logger = logging.getLogger("maintgate")
 
-OPERATOR = "operator"
-WINDOW = "window"
 DEFAULT_LEASE = 30.0
 """Seconds a window's lease lasts; off PostgreSQL a running window renews it every third of that."""
 OPENING_GRACE = 5.0
@@ -142,21 +144,6 @@ def state_fields(state: MaintenanceState) -> dict[str, Any]:
         "updated_at": iso(state.updated_at),
         "source": state.source,
     }
-
-
-def notification_payload(tenant: str, state: MaintenanceState | None, version: int | None = None) -> str:
-    """The NOTIFY payload for a change of ``tenant``: JSON with its change number and new row.
-
-    PostgreSQL caps a payload at 8,000 bytes; a longer one (a long message) carries no state,
-    and gates then read what changed from the table.
-    """
-    data: dict[str, Any] = {"tenant": tenant, "version": version}
-    if state is not None:
-        data["state"] = state_fields(state)
-    payload = json.dumps(data, separators=(",", ":"))
-    if len(payload.encode()) > 7900:
-        payload = json.dumps({"tenant": tenant, "version": version})
-    return payload
 
 
 def state_from_payload(payload: str) -> tuple[str, MaintenanceState | None, int | None]:
@@ -317,6 +304,54 @@ def _owner_values(owner: Owner | None) -> dict[str, Any]:
     return {"owner_host": owner.host, "owner_pid": owner.pid, "owner_backend_pid": owner.backend_pid}
 
 
+def _record(
+    tenant: str,
+    event: str,
+    at: datetime,
+    *,
+    message: str | None = None,
+    error: str | None = None,
+    owner: Owner | None = None,
+    window_id: str | None = None,
+) -> dict[str, Any]:
+    """A history row as the parameters of :func:`pgsql.history_values`."""
+    return {
+        "h_tenant": tenant,
+        "h_event": event,
+        "h_at": at,
+        "h_message": message,
+        "h_error": error,
+        "h_window_id": window_id,
+        **{f"h_{k}": v for k, v in _owner_values(owner).items()},
+    }
+
+
+def _history_insert(tables: Tables) -> Any:
+    return tables.history.insert().values(pgsql.history_values(tables))
+
+
+def _touch(tables: Tables) -> Any:
+    """Lock tenant ``:p_tenant``'s row (an update that changes nothing)."""
+    t = tables.state
+    return (
+        update(t)
+        .where(t.c.tenant == bindparam("p_tenant", type_=t.c.tenant.type))
+        .values(version=t.c.version)
+    )
+
+
+def _xid_function(conn: Connection) -> str:
+    """The PostgreSQL function that gives the current transaction's id (it changes if the work
+    ends the transaction)."""
+    return "pg_current_xact_id" if (conn.dialect.server_version_info or (0,)) >= (13,) else "txid_current"
+
+
+ENDED_BY_WORK = (
+    "the work {why} the window's transaction itself, so the migration is no longer one transaction "
+    "with the switch-off; maintenance stays on. Never commit or roll back the connection the window yields"
+)
+
+
 def announce(event: str, tenant: str, *, level: int = logging.INFO, **details: Any) -> None:
     """Log a state change under the ``maintgate`` logger, with the details as structured ``extra``."""
     shown = ", ".join(f"{k}={v!r}" for k, v in details.items() if v is not None)
@@ -471,6 +506,7 @@ class MaintenanceStore:
         self._scope: str | None = None
         self._has_numbers = False
         self._warned_numbers = False
+        self._built: dict[tuple[Any, ...], Any] = {}
 
     @property
     def channel(self) -> str:
@@ -962,42 +998,47 @@ class MaintenanceStore:
             raise InvalidArgument(f"lease must be a positive number of seconds, got {lease!r}")
         postgres = self.engine.dialect.name == "postgresql"
         window_id = window_id or uuid.uuid4().hex
-        t = self._t().state
+        tables = self._t()
         with self._bookkeeping(timeout_sent=postgres) as conn, _refusing(tenant):
             now = utcnow()
             lease_until = now + timedelta(seconds=min(lease, OPENING_GRACE) if postgres else lease)
             if postgres:
-                key = self.window_lock_key(tenant)
-                got = conn.execute(select(LOCK_TIMEOUT_SETTING, func.pg_try_advisory_xact_lock(key)))
-                if not got.one()[-1]:
-                    raise WindowBusy(_busy_message(tenant, self.get(tenant, connection=conn), now))
-            self._ensure_row(conn, tenant)
-            operators = and_(t.c.active == true(), t.c.source == OPERATOR)
-            # On PostgreSQL we now hold the tenant's lock: no migration transaction holds it.
-            free = or_(t.c.window_id.is_(None), t.c.lease_until.is_(None), t.c.lease_until < _to_db(now))
-            changed = conn.execute(
-                update(t)
-                .where(t.c.tenant == tenant, free)
-                .ordered_values(
-                    # MySQL evaluates SET left to right: everything that reads `active` or `source` first.
-                    (t.c.started_at, case((t.c.active == true(), t.c.started_at), else_=now)),
-                    (t.c.message, case((operators, t.c.message), else_=message)),
-                    (t.c.retry_after, case((operators, t.c.retry_after), else_=retry_after)),
-                    (t.c.ends_at, case((operators, t.c.ends_at), else_=_to_db(ends_at))),
-                    (t.c.mode, case((operators, t.c.mode), else_=mode)),
-                    (t.c.source, case((operators, OPERATOR), else_=WINDOW)),
-                    (t.c.active, True),
-                    (t.c.error, None),
-                    (t.c.updated_at, now),
-                    (t.c.window_id, window_id),
-                    (t.c.lease_until, _to_db(lease_until)),
-                    (t.c.window_mode, mode),
-                    *((getattr(t.c, k), v) for k, v in _owner_values(owner).items()),
+                # The tenant's lock, then its row inserted or switched on, in one statement.
+                switched = (
+                    conn.execute(
+                        self._sql(tables, pgsql.switch_on, LOCK_TIMEOUT_SETTING),
+                        {
+                            "p_key": self.window_lock_key(tenant),
+                            "p_tenant": tenant,
+                            "p_now": now,
+                            "p_message": message,
+                            "p_retry_after": retry_after,
+                            "p_ends_at": _to_db(ends_at),
+                            "p_mode": mode,
+                            "p_window_id": window_id,
+                            "p_lease_until": lease_until,
+                            "p_owner_host": owner.host,
+                            "p_owner_pid": owner.pid,
+                        },
+                    ).first()
+                    is not None
                 )
-            ).rowcount
-            if changed != 1:
-                holder = self.get(tenant, connection=conn)
-                raise WindowBusy(_busy_message(tenant, holder, now))
+            else:
+                switched = self._switch_on(
+                    conn,
+                    tables,
+                    tenant,
+                    owner,
+                    now,
+                    message,
+                    retry_after,
+                    ends_at,
+                    mode,
+                    window_id,
+                    lease_until,
+                )
+            if not switched:
+                raise WindowBusy(_busy_message(tenant, self.get(tenant, connection=conn), now))
             self._log(
                 conn,
                 tenant,
@@ -1008,34 +1049,75 @@ class MaintenanceStore:
                 window_id=window_id,
                 locked=True,
             )
-            schema = self._t().state.schema
+            schema = tables.state.schema
         announce("window_opened", tenant, owner=owner, message=message, mode=mode, window=window_id)
         return Window(window_id, tenant, owner, mode, message, lease_until, schema)
 
-    def hold_window(self, window: Window, connection: Connection) -> int:
+    def _switch_on(
+        self,
+        conn: Connection,
+        tables: Tables,
+        tenant: str,
+        owner: Owner,
+        now: datetime,
+        message: str | None,
+        retry_after: int | None,
+        ends_at: datetime | None,
+        mode: str,
+        window_id: str,
+        lease_until: datetime,
+    ) -> bool:
+        """A window's switch-on where no advisory lock exists: unless another window's lease holds
+        the tenant. The operator's message, mode and source stay if the operator had it on."""
+        t = tables.state
+        self._ensure_row(conn, tenant, tables)
+        operators = and_(t.c.active == true(), t.c.source == OPERATOR)
+        free = or_(t.c.window_id.is_(None), t.c.lease_until.is_(None), t.c.lease_until < _to_db(now))
+        changed = conn.execute(
+            update(t)
+            .where(t.c.tenant == tenant, free)
+            .ordered_values(
+                # MySQL evaluates SET left to right: everything that reads `active` or `source` first.
+                (t.c.started_at, case((t.c.active == true(), t.c.started_at), else_=now)),
+                (t.c.message, case((operators, t.c.message), else_=message)),
+                (t.c.retry_after, case((operators, t.c.retry_after), else_=retry_after)),
+                (t.c.ends_at, case((operators, t.c.ends_at), else_=_to_db(ends_at))),
+                (t.c.mode, case((operators, t.c.mode), else_=mode)),
+                (t.c.source, case((operators, OPERATOR), else_=WINDOW)),
+                (t.c.active, True),
+                (t.c.error, None),
+                (t.c.updated_at, now),
+                (t.c.window_id, window_id),
+                (t.c.lease_until, _to_db(lease_until)),
+                (t.c.window_mode, mode),
+                *((getattr(t.c, k), v) for k, v in _owner_values(owner).items()),
+            )
+        ).rowcount
+        return changed == 1
+
+    def hold_window(self, window: Window, connection: Connection) -> tuple[int, str]:
         """PostgreSQL: take the tenant's lock in the migration's transaction on ``connection``.
 
         Checks that the row still names ``window`` (an opening that outlasted its lease may have
         been taken over) and raises :class:`WindowLost` otherwise. A switch-on holds the lock
         for the instant it checks it, so this tries again for up to ``LOCK_WAIT`` seconds.
-        Returns the backend pid of the migration's session.
+        Returns the backend pid of the migration's session and its transaction's id, which
+        :meth:`close_window` checks. On PostgreSQL 14+ the session also notices a dead client
+        within a second while busy in a statement (``client_connection_check_interval``).
         """
-        t = self._t().state
-        attempt = select(
-            func.pg_try_advisory_xact_lock(self.window_lock_key(window.tenant)),
-            func.pg_backend_pid(),
-            select(t.c.window_id).where(t.c.tenant == window.tenant).scalar_subquery(),
-        )
+        tables = self._t()
+        attempt = self._sql(tables, pgsql.hold, connection.dialect.server_version_info or (0,))
+        params = {"p_key": self.window_lock_key(window.tenant), "p_tenant": window.tenant}
         deadline = time.monotonic() + LOCK_WAIT
         while True:
-            got, backend_pid, holder = connection.execute(attempt).one()
+            got, backend_pid, holder, transaction = connection.execute(attempt, params).one()[:4]
             if holder != window.id:
                 raise WindowLost(
                     f"tenant {window.tenant!r} was taken over by window {holder} while window "
                     f"{window.id} was opening; nothing was migrated"
                 )
             if got:
-                return int(backend_pid)
+                return int(backend_pid), str(transaction)
             if time.monotonic() > deadline:
                 raise WindowLost(f"another transaction holds tenant {window.tenant!r}'s window lock")
             time.sleep(0.01)
@@ -1046,6 +1128,7 @@ class MaintenanceStore:
         connection: Connection | None = None,
         *,
         logged_as: str = "window_committed",
+        transaction: str | None = None,
     ) -> None:
         """Switch maintenance off for ``window``: fenced, on the migration's ``connection``.
 
@@ -1053,6 +1136,8 @@ class MaintenanceStore:
         took the tenant, raises :class:`WindowLost` and the caller's transaction must roll back.
         An operator's maintenance stays on, as the row says at this moment. Without
         ``connection`` it runs in a transaction of its own (DDL that commits itself, a withdrawal).
+        ``transaction`` (PostgreSQL): the id :meth:`hold_window` returned; if ``connection`` is no
+        longer in that transaction (the work committed it), raises :class:`WindowLost` too.
         """
         if connection is None:
             with self._bookkeeping() as conn:
@@ -1061,6 +1146,28 @@ class MaintenanceStore:
         tables = self._t()
         t = tables.state
         now = utcnow()
+        record = _record(window.tenant, logged_as, now, owner=window.owner, window_id=window.id)
+        if connection.dialect.name == "postgresql" and not connection.info.get(_OWN, False):
+            # In the caller's (the migration's) transaction: fenced switch-off, history, PENDING
+            # mark and announcement in one statement.
+            off = self._sql(tables, pgsql.switch_off, _xid_function(connection) if transaction else None)
+            row = connection.execute(
+                off,
+                {
+                    **record,
+                    "p_tenant": window.tenant,
+                    "p_window_id": window.id,
+                    "p_now": now,
+                    "p_transaction": transaction,
+                    "p_channel": self.channel,
+                },
+            ).first()
+            if row is None:
+                self._not_closed(window, connection, transaction)
+            pending = connection.info.get(_PENDING)
+            if pending is not None:
+                pending.append((window.tenant, self._from_row(row), None))
+            return
         operators = t.c.source == OPERATOR
         changed = connection.execute(
             update(t)
@@ -1075,20 +1182,22 @@ class MaintenanceStore:
             )
         ).rowcount
         if changed != 1:
-            raise WindowLost(
-                f"tenant {window.tenant!r} is no longer held by window {window.id} "
-                f"({changed} rows matched): released by an operator or taken over; "
-                "not switching maintenance off"
-            )
-        self._log(
-            connection,
-            window.tenant,
-            logged_as,
-            now,
-            owner=window.owner,
-            window_id=window.id,
-            tables=tables,
-            locked=True,
+            self._not_closed(window, connection, None, changed)
+        self._changed(connection, window.tenant, tables, record, carry_state=True, locked=True)
+
+    def _not_closed(
+        self, window: Window, connection: Connection, transaction: str | None, changed: int = 0
+    ) -> NoReturn:
+        """Why the switch-off changed nothing: the work ended the window's transaction, or
+        the window no longer holds the tenant."""
+        if transaction is not None:
+            now_in = connection.exec_driver_sql(f"SELECT {_xid_function(connection)}()::text").scalar()
+            if now_in != transaction:
+                raise WindowLost(ENDED_BY_WORK.format(why="ended (COMMIT or ROLLBACK sent)"))
+        raise WindowLost(
+            f"tenant {window.tenant!r} is no longer held by window {window.id} "
+            f"({changed} rows matched): released by an operator or taken over; "
+            "not switching maintenance off"
         )
 
     def record_window_failure(self, window: Window, error: str) -> bool:
@@ -1266,11 +1375,12 @@ class MaintenanceStore:
         conn: Connection,
         tenant: str,
         tables: Tables,
+        record: dict[str, Any],
         carry_state: bool,
         locked: bool = False,
-        record: Any = None,
     ) -> None:
-        """Number the change of ``tenant`` in the writing transaction, and announce it on PostgreSQL.
+        """Write ``record`` (the change's history row, :func:`_record`), number the change of
+        ``tenant`` in the writing transaction, and announce it on PostgreSQL.
 
         In a short transaction of the store's own, the tenant's row takes the next change number
         from the counter, whose row lock is held until commit: numbers become visible in commit
@@ -1279,24 +1389,25 @@ class MaintenanceStore:
         counter for as long as the caller likes: it marks the row ``PENDING``, which gates read
         on every refresh until the next numbered change renumbers it. The tenant's row is locked
         before the counter, always. The notification (sent on commit only) carries the state.
-        ``record`` (the history row of the change) is written in the same statement on PostgreSQL.
         """
         t = tables.state
-        touch = update(t).where(t.c.tenant == tenant).values(version=t.c.version)
-        if not locked and conn.execute(touch).rowcount != 1:  # a schedule of a tenant with no row yet
-            self._ensure_row(conn, tenant, tables)
-            conn.execute(touch)  # the row exists now, whoever inserted it: lock it
+        if not locked:
+            touch = self._sql(tables, _touch)
+            if (
+                conn.execute(touch, {"p_tenant": tenant}).rowcount != 1
+            ):  # a schedule of a tenant with no row yet
+                self._ensure_row(conn, tenant, tables)
+                conn.execute(touch, {"p_tenant": tenant})  # the row exists now, whoever inserted it: lock it
         version: int | None = None
         own = conn.info.get(_OWN, False)
         postgres = conn.dialect.name == "postgresql"
         readable = carry_state and (postgres or own)
         row = None
         if postgres:
-            # One round trip: the history row, the counter, the rows left PENDING, and this row.
-            row, version = self._numbered_in_one(conn, tenant, tables, own, record)
+            # One round trip: the history row, the counter, the rows left PENDING, this row, the NOTIFY.
+            row, version = self._numbered_in_one(conn, tenant, tables, own, record, carry_state)
         else:
-            if record is not None:
-                conn.execute(record)
+            conn.execute(self._sql(tables, _history_insert), record)
             if own:
                 version = self._next_version(conn, tables)
             number = (
@@ -1310,50 +1421,32 @@ class MaintenanceStore:
         if not readable:
             row = None
         pending = conn.info.get(_PENDING)
-        state = None if row is None else self._from_row(row)
         if pending is not None:
+            state = None if row is None else self._from_row(row)
             pending.append((tenant, state, version if row is not None else None))
-        if postgres:
-            payload = notification_payload(tenant, state, version)
-            conn.execute(select(func.pg_notify(self.channel, payload)))
 
     def _numbered_in_one(
-        self, conn: Connection, tenant: str, tables: Tables, own: bool, record: Any
+        self,
+        conn: Connection,
+        tenant: str,
+        tables: Tables,
+        own: bool,
+        record: dict[str, Any],
+        carry_state: bool,
     ) -> tuple[Row[Any] | None, int | None]:
-        """PostgreSQL: write ``record``, take the next change number when ``own`` (the counter
-        stays locked until commit), give it to the rows left PENDING and to ``tenant``'s row, in
-        one statement; or mark that row PENDING. The row (already locked) and its number."""
-        t, v = tables.state, tables.version
-        ctes = [] if record is None else [record.cte("record")]
-        if not own:
-            pending = update(t).where(t.c.tenant == tenant).values(version=PENDING).returning(*t.c)
-            return conn.execute(pending.add_cte(*ctes)).first(), None
-        taken = (
-            update(v).where(v.c.id == 1).values(version=v.c.version + 1).returning(v.c.version).cte("taken")
-        )
-        number = select(taken.c.version).scalar_subquery()
-        w = t.alias("waiting")
-        # Rows a caller's open transaction holds are skipped: they are renumbered by a later change.
-        waiting = (
-            select(w.c.tenant).where(w.c.version < 0, w.c.tenant != tenant).with_for_update(skip_locked=True)
-        )
-        renumbered = update(t).where(t.c.tenant.in_(waiting), number.is_not(None)).values(version=number)
-        numbered = (
-            update(t)
-            .where(t.c.tenant == tenant)
-            .values(version=func.coalesce(number, t.c.version))
-            .returning(*t.c, number.label("taken"))
-            .add_cte(*ctes, renumbered.cte("renumbered"))
-        )
-        row = conn.execute(numbered).first()
-        if row is not None and row._mapping["taken"] is not None:
+        """PostgreSQL: :func:`pgsql.numbered` (history row, change number or PENDING mark, NOTIFY).
+        The row (already locked) and its number."""
+        params = {**record, "p_tenant": tenant, "p_channel": self.channel}
+        row = conn.execute(self._sql(tables, pgsql.numbered, own, True, carry_state), params).first()
+        if not own or row is None:
+            return row, None
+        if row._mapping["taken"] is not None:
             return row, int(row._mapping["taken"])
-        # No counter yet (tables from before change numbers): make it, then number as elsewhere.
-        version = self._next_version(conn, tables)
-        row = conn.execute(
-            update(t).where(t.c.tenant == tenant).values(version=version).returning(*t.c)
-        ).first()
-        return row, version
+        # No counter yet (tables from before change numbers): make it, then number as above.
+        self._ensure_version_row(conn, tables)
+        row = conn.execute(self._sql(tables, pgsql.numbered, own, False, carry_state), params).first()
+        taken = None if row is None else row._mapping["taken"]
+        return row, None if taken is None else int(taken)
 
     def _next_version(self, conn: Connection, tables: Tables) -> int:
         """Take the next change number (the counter stays locked until commit), and give it to
@@ -1408,19 +1501,19 @@ class MaintenanceStore:
         """Record ``event`` in the history and number the change; ``schedules``: the change is
         (also) to the tenant's schedules, which its row does not describe; ``locked``: this
         transaction has just updated the tenant's row, so it holds its lock already."""
-        tables = tables or self._t()
-        record = tables.history.insert().values(
-            tenant=tenant,
-            event=event,
-            at=at,
-            message=message,
-            error=error,
-            window_id=window_id,
-            **_owner_values(owner),
-        )
+        record = _record(tenant, event, at, message=message, error=error, owner=owner, window_id=window_id)
         # A schedule's change is not in the row: gates read it from the table.
         schedules = schedules or event in ("scheduled", "unscheduled")
-        self._changed(conn, tenant, tables, carry_state=not schedules, locked=locked, record=record)
+        self._changed(conn, tenant, tables or self._t(), record, carry_state=not schedules, locked=locked)
+
+    def _sql(self, tables: Tables, build: Callable[..., Any], *options: Hashable) -> Any:
+        """``build(tables, *options)``, built once: the statements every window runs are prebuilt
+        with bound parameters, since building one costs more than running it."""
+        key = (build, options, tables.state)
+        built = self._built.get(key)
+        if built is None:
+            built = self._built[key] = build(tables, *options)
+        return built
 
     def _ensure_row(self, conn: Connection, tenant: str, tables: Tables | None = None) -> None:
         """Insert an inactive row for ``tenant`` unless one exists, race-free where the dialect can."""

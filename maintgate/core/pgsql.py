@@ -1,0 +1,206 @@
+"""PostgreSQL statements of the store's writes, each doing in one round trip what took several.
+
+They are built once per set of tables with bound parameters (:meth:`MaintenanceStore._sql`):
+building a statement of this size costs more than running it, and a fleet rollout runs them for
+every tenant (``python -m benchmarks.window``, ``benchmarks.rollout``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import BigInteger, String, and_, bindparam, case, func, literal, null, or_, select, true
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from .schema import Tables
+from .state import FULL, OPERATOR, WINDOW
+
+NOTIFY_MAX = 7900
+"""Bytes of a NOTIFY payload past which it carries no state (PostgreSQL caps payloads at 8,000)."""
+
+
+def history_values(tables: Tables) -> dict[str, Any]:
+    """A history row's columns as bound parameters ``h_<column>``."""
+    h = tables.history
+    return {c.key: bindparam(f"h_{c.key}", type_=c.type) for c in h.c if c.key != "id"}
+
+
+def payload(row: Any, version: Any, carry_state: bool = True) -> Any:
+    """The NOTIFY payload of a change, as JSON built from ``row`` (the written row's columns):
+    ``{"tenant", "version", "state"}``, what :func:`maintgate.core.store.state_from_payload` reads."""
+    short = func.json_build_object("tenant", row.tenant, "version", version)
+    if not carry_state:
+        return func.cast(short, String)
+    # Full while an open window needs full, over an operator's read-only (as the store's _state).
+    mode = case(
+        (and_(row.window_id.is_not(None), row.window_mode == FULL), FULL), else_=func.coalesce(row.mode, FULL)
+    )
+    state = func.json_build_object(
+        "active", row.active,
+        "mode", mode,
+        "message", row.message,
+        "error", row.error,
+        "retry_after", row.retry_after,
+        "ends_at", row.ends_at,
+        "started_at", row.started_at,
+        "updated_at", row.updated_at,
+        "source", row.source,
+    )  # fmt: skip
+    full = func.cast(func.json_build_object("tenant", row.tenant, "version", version, "state", state), String)
+    return case((func.octet_length(full) > NOTIFY_MAX, func.cast(short, String)), else_=full)
+
+
+def numbered(tables: Tables, own: bool, record: bool, carry_state: bool) -> Any:
+    """Write the history row (``record``), number the change of tenant ``:p_tenant`` and announce it.
+
+    ``own`` (a short transaction of the store's): take the next change number from the counter
+    (locked until commit; the tenant's row is already locked), give it to the rows left PENDING
+    and to the tenant's row. Otherwise mark that row PENDING. The NOTIFY goes in the same
+    statement, sent on commit. Returns the row as numbered, and ``taken``, the number (NULL:
+    PENDING, or no counter row yet, in which case nothing was announced).
+    """
+    t, v = tables.state, tables.version
+    tenant = bindparam("p_tenant", type_=t.c.tenant.type)
+    ctes = [tables.history.insert().values(history_values(tables)).cte("record")] if record else []
+    if own:
+        taken = (
+            v.update().where(v.c.id == 1).values(version=v.c.version + 1).returning(v.c.version).cte("taken")
+        )
+        number = select(taken.c.version).scalar_subquery()
+        w = t.alias("waiting")
+        # Rows a caller's open transaction holds are skipped: they are renumbered by a later change.
+        waiting = (
+            select(w.c.tenant).where(w.c.version < 0, w.c.tenant != tenant).with_for_update(skip_locked=True)
+        )
+        ctes.append(
+            t.update()
+            .where(t.c.tenant.in_(waiting), number.is_not(None))
+            .values(version=number)
+            .cte("renumbered")
+        )
+        write = (
+            t.update()
+            .where(t.c.tenant == tenant)
+            .values(version=func.coalesce(number, t.c.version))
+            .returning(*t.c, number.label("taken"))
+        )
+    else:
+        write = (
+            t.update().where(t.c.tenant == tenant).values(version=-1).returning(*t.c, null().label("taken"))
+        )
+    row = write.add_cte(*ctes).cte("numbered")
+    announce = func.pg_notify(bindparam("p_channel", type_=String), payload(row.c, row.c.taken, carry_state))
+    # Own: nothing is announced without a number (no counter row yet: the caller numbers it again).
+    sent = case((row.c.taken.is_not(None), announce)) if own else announce
+    return select(row, sent.label("notified"))
+
+
+def switch_on(tables: Tables, lock_timeout: Any) -> Any:
+    """A window's switch-on, tenant ``:p_tenant``: the tenant's advisory lock (tried), its row
+    inserted or updated unless another window's lease holds it, in one statement. Returns the
+    row, or nothing if the lock or the row was not free (nothing changed then)."""
+    t = tables.state
+    lk = select(
+        lock_timeout.label("lt"),
+        func.pg_try_advisory_xact_lock(bindparam("p_key", type_=BigInteger)).label("got"),
+    ).cte("lk")
+    now = bindparam("p_now", type_=t.c.updated_at.type)
+    new = {
+        "tenant": bindparam("p_tenant", type_=t.c.tenant.type),
+        "active": true(),
+        "started_at": now,
+        "message": bindparam("p_message", type_=t.c.message.type),
+        "retry_after": bindparam("p_retry_after", type_=t.c.retry_after.type),
+        "ends_at": bindparam("p_ends_at", type_=t.c.ends_at.type),
+        "mode": bindparam("p_mode", type_=t.c.mode.type),
+        "source": literal(WINDOW, t.c.source.type),
+        "error": null(),
+        "updated_at": now,
+        "window_id": bindparam("p_window_id", type_=t.c.window_id.type),
+        "lease_until": bindparam("p_lease_until", type_=t.c.lease_until.type),
+        "window_mode": bindparam("p_mode", type_=t.c.window_mode.type),
+        "owner_host": bindparam("p_owner_host", type_=t.c.owner_host.type),
+        "owner_pid": bindparam("p_owner_pid", type_=t.c.owner_pid.type),
+        "owner_backend_pid": null(),
+    }
+    insert = pg_insert(t).from_select(
+        [t.c[k] for k in new], select(*new.values()).where(lk.c.got, lk.c.lt.is_not(None))
+    )
+    x = insert.excluded
+    operators = and_(t.c.active == true(), t.c.source == OPERATOR)
+    kept = {k: case((operators, t.c[k]), else_=x[k]) for k in ("message", "retry_after", "ends_at", "mode")}
+    return (
+        insert.on_conflict_do_update(
+            index_elements=[t.c.tenant],
+            set_={
+                "started_at": case((t.c.active == true(), t.c.started_at), else_=x.started_at),
+                **kept,
+                "source": case((operators, t.c.source), else_=x.source),
+                **{k: x[k] for k in new if k not in kept and k not in ("tenant", "started_at", "source")},
+            },
+            # On PostgreSQL we hold the tenant's lock: no migration transaction holds it.
+            where=or_(t.c.window_id.is_(None), t.c.lease_until.is_(None), t.c.lease_until < now),
+        )
+        .returning(*t.c)
+        .add_cte(lk)
+    )
+
+
+def hold(tables: Tables, server_version: tuple[int, ...]) -> Any:
+    """The migration transaction's first statement: try tenant ``:p_tenant``'s advisory lock (key
+    ``:p_key``), and read the backend pid, the window that holds the row and the transaction's id;
+    on PostgreSQL 14+, also notice a dead client within a second while busy in a statement."""
+    t = tables.state
+    xid = func.pg_current_xact_id() if server_version >= (13,) else func.txid_current()
+    columns = [
+        func.pg_try_advisory_xact_lock(bindparam("p_key", type_=BigInteger)),
+        func.pg_backend_pid(),
+        select(t.c.window_id)
+        .where(t.c.tenant == bindparam("p_tenant", type_=t.c.tenant.type))
+        .scalar_subquery(),
+        func.cast(xid, String),
+    ]
+    if server_version >= (14,):
+        columns.append(func.set_config("client_connection_check_interval", "1s", True))
+    return select(*columns)
+
+
+def switch_off(tables: Tables, xid_function: str | None) -> Any:
+    """A window's switch-off in the migration's transaction: fenced on tenant ``:p_tenant`` and window
+    ``:p_window_id`` (and, with ``xid_function``, on the transaction being ``:p_transaction`` still),
+    with its history row, its PENDING mark and its NOTIFY, in one statement. An operator's
+    maintenance stays on. Returns the row, or nothing if nothing was switched off."""
+    t = tables.state
+    operators = t.c.source == OPERATOR
+    fence = [
+        t.c.tenant == bindparam("p_tenant", type_=t.c.tenant.type),
+        t.c.window_id == bindparam("p_window_id", type_=t.c.window_id.type),
+    ]
+    if xid_function is not None:
+        fence.append(
+            func.cast(getattr(func, xid_function)(), String) == bindparam("p_transaction", type_=String)
+        )
+    off = (
+        t.update()
+        .where(*fence)
+        .values(
+            ends_at=case((operators, t.c.ends_at), else_=None),
+            error=None,
+            active=case((operators, t.c.active), else_=False),
+            source=case((operators, OPERATOR), else_=None),
+            updated_at=bindparam("p_now", type_=t.c.updated_at.type),
+            window_id=None,
+            lease_until=None,
+            window_mode=None,
+            owner_host=None,
+            owner_pid=None,
+            owner_backend_pid=None,
+            version=-1,
+        )
+        .returning(*t.c)
+        .cte("off")
+    )
+    values = history_values(tables)
+    record = tables.history.insert().from_select(list(values), select(*values.values()).select_from(off))
+    announce = func.pg_notify(bindparam("p_channel", type_=String), payload(off.c, null()))
+    return select(off, announce.label("notified")).add_cte(record.cte("record"))
