@@ -364,7 +364,7 @@ class _Runner:
         self._expired_check = 0.0
         self._claimer: Connection | None = None
         self._claimer_held = ExitStack()
-        self._takes: dict[str, Any] = {}
+        self._statements: dict[Any, Any] = {}
 
     # -- the plan ----------------------------------------------------------------------------------
 
@@ -525,9 +525,9 @@ class _Runner:
     def _take(self, conn: Connection, now: datetime, status: str) -> str | None:
         """Take the first tenant in ``status`` (RUNNING: whose lease ran out) in plan order, if the
         rollout is not stopped, its budget not spent, and its canary allows it."""
-        statement = self._takes.get(status)
+        statement = self._statements.get(status)
         if statement is None:
-            statement = self._takes[status] = self._take_statement(status)
+            statement = self._statements[status] = self._take_statement(status)
         taken: str | None = conn.execute(
             statement, {"now": now, "until": now + timedelta(seconds=self.lease)}
         ).scalar()
@@ -563,11 +563,15 @@ class _Runner:
             .order_by(x.c.position)
             .limit(1)
         )
+        async_commit = []
         if self.postgres:
             first = first.with_for_update(skip_locked=True)
+            # The claim commits without waiting for the WAL flush: a claim a crash loses is taken
+            # again, and the window's commit, which waits, flushes it first anyway.
+            async_commit.append(func.set_config("synchronous_commit", "off", True).is_not(None))
         return (
             update(rt)
-            .where(rt.c.name == self.name, rt.c.tenant == first.scalar_subquery())
+            .where(rt.c.name == self.name, rt.c.tenant == first.scalar_subquery(), *async_commit)
             .values(
                 status=RUNNING,
                 runner=self.id,
@@ -578,6 +582,31 @@ class _Runner:
             )
             .returning(rt.c.tenant)
         )
+
+    def _done(self, tracked: bool) -> Any:
+        """The done mark, in the window's transaction: fenced on this runner's claim; ``tracked``:
+        it also reads the search_path the migration leaves. Built once per runner."""
+        statement = self._statements.get(("done", tracked))
+        if statement is None:
+            rt = self.rt
+            statement = (
+                update(rt)
+                .where(
+                    rt.c.name == self.name,
+                    rt.c.tenant == bindparam("p_tenant", type_=rt.c.tenant.type),
+                    rt.c.runner == self.id,
+                )
+                .values(
+                    status=DONE,
+                    finished_at=bindparam("p_now", type_=rt.c.finished_at.type),
+                    error=None,
+                    lease_until=None,
+                )
+            )
+            if tracked:
+                statement = statement.returning(func.current_setting("search_path"))
+            self._statements[("done", tracked)] = statement
+        return statement
 
     def _why_none(self, conn: Connection) -> None:
         """Nothing was taken: stop the rollout if its canary failed or its budget is spent."""
@@ -665,7 +694,6 @@ class _Runner:
 
     def run(self, tenant: str) -> None:
         """One tenant's window: done is recorded in the window's transaction, failure after it."""
-        rt = self.rt
         if not self._still_ours(tenant):
             self.held.discard(tenant)
             logger.warning(
@@ -689,14 +717,7 @@ class _Runner:
                 entry = _entry_search_path(conn) if tracked else None
                 self.migrate(handed, tenant)
                 self._abort_check()
-                mark = (
-                    update(rt)
-                    .where(rt.c.name == self.name, rt.c.tenant == tenant, rt.c.runner == self.id)
-                    .values(status=DONE, finished_at=utcnow(), error=None, lease_until=None)
-                )
-                if tracked:
-                    mark = mark.returning(func.current_setting("search_path"))
-                result = conn.execute(mark)
+                result = conn.execute(self._done(tracked), {"p_tenant": tenant, "p_now": utcnow()})
                 marked = result.rowcount
                 if tracked and marked == 1 and result.scalar() != entry:
                     conn.execute(select(func.set_config("search_path", entry, False)))

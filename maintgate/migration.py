@@ -44,6 +44,7 @@ from .core.store import (
     MaintenanceStore,
     _collecting,
     announce,
+    can_lend,
     make_sqlite_transactional,
     unprepared,
 )
@@ -148,6 +149,8 @@ class _Window:
         self._renewer: _Renewer | None = None
         self._unprepared: AbstractContextManager[None] | None = None
         self._closing: list[Any] = []
+        self.lent: Connection | None = None
+        """The migration's connection, idle until its transaction begins: the switch-on commits on it."""
 
     @property
     def opened(self) -> bool:
@@ -264,6 +267,7 @@ class _Window:
                 mode=self.mode,
                 lease=self.lease,
                 window_id=window_id,
+                connection=self.lent,
             )
         except MaintgateError:
             raise  # refused before its transaction committed: nothing changed
@@ -548,8 +552,20 @@ def maintenance_window(
         )
         return
     with store.engine.connect() as conn:
-        conn.begin()
-        yield from drive(_steps(window), conn, commit=conn.commit, abort=lambda: _discard(conn), handed=conn)
+        if can_lend(conn):  # the switch-on commits on it first: one checkout, not two
+            window.lent = conn
+            steps = drive(
+                _steps(window),
+                conn,
+                commit=conn.commit,
+                abort=lambda: _discard(conn),
+                handed=conn,
+                begin=conn.begin,
+            )
+        else:
+            conn.begin()
+            steps = drive(_steps(window), conn, commit=conn.commit, abort=lambda: _discard(conn), handed=conn)
+        yield from steps
 
 
 def _async_url(engine: Engine) -> Any:

@@ -185,7 +185,9 @@ def test_a_server_that_stops_answering_mid_query_never_hangs_requests(proxied):
     proxy.restore()
     direct.deactivate("on")
     assert eventually(lambda: asgi_call(app, headers={"X-Tenant-ID": "on"})[0] == 200, 10)
-    assert not app.gate.mirror.failing
+    # Eventually: on a loaded machine a refresh after the first good one may itself outlast
+    # the 0.5 s load timeout, which rightly counts as failing until it answers.
+    assert eventually(lambda: not app.gate.mirror.failing, 5)
     app.gate.close()
 
 

@@ -9,7 +9,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, String, and_, bindparam, case, func, literal, null, or_, select, true
+from sqlalchemy import (
+    BigInteger,
+    String,
+    and_,
+    bindparam,
+    case,
+    cast,
+    false,
+    func,
+    literal,
+    literal_column,
+    null,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from .schema import Tables
@@ -25,29 +41,50 @@ def history_values(tables: Tables) -> dict[str, Any]:
     return {c.key: bindparam(f"h_{c.key}", type_=c.type) for c in h.c if c.key != "id"}
 
 
-def payload(row: Any, version: Any, carry_state: bool = True) -> Any:
-    """The NOTIFY payload of a change, as JSON built from ``row`` (the written row's columns):
-    ``{"tenant", "version", "state"}``, what :func:`maintgate.core.store.state_from_payload` reads."""
-    short = func.json_build_object("tenant", row.tenant, "version", version)
-    if not carry_state:
-        return func.cast(short, String)
-    # Full while an open window needs full, over an operator's read-only (as the store's _state).
-    mode = case(
-        (and_(row.window_id.is_not(None), row.window_mode == FULL), FULL), else_=func.coalesce(row.mode, FULL)
+def _key(name: str) -> Any:
+    return literal_column(f"'{name}'")
+
+
+def announced(row: Any, numbered: bool, carry_state: bool = True) -> Any:
+    """SELECT the written row (the data-modifying CTE ``row``) and send its NOTIFY, on channel
+    ``:p_channel``: JSON ``{"tenant", "version", "state"}``, what
+    :func:`maintgate.core.store.state_from_payload` reads. ``numbered``: the row's ``taken``
+    column is its change number, and nothing is sent without one; otherwise the version is null
+    (PENDING). A payload past ``NOTIFY_MAX`` bytes (a long message) carries no state."""
+    version = row.c.taken if numbered else null()
+    if carry_state:
+        c = row.c
+        # Full while an open window needs full, over an operator's read-only (as the store's _state).
+        mode = case(
+            (and_(c.window_id.is_not(None), c.window_mode == FULL), FULL), else_=func.coalesce(c.mode, FULL)
+        )
+        fields = {
+            "active": c.active,
+            "mode": mode,
+            "message": c.message,
+            "error": c.error,
+            "retry_after": c.retry_after,
+            "ends_at": c.ends_at,
+            "started_at": c.started_at,
+            "updated_at": c.updated_at,
+            "source": c.source,
+        }
+        state = func.json_build_object(*(x for k, v in fields.items() for x in (_key(k), v)))
+        full = func.json_build_object(
+            _key("tenant"), c.tenant, _key("version"), version, _key("state"), state
+        )
+        row = select(row, cast(full, String).label("payload")).cte("payload")
+        version = row.c.taken if numbered else null()
+    short = cast(func.json_build_object(_key("tenant"), row.c.tenant, _key("version"), version), String)
+    text = (
+        case((func.octet_length(row.c.payload) > NOTIFY_MAX, short), else_=row.c.payload)
+        if carry_state
+        else short
     )
-    state = func.json_build_object(
-        "active", row.active,
-        "mode", mode,
-        "message", row.message,
-        "error", row.error,
-        "retry_after", row.retry_after,
-        "ends_at", row.ends_at,
-        "started_at", row.started_at,
-        "updated_at", row.updated_at,
-        "source", row.source,
-    )  # fmt: skip
-    full = func.cast(func.json_build_object("tenant", row.tenant, "version", version, "state", state), String)
-    return case((func.octet_length(full) > NOTIFY_MAX, func.cast(short, String)), else_=full)
+    sent: Any = func.pg_notify(bindparam("p_channel", type_=String), text)
+    if numbered:
+        sent = case((row.c.taken.is_not(None), sent))
+    return select(row, sent.label("notified"))
 
 
 def numbered(tables: Tables, own: bool, record: bool, carry_state: bool) -> Any:
@@ -59,7 +96,10 @@ def numbered(tables: Tables, own: bool, record: bool, carry_state: bool) -> Any:
     statement, sent on commit. Returns the row as numbered, and ``taken``, the number (NULL:
     PENDING, or no counter row yet, in which case nothing was announced).
     """
-    t, v = tables.state, tables.version
+    # The state table as "s": every column is named with it, and psycopg caches the conversion
+    # of statements under 4 kB only.
+    t: Any = tables.state.alias("s")
+    v = tables.version
     tenant = bindparam("p_tenant", type_=t.c.tenant.type)
     ctes = [tables.history.insert().values(history_values(tables)).cte("record")] if record else []
     if own:
@@ -67,41 +107,45 @@ def numbered(tables: Tables, own: bool, record: bool, carry_state: bool) -> Any:
             v.update().where(v.c.id == 1).values(version=v.c.version + 1).returning(v.c.version).cte("taken")
         )
         number = select(taken.c.version).scalar_subquery()
-        w = t.alias("waiting")
+        w = tables.state.alias("waiting")
         # Rows a caller's open transaction holds are skipped: they are renumbered by a later change.
         waiting = (
             select(w.c.tenant).where(w.c.version < 0, w.c.tenant != tenant).with_for_update(skip_locked=True)
         )
         ctes.append(
-            t.update()
+            update(t)
             .where(t.c.tenant.in_(waiting), number.is_not(None))
             .values(version=number)
             .cte("renumbered")
         )
         write = (
-            t.update()
+            update(t)
             .where(t.c.tenant == tenant)
             .values(version=func.coalesce(number, t.c.version))
             .returning(*t.c, number.label("taken"))
         )
     else:
         write = (
-            t.update().where(t.c.tenant == tenant).values(version=-1).returning(*t.c, null().label("taken"))
+            update(t).where(t.c.tenant == tenant).values(version=-1).returning(*t.c, null().label("taken"))
         )
-    row = write.add_cte(*ctes).cte("numbered")
-    announce = func.pg_notify(bindparam("p_channel", type_=String), payload(row.c, row.c.taken, carry_state))
     # Own: nothing is announced without a number (no counter row yet: the caller numbers it again).
-    sent = case((row.c.taken.is_not(None), announce)) if own else announce
-    return select(row, sent.label("notified"))
+    return announced(write.add_cte(*ctes).cte("numbered"), own, carry_state)
 
 
 def switch_on(tables: Tables, lock_timeout: Any) -> Any:
     """A window's switch-on, tenant ``:p_tenant``: the tenant's advisory lock (tried), its row
     inserted or updated unless another window's lease holds it, in one statement. Returns the
-    row, or nothing if the lock or the row was not free (nothing changed then)."""
+    row, or nothing if the lock or the row was not free (nothing changed then).
+
+    Its transaction commits without waiting for the WAL flush (``synchronous_commit`` off for it
+    alone): the write-ahead log is flushed in order, so the migration's commit, which waits,
+    makes the switch-on durable first. A crash can lose a switch-on only with everything after
+    it: nothing was migrated, and the tenant serves as before.
+    """
     t = tables.state
     lk = select(
         lock_timeout.label("lt"),
+        func.set_config("synchronous_commit", "off", True).label("sc"),
         func.pg_try_advisory_xact_lock(bindparam("p_key", type_=BigInteger)).label("got"),
     ).cte("lk")
     now = bindparam("p_now", type_=t.c.updated_at.type)
@@ -124,7 +168,8 @@ def switch_on(tables: Tables, lock_timeout: Any) -> Any:
         "owner_backend_pid": null(),
     }
     insert = pg_insert(t).from_select(
-        [t.c[k] for k in new], select(*new.values()).where(lk.c.got, lk.c.lt.is_not(None))
+        [t.c[k] for k in new],
+        select(*new.values()).where(lk.c.got, lk.c.lt.is_not(None), lk.c.sc.is_not(None)),
     )
     x = insert.excluded
     operators = and_(t.c.active == true(), t.c.source == OPERATOR)
@@ -170,7 +215,7 @@ def switch_off(tables: Tables, xid_function: str | None) -> Any:
     ``:p_window_id`` (and, with ``xid_function``, on the transaction being ``:p_transaction`` still),
     with its history row, its PENDING mark and its NOTIFY, in one statement. An operator's
     maintenance stays on. Returns the row, or nothing if nothing was switched off."""
-    t = tables.state
+    t: Any = tables.state.alias("s")
     operators = t.c.source == OPERATOR
     fence = [
         t.c.tenant == bindparam("p_tenant", type_=t.c.tenant.type),
@@ -181,20 +226,16 @@ def switch_off(tables: Tables, xid_function: str | None) -> Any:
             func.cast(getattr(func, xid_function)(), String) == bindparam("p_transaction", type_=String)
         )
     off = (
-        t.update()
+        update(t)
         .where(*fence)
         .values(
-            ends_at=case((operators, t.c.ends_at), else_=None),
-            error=None,
-            active=case((operators, t.c.active), else_=False),
-            source=case((operators, OPERATOR), else_=None),
+            ends_at=case((operators, t.c.ends_at), else_=null()),
+            error=null(),
+            active=case((operators, t.c.active), else_=false()),
+            source=case((operators, t.c.source), else_=null()),
             updated_at=bindparam("p_now", type_=t.c.updated_at.type),
-            window_id=None,
-            lease_until=None,
-            window_mode=None,
-            owner_host=None,
-            owner_pid=None,
-            owner_backend_pid=None,
+            **dict.fromkeys(("window_id", "lease_until", "window_mode"), null()),
+            **dict.fromkeys(("owner_host", "owner_pid", "owner_backend_pid"), null()),
             version=-1,
         )
         .returning(*t.c)
@@ -202,5 +243,4 @@ def switch_off(tables: Tables, xid_function: str | None) -> Any:
     )
     values = history_values(tables)
     record = tables.history.insert().from_select(list(values), select(*values.values()).select_from(off))
-    announce = func.pg_notify(bindparam("p_channel", type_=String), payload(off.c, null()))
-    return select(off, announce.label("notified")).add_cte(record.cte("record"))
+    return announced(off, numbered=False).add_cte(record.cte("record"))

@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
@@ -396,6 +396,35 @@ def unprepared(conn: Connection) -> Iterator[None]:
             driver.prepare_threshold = before
 
 
+def can_lend(conn: Connection) -> bool:
+    """Whether ``conn`` (idle) can run a window's bookkeeping transaction before the migration's
+    own: psycopg, whose isolation level is set per connection and put back without a round trip."""
+    driver = conn.connection.driver_connection
+    return (
+        conn.dialect.name == "postgresql" and hasattr(driver, "isolation_level") and hasattr(driver, "pgconn")
+    )
+
+
+@contextmanager
+def _read_committed(conn: Connection) -> Iterator[None]:
+    """PostgreSQL: the transactions begun on ``conn`` meanwhile are READ COMMITTED, whatever the
+    engine's level; the store's short writes all take the counter, and under REPEATABLE READ or
+    SERIALIZABLE writers of different tenants would fail on it (serialization)."""
+    driver: Any = conn.connection.driver_connection
+    if not can_lend(conn):
+        conn.execution_options(isolation_level="READ COMMITTED")  # a connection of the store's own
+        yield
+        return
+    before = driver.isolation_level
+    dbapi: Any = conn.dialect.dbapi  # psycopg
+    driver.isolation_level = dbapi.IsolationLevel.READ_COMMITTED
+    try:
+        yield
+    finally:
+        if not conn.invalidated:
+            driver.isolation_level = before
+
+
 def _wal(dbapi_connection: Any, _record: Any) -> None:
     """Write-ahead logging: a gate's read never waits for a migration's write, nor sees it uncommitted."""
     dbapi_connection.execute("PRAGMA journal_mode=WAL")
@@ -525,11 +554,9 @@ class MaintenanceStore:
             yield connection
             return
         pending: list[_Change] = []
-        with self._connect() as conn:
+        with self._connect() as conn, ExitStack() as stack:
             if conn.dialect.name == "postgresql":
-                # The store's own short writes all take the counter: under an engine's REPEATABLE READ
-                # or SERIALIZABLE, writers of different tenants would fail on it (serialization).
-                conn.execution_options(isolation_level="READ COMMITTED")
+                stack.enter_context(_read_committed(conn))
             with conn.begin(), _collecting(conn, pending, own=True):
                 yield conn
         self._publish(pending)  # committed
@@ -980,6 +1007,7 @@ class MaintenanceStore:
         mode: str = FULL,
         lease: float = DEFAULT_LEASE,
         window_id: str | None = None,
+        connection: Connection | None = None,
     ) -> Window:
         """Switch maintenance on for a new migration window, in a committed transaction of its own.
 
@@ -990,6 +1018,8 @@ class MaintenanceStore:
         needs no renewal; elsewhere the window renews it while it runs. A database error before
         the commit is a refusal too (:class:`MaintgateError`); one at the commit leaves it unknown
         whether the window opened: record its failure with ``window_id``, which is fenced.
+        ``connection``: an idle connection of the store's engine (:func:`can_lend`) to commit
+        the switch-on on, the migration's own before its transaction begins, which saves a checkout.
         """
         check_tenant(tenant)
         _check_retry_after(retry_after)
@@ -999,7 +1029,7 @@ class MaintenanceStore:
         postgres = self.engine.dialect.name == "postgresql"
         window_id = window_id or uuid.uuid4().hex
         tables = self._t()
-        with self._bookkeeping(timeout_sent=postgres) as conn, _refusing(tenant):
+        with self._bookkeeping(timeout_sent=postgres, connection=connection) as conn, _refusing(tenant):
             now = utcnow()
             lease_until = now + timedelta(seconds=min(lease, OPENING_GRACE) if postgres else lease)
             if postgres:
@@ -1304,13 +1334,21 @@ class MaintenanceStore:
         ]
 
     @contextmanager
-    def _bookkeeping(self, timeout_sent: bool = False) -> Iterator[Connection]:
+    def _bookkeeping(
+        self, timeout_sent: bool = False, connection: Connection | None = None
+    ) -> Iterator[Connection]:
         """A short transaction of the window's own, READ COMMITTED on PostgreSQL whatever the engine's;
-        ``timeout_sent``: the caller sets its lock timeout (:data:`LOCK_TIMEOUT_SETTING`) itself."""
-        with self._connect() as conn:
+        ``timeout_sent``: the caller sets its lock timeout (:data:`LOCK_TIMEOUT_SETTING`) itself;
+        ``connection``: run it on this idle connection of the store's engine (see :func:`can_lend`)."""
+        with ExitStack() as stack:
+            if connection is None:
+                conn = stack.enter_context(self._connect())
+            else:
+                conn = connection
+                stack.enter_context(unprepared(conn))
             postgres = conn.dialect.name == "postgresql"
             if postgres:
-                conn.execution_options(isolation_level="READ COMMITTED")
+                stack.enter_context(_read_committed(conn))
             pending: list[_Change] = []
             with conn.begin(), _collecting(conn, pending, own=True):
                 if postgres and not timeout_sent:
