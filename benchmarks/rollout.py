@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -46,6 +47,17 @@ def _migration(column: str, stamps: list[float]) -> Any:
         stamps.append(time.perf_counter())
 
     return migrate
+
+
+def _machine_busy() -> float:
+    """Seconds of CPU this machine's processes have used since boot, all cores (Linux)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+    except OSError:
+        return float("nan")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def _runner(argv: list[str]) -> int:
@@ -77,16 +89,19 @@ def run(url: str, quick: bool = False) -> dict[str, Any]:
     columns = iter(f"c{i}" for i in range(100))
 
     cpu = [time.process_time()]
+    machine = [_machine_busy()]
 
     def row(label: str, concurrency: int, seconds: float, done: int, **extra: Any) -> None:
         used, cpu[0] = time.process_time() - cpu[0], time.process_time()
+        busy, machine[0] = _machine_busy() - machine[0], _machine_busy()
         extra.setdefault("cpu", used / seconds)  # this process's CPU, in cores, while the row ran
+        extra["machine"] = busy / seconds  # every process's (PostgreSQL's too), in cores
         rows.append({"label": label, "concurrency": concurrency, "seconds": seconds, "done": done, **extra})
 
     try:
         # Bare loop, one at a time.
         migrate = _migration(next(columns), [])
-        start, cpu[0] = time.perf_counter(), time.process_time()
+        start, cpu[0], machine[0] = time.perf_counter(), time.process_time(), _machine_busy()
         for tenant in tenants:
             with store.engine.begin() as conn:
                 migrate(conn, tenant)
@@ -99,14 +114,14 @@ def run(url: str, quick: bool = False) -> dict[str, Any]:
             with store.engine.begin() as conn:
                 migrate(conn, tenant)
 
-        start, cpu[0] = time.perf_counter(), time.process_time()
+        start, cpu[0], machine[0] = time.perf_counter(), time.process_time(), _machine_busy()
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(bare, tenants))
         row("bare, 8 threads", 8, time.perf_counter() - start, count)
 
         # A loop of windows: the window's own cost, without the rollout's.
         migrate = _migration(next(columns), [])
-        start, cpu[0] = time.perf_counter(), time.process_time()
+        start, cpu[0], machine[0] = time.perf_counter(), time.process_time(), _machine_busy()
         for tenant in tenants:
             with maintenance_window(store, tenant) as conn:
                 migrate(conn, tenant)
@@ -114,7 +129,7 @@ def run(url: str, quick: bool = False) -> dict[str, Any]:
 
         for concurrency in (1, 4, 8):
             migrate = _migration(next(columns), [])
-            start, cpu[0] = time.perf_counter(), time.process_time()
+            start, cpu[0], machine[0] = time.perf_counter(), time.process_time(), _machine_busy()
             report = rollout(store, f"c{concurrency}", tenants, migrate, concurrency=concurrency)
             row("rollout", concurrency, time.perf_counter() - start, len(report.done))
 
@@ -144,7 +159,7 @@ def run(url: str, quick: bool = False) -> dict[str, Any]:
             if len(stamps) == count:
                 stop.set()
 
-        start, cpu[0] = time.perf_counter(), time.process_time()
+        start, cpu[0], machine[0] = time.perf_counter(), time.process_time(), _machine_busy()
         report = rollout(store, "big-plan", big, stopping, concurrency=1, stop=stop)
         total = time.perf_counter() - start
         # Time per tenant from the first window's work to the last's: the plan's creation left out.

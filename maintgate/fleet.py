@@ -21,7 +21,19 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, event, exists, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    event,
+    exists,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from .core.errors import InvalidArgument, MaintgateError, WindowBusy
@@ -37,6 +49,8 @@ RUNNER_LEASE = 30.0
 taken over once it ends (and once the tenant's own window is gone)."""
 BUSY_RETRY = 1.0
 """Seconds before a tenant whose window another process holds is tried again."""
+ANALYZE_AFTER = 100
+"""PostgreSQL: a run that plans this many new tenants has the plan's table analyzed."""
 BUSY_ATTEMPTS = 60
 """Attempts after which a tenant that another window holds all along fails (about a minute)."""
 
@@ -442,6 +456,12 @@ class _Runner:
                     .where(rt.c.name == self.name, rt.c.status == FAILED)
                     .values(status=PENDING, error=None, runner=None, lease_until=None)
                 )
+        if self.postgres and len(fresh) >= ANALYZE_AFTER:
+            # Statistics for the rows just planned: without them the planner may pick the plan's
+            # (name, status, position) index for a claim's write by tenant and scan every row.
+            with self.store._connect() as conn:
+                conn.exec_driver_sql(f"ANALYZE {conn.dialect.identifier_preparer.format_table(rt)}")
+                conn.commit()
 
     def statuses(self, status: str) -> list[str]:
         rt = self.rt
@@ -536,20 +556,24 @@ class _Runner:
     def _take_statement(self, status: str) -> Any:
         """The claim's one statement, built once per runner (it runs for every tenant)."""
         r, rt = self.r, self.rt
-        x, failed, canaries = rt.alias("x"), rt.alias("f"), rt.alias("c")
+        x, failed = rt.alias("x"), rt.alias("f")
         canary = select(r.c.canary).where(r.c.name == self.name).scalar_subquery()
+
+        def first_position(status: str) -> Any:
+            """The lowest position in ``status``, or the canary's size if none is lower: a min()
+            the plan's (name, status, position) index answers at once, whatever the statistics
+            (a NOT EXISTS with ``position < canary`` was planned as a scan of the whole plan)."""
+            low = rt.alias(f"low_{status}")
+            lowest = select(func.min(low.c.position)).where(low.c.name == self.name, low.c.status == status)
+            return func.coalesce(lowest.scalar_subquery(), canary)
+
         checks = [
             exists().where(r.c.name == self.name, r.c.stop_reason.is_(None)),
-            ~exists().where(
-                failed.c.name == self.name, failed.c.status == FAILED, failed.c.position < canary
-            ),
+            first_position(FAILED) >= canary,  # no canary tenant failed
+            # Past the canary only once every canary tenant has finished.
             or_(
                 x.c.position < canary,
-                ~exists().where(
-                    canaries.c.name == self.name,
-                    canaries.c.status.in_((PENDING, RUNNING)),
-                    canaries.c.position < canary,
-                ),
+                and_(first_position(PENDING) >= canary, first_position(RUNNING) >= canary),
             ),
         ]
         if self.budget is not None:
@@ -557,21 +581,33 @@ class _Runner:
             checks.append(spent.scalar_subquery() < self.budget)
         if status == RUNNING:
             checks.append(x.c.lease_until < (func.now() if self.postgres else bindparam("now")))
-        first = (
-            select(x.c.tenant)
-            .where(x.c.name == self.name, x.c.status == status, *checks)
-            .order_by(x.c.position)
-            .limit(1)
-        )
-        async_commit = []
+        returned: list[Any] = [rt.c.tenant]
+        first: Any
         if self.postgres:
-            first = first.with_for_update(skip_locked=True)
+            # The row found is updated by its ctid (a TID scan), whatever the planner thinks of a
+            # plan just created (by tenant, a stale estimate can scan the whole plan per claim).
+            first = (
+                select(literal_column("ctid"))
+                .where(x.c.name == self.name, x.c.status == status, *checks)
+                .order_by(x.c.position)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+            found = literal_column("ctid") == first.scalar_subquery()
             # The claim commits without waiting for the WAL flush: a claim a crash loses is taken
             # again, and the window's commit, which waits, flushes it first anyway.
-            async_commit.append(func.set_config("synchronous_commit", "off", True).is_not(None))
+            returned.append(func.set_config("synchronous_commit", "off", True))
+        else:
+            first = (
+                select(x.c.tenant)
+                .where(x.c.name == self.name, x.c.status == status, *checks)
+                .order_by(x.c.position)
+                .limit(1)
+            )
+            found = rt.c.tenant == first.scalar_subquery()
         return (
             update(rt)
-            .where(rt.c.name == self.name, rt.c.tenant == first.scalar_subquery(), *async_commit)
+            .where(rt.c.name == self.name, found)
             .values(
                 status=RUNNING,
                 runner=self.id,
@@ -580,7 +616,7 @@ class _Runner:
                 started_at=bindparam("now"),
                 finished_at=None,
             )
-            .returning(rt.c.tenant)
+            .returning(*returned)
         )
 
     def _done(self, tracked: bool) -> Any:
@@ -710,7 +746,8 @@ class _Runner:
                 self.open[tenant] = conn
                 if self.aborted.is_set():
                     raise RolloutAborted(ABORTED)
-                event.listen(conn, "before_cursor_execute", self._abort_check)
+                if conn.engine is not self.store.engine:  # the store's engine is watched once
+                    event.listen(conn, "before_cursor_execute", self._abort_check)
                 # A pooled connection carries a migration's session-level SET search_path to the next
                 # tenant's window: note the path it came with, and put it back before commit.
                 tracked = self.postgres and self.opener is sqlalchemy_window
@@ -781,6 +818,11 @@ class _Runner:
 
     def _abort_check(self, *args: Any) -> None:
         if self.aborted.is_set():
+            raise RolloutAborted(ABORTED)
+
+    def _abort_check_engine(self, conn: Connection, *args: Any) -> None:
+        """An aborted rollout's open windows fail at their next statement; other work goes on."""
+        if self.aborted.is_set() and any(conn is c for c in list(self.open.values())):
             raise RolloutAborted(ABORTED)
 
     def abort(self) -> None:
@@ -857,10 +899,13 @@ class _Runner:
     # -- leases and progress ---------------------------------------------------------------------
 
     def start_heartbeat(self) -> None:
+        event.listen(self.store.engine, "before_cursor_execute", self._abort_check_engine)
         self._heart = threading.Thread(target=self._heartbeat, name="maintgate-rollout-lease", daemon=True)
         self._heart.start()
 
     def stop_heartbeat(self) -> None:
+        if event.contains(self.store.engine, "before_cursor_execute", self._abort_check_engine):
+            event.remove(self.store.engine, "before_cursor_execute", self._abort_check_engine)
         self._drop_claimer()
         self._beat.set()
         if self._heart is not None:

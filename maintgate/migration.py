@@ -192,11 +192,12 @@ class _Window:
         if conn.dialect.name == "sqlite" and not _sqlite_in_transaction(conn.connection.dbapi_connection):
             # Without this BEGIN, pysqlite would autocommit DDL that comes before any DML.
             conn.exec_driver_sql("BEGIN")
-        self._watch(conn)
-        if self.postgres:
+        if self.postgres:  # the switch-off is fenced on the transaction's id instead
             self._unprepared = unprepared(conn)
             self._unprepared.__enter__()
             self._lock(conn)
+        else:
+            self._watch(conn)
 
     def close(self, conn: Connection) -> None:
         """Switch off in the migration's transaction, once sure it is still the window's own."""

@@ -84,7 +84,7 @@ def announced(row: Any, numbered: bool, carry_state: bool = True) -> Any:
     sent: Any = func.pg_notify(bindparam("p_channel", type_=String), text)
     if numbered:
         sent = case((row.c.taken.is_not(None), sent))
-    return select(row, sent.label("notified"))
+    return select(*(c for c in row.c if c.key != "payload"), sent.label("notified"))
 
 
 def numbered(tables: Tables, own: bool, record: bool, carry_state: bool) -> Any:
@@ -135,7 +135,7 @@ def numbered(tables: Tables, own: bool, record: bool, carry_state: bool) -> Any:
 def switch_on(tables: Tables, lock_timeout: Any) -> Any:
     """A window's switch-on, tenant ``:p_tenant``: the tenant's advisory lock (tried), its row
     inserted or updated unless another window's lease holds it, in one statement. Returns the
-    row, or nothing if the lock or the row was not free (nothing changed then).
+    tenant, or nothing if the lock or the row was not free (nothing changed then).
 
     Its transaction commits without waiting for the WAL flush (``synchronous_commit`` off for it
     alone): the write-ahead log is flushed in order, so the migration's commit, which waits,
@@ -186,7 +186,7 @@ def switch_on(tables: Tables, lock_timeout: Any) -> Any:
             # On PostgreSQL we hold the tenant's lock: no migration transaction holds it.
             where=or_(t.c.window_id.is_(None), t.c.lease_until.is_(None), t.c.lease_until < now),
         )
-        .returning(*t.c)
+        .returning(t.c.tenant)
         .add_cte(lk)
     )
 

@@ -354,6 +354,8 @@ ENDED_BY_WORK = (
 
 def announce(event: str, tenant: str, *, level: int = logging.INFO, **details: Any) -> None:
     """Log a state change under the ``maintgate`` logger, with the details as structured ``extra``."""
+    if not logger.isEnabledFor(level):
+        return
     shown = ", ".join(f"{k}={v!r}" for k, v in details.items() if v is not None)
     logger.log(
         level,
