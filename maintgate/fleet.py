@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -38,7 +39,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from .core.errors import InvalidArgument, MaintgateError, WindowBusy
 from .core.state import ALL_TENANTS, WINDOW, check_tenant, utcnow
-from .core.store import MaintenanceStore, _check_retry_after
+from .core.store import MaintenanceStore, _check_retry_after, _read_committed
 from .migration import _describe, _pool_capacity, maintenance_window
 
 logger = logging.getLogger("maintgate")
@@ -48,6 +49,10 @@ RUNNER_LEASE = 30.0
 """Seconds a runner's claim on a tenant lasts unless renewed; a crashed runner's tenants are
 taken over once it ends (and once the tenant's own window is gone)."""
 BUSY_RETRY = 1.0
+RUN_AGAIN_ATTEMPTS = 10
+"""Attempts at a tenant whose window failed to serialize (SERIALIZABLE) or deadlocked, each of
+which PostgreSQL says to run again, before it counts as failed."""
+RUN_AGAIN = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
 """Seconds before a tenant whose window another process holds is tried again."""
 ANALYZE_AFTER = 100
 """PostgreSQL: a run that plans this many new tenants has the plan's table analyzed."""
@@ -771,7 +776,12 @@ class _Runner:
             else:
                 self._release(tenant, PENDING, str(exc), retry_in=BUSY_RETRY)
         except Exception as exc:
-            if not self._release(tenant, FAILED, _describe(exc)):
+            if _run_again(exc) and self._attempts(tenant) < RUN_AGAIN_ATTEMPTS:
+                # A serialization failure or a deadlock: PostgreSQL's answer is to run it again.
+                released = self._release(tenant, PENDING, _describe(exc), retry_in=random.uniform(0.05, 0.5))
+            else:
+                released = self._release(tenant, FAILED, _describe(exc))
+            if not released:
                 self._lost(tenant, exc)
         else:
             self.done_here.append(tenant)
@@ -979,11 +989,28 @@ _SEARCH_PATH = "maintgate_rollout_search_path"
 
 @contextmanager
 def _writing(store: MaintenanceStore) -> Iterator[Connection]:
-    """A transaction that reads, then writes: on SQLite it takes the write lock from the start."""
-    with store._connect() as conn:
+    """A transaction that reads, then writes: on SQLite it takes the write lock from the start; on
+    PostgreSQL it is READ COMMITTED whatever the engine's level (a SERIALIZABLE engine would fail
+    runners' writes to the plan on each other's)."""
+    with store._connect() as conn, ExitStack() as stack:
         conn.execution_options(sqlite_immediate=True)
+        if conn.dialect.name == "postgresql":
+            stack.enter_context(_read_committed(conn))
         with conn.begin():
             yield conn
+
+
+def _run_again(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error that led to it, is PostgreSQL's "run the transaction again"."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # a chain of causes, never a cycle followed forever
+        if seen is None:
+            return False
+        orig = getattr(seen, "orig", None)
+        if (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) in RUN_AGAIN:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _total(counts: dict[str, int]) -> int:

@@ -619,3 +619,25 @@ def test_a_runner_whose_clock_runs_ahead_takes_over_no_live_claim(store, fleet):
         )
     assert attempts == dict.fromkeys(f.tenants, 1), "no claim was taken over while its runner was alive"
     assert f.migrated() == dict.fromkeys(f.tenants, 1)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_on_a_serializable_engine_windows_that_fail_to_serialize_are_retried_not_failed(store, fleet):
+    """Windows of different tenants conflict under SERIALIZABLE (predicate locks on the state
+    table's index pages): PostgreSQL's answer is to run the transaction again, so the rollout does."""
+    from sqlalchemy import create_engine
+
+    from maintgate import MaintenanceStore
+
+    f = fleet(40)
+    engine = create_engine(store.engine.url, isolation_level="SERIALIZABLE", pool_size=10)
+    serial = MaintenanceStore(engine, table_prefix=store.tables.state.name.removesuffix("state"))
+    try:
+        report = rollout(serial, "serial", f.tenants, f.migrate, concurrency=4, max_failures=None)
+        assert report.failed == {}, list(report.failed.values())[:2]
+        assert report.complete and f.migrated() == dict.fromkeys(f.tenants, 1)
+        assert not any(store.get(t).active for t in f.tenants)
+        retried = [t for t in f.tenants if any("serialize" in (e.error or "") for e in store.history(t))]
+        assert retried, "no window failed to serialize: this test exercised nothing"
+    finally:
+        engine.dispose()
