@@ -35,6 +35,11 @@ NOTIFY_MAX = 7900
 """Bytes of a NOTIFY payload past which it carries no state (PostgreSQL caps payloads at 8,000)."""
 
 
+def _param(t: Any, column: str, name: str | None = None) -> Any:
+    """Bound parameter ``:p_<name or column>``, typed as ``column`` of table ``t``."""
+    return bindparam(f"p_{name or column}", type_=t.c[column].type)
+
+
 def history_values(tables: Tables) -> dict[str, Any]:
     """A history row's columns as bound parameters ``h_<column>``."""
     h = tables.history
@@ -149,22 +154,25 @@ def switch_on(tables: Tables, lock_timeout: Any) -> Any:
         func.pg_try_advisory_xact_lock(bindparam("p_key", type_=BigInteger)).label("got"),
     ).cte("lk")
     now = bindparam("p_now", type_=t.c.updated_at.type)
+    given = (
+        "message",
+        "retry_after",
+        "ends_at",
+        "mode",
+        "window_id",
+        "lease_until",
+        "owner_host",
+        "owner_pid",
+    )
     new = {
-        "tenant": bindparam("p_tenant", type_=t.c.tenant.type),
+        "tenant": _param(t, "tenant"),
         "active": true(),
         "started_at": now,
-        "message": bindparam("p_message", type_=t.c.message.type),
-        "retry_after": bindparam("p_retry_after", type_=t.c.retry_after.type),
-        "ends_at": bindparam("p_ends_at", type_=t.c.ends_at.type),
-        "mode": bindparam("p_mode", type_=t.c.mode.type),
+        **{k: _param(t, k) for k in given},
         "source": literal(WINDOW, t.c.source.type),
         "error": null(),
         "updated_at": now,
-        "window_id": bindparam("p_window_id", type_=t.c.window_id.type),
-        "lease_until": bindparam("p_lease_until", type_=t.c.lease_until.type),
-        "window_mode": bindparam("p_mode", type_=t.c.window_mode.type),
-        "owner_host": bindparam("p_owner_host", type_=t.c.owner_host.type),
-        "owner_pid": bindparam("p_owner_pid", type_=t.c.owner_pid.type),
+        "window_mode": _param(t, "window_mode", "mode"),
         "owner_backend_pid": null(),
     }
     insert = pg_insert(t).from_select(

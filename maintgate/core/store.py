@@ -1530,20 +1530,18 @@ class MaintenanceStore:
         event: str,
         at: datetime,
         *,
-        message: str | None = None,
-        error: str | None = None,
-        owner: Owner | None = None,
-        window_id: str | None = None,
         tables: Tables | None = None,
         schedules: bool = False,
         locked: bool = False,
+        **details: Any,
     ) -> None:
-        """Record ``event`` in the history and number the change; ``schedules``: the change is
-        (also) to the tenant's schedules, which its row does not describe; ``locked``: this
-        transaction has just updated the tenant's row, so it holds its lock already."""
-        record = _record(tenant, event, at, message=message, error=error, owner=owner, window_id=window_id)
+        """Record ``event`` in the history (``details``: as :func:`_record` takes them) and number
+        the change; ``schedules``: the change is (also) to the tenant's schedules, which its row
+        does not describe; ``locked``: this transaction has just updated the tenant's row, so it
+        holds its lock already."""
         # A schedule's change is not in the row: gates read it from the table.
         schedules = schedules or event in ("scheduled", "unscheduled")
+        record = _record(tenant, event, at, **details)
         self._changed(conn, tenant, tables or self._t(), record, carry_state=not schedules, locked=locked)
 
     def _sql(self, tables: Tables, build: Callable[..., Any], *options: Hashable) -> Any:
