@@ -751,8 +751,8 @@ class _Runner:
                 self.open[tenant] = conn
                 if self.aborted.is_set():
                     raise RolloutAborted(ABORTED)
-                if conn.engine is not self.store.engine:  # the store's engine is watched once
-                    event.listen(conn, "before_cursor_execute", self._abort_check)
+                # On this connection only: the engine's listeners are iterated by other threads.
+                event.listen(conn, "before_cursor_execute", self._abort_check)
                 # A pooled connection carries a migration's session-level SET search_path to the next
                 # tenant's window: note the path it came with, and put it back before commit.
                 tracked = self.postgres and self.opener is sqlalchemy_window
@@ -830,11 +830,6 @@ class _Runner:
         if self.aborted.is_set():
             raise RolloutAborted(ABORTED)
 
-    def _abort_check_engine(self, conn: Connection, *args: Any) -> None:
-        """An aborted rollout's open windows fail at their next statement; other work goes on."""
-        if self.aborted.is_set() and any(conn is c for c in list(self.open.values())):
-            raise RolloutAborted(ABORTED)
-
     def abort(self) -> None:
         """Fail every open window: its next statement raises, and one running now is cancelled."""
         self.aborted.set()
@@ -909,13 +904,10 @@ class _Runner:
     # -- leases and progress ---------------------------------------------------------------------
 
     def start_heartbeat(self) -> None:
-        event.listen(self.store.engine, "before_cursor_execute", self._abort_check_engine)
         self._heart = threading.Thread(target=self._heartbeat, name="maintgate-rollout-lease", daemon=True)
         self._heart.start()
 
     def stop_heartbeat(self) -> None:
-        if event.contains(self.store.engine, "before_cursor_execute", self._abort_check_engine):
-            event.remove(self.store.engine, "before_cursor_execute", self._abort_check_engine)
         self._drop_claimer()
         self._beat.set()
         if self._heart is not None:

@@ -110,6 +110,27 @@ def test_each_notification_carries_exactly_the_state_the_table_holds(store):
         inbox.close()
 
 
+def test_a_writer_in_another_time_zone_announces_the_same_times(store):
+    """The payload is built in the writer's session, whose TimeZone may not be UTC."""
+    from sqlalchemy import create_engine
+
+    from maintgate import MaintenanceStore
+
+    engine = create_engine(store.engine.url, connect_args={"options": "-c timezone=Asia/Kolkata"})
+    writer = MaintenanceStore(engine, table_prefix=store.tables.state.name.removesuffix("state"))
+    inbox = Inbox(store)
+    try:
+        for tenant, ends in (("demo", datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)),
+                             ("old", datetime(1850, 1, 1, tzinfo=UTC))):  # fmt: skip
+            writer.activate(tenant, message="m", ends_at=ends)
+            [(_, state, _)] = [state_from_payload(n.payload) for n in inbox.conn.notifies(timeout=0.3)]
+            assert state_fields(state) == state_fields(store.get(tenant))
+            assert state.ends_at == ends and state.ends_at.utcoffset() == timedelta(0)
+    finally:
+        inbox.close()
+        engine.dispose()
+
+
 def test_thread_listener_applies_changes_at_once_and_survives_a_lost_connection(store):
     app = WSGIMaintenanceMiddleware(apps.flask_app(), store, tenant=from_header("X-Tenant-ID"), cache_ttl=60)
     other = elsewhere(store)  # another process: only the notification tells this one

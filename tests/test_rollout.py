@@ -641,3 +641,29 @@ def test_on_a_serializable_engine_windows_that_fail_to_serialize_are_retried_not
         assert retried, "no window failed to serialize: this test exercised nothing"
     finally:
         engine.dispose()
+
+
+def test_a_rollout_never_changes_the_listeners_of_the_stores_engine(store, fleet):
+    """Other threads iterate the engine's listeners on every statement: adding or removing one
+    meanwhile fails their statements ("deque mutated during iteration")."""
+    from sqlalchemy import event
+
+    def mine(*args):
+        pass
+
+    event.listen(store.engine, "before_cursor_execute", mine)  # the app's own (tracing, logging)
+    listeners = store.engine.dispatch.before_cursor_execute
+    before = list(listeners)
+    seen: list[list] = []
+    f = fleet(3)
+
+    def migrate(conn, tenant):
+        f.migrate(conn, tenant)
+        seen.append(list(listeners))
+
+    try:
+        assert rollout(store, "listeners", f.tenants, migrate).complete
+        assert seen and all(now == before for now in seen)
+        assert list(listeners) == before
+    finally:
+        event.remove(store.engine, "before_cursor_execute", mine)

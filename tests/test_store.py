@@ -261,3 +261,25 @@ def test_writers_of_different_tenants_succeed_on_an_engine_under_snapshot_isolat
     finally:
         store.drop_tables()
         engine.dispose()
+
+
+def test_a_store_on_an_autocommit_engine_still_writes_in_transactions():
+    """Windows are refused on an AUTOCOMMIT engine, but operator writes are not: each must still
+    be one transaction (all of it, or nothing), and creating the tables must work."""
+    from sqlalchemy import create_engine
+
+    require_postgres()
+    engine = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    store = MaintenanceStore(engine, table_prefix=f"mg{uuid.uuid4().hex[:8]}_")
+    try:
+        store.create_tables()
+        store.activate("demo", message="on")
+        assert store.get("demo").active
+        with engine.connect() as conn:  # the write's last statement (history, number) now fails
+            conn.execute(text(f"ALTER TABLE {store.tables.history.name} ADD CHECK (tenant <> 'late')"))
+        with pytest.raises(Exception, match="check"):
+            store.activate("late", message="half")
+        assert store.get("late") is None, "the switch-on committed without its history and number"
+    finally:
+        store.drop_tables()
+        engine.dispose()

@@ -185,7 +185,9 @@ def iso(value: datetime | None) -> str | None:
 
 
 def _from_iso(value: Any) -> datetime | None:
-    return datetime.fromisoformat(value) if isinstance(value, str) else None
+    """A time from a payload, in UTC as the store reads them (the writer's session may have
+    rendered it in another time zone)."""
+    return _aware(datetime.fromisoformat(value)) if isinstance(value, str) else None
 
 
 @contextmanager
@@ -417,14 +419,15 @@ def _read_committed(conn: Connection) -> Iterator[None]:
         conn.execution_options(isolation_level="READ COMMITTED")  # a connection of the store's own
         yield
         return
-    before = driver.isolation_level
+    before = driver.autocommit, driver.isolation_level
     dbapi: Any = conn.dialect.dbapi  # psycopg
-    driver.isolation_level = dbapi.IsolationLevel.READ_COMMITTED
+    # A transaction even on an AUTOCOMMIT engine: each of the store's writes is all or nothing.
+    driver.autocommit, driver.isolation_level = False, dbapi.IsolationLevel.READ_COMMITTED
     try:
         yield
     finally:
         if not conn.invalidated:
-            driver.isolation_level = before
+            driver.autocommit, driver.isolation_level = before
 
 
 def _wal(dbapi_connection: Any, _record: Any) -> None:
