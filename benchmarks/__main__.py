@@ -127,7 +127,8 @@ def _rollout_section(result: dict, table: Table) -> None:
         split = f"  ({' + '.join(map(str, r['split']))} tenants)" if "split" in r else ""
         print(
             f"   {r['label']:<26}{r['concurrency']:>8}{r['seconds']:>9.2f}{r['done'] / r['seconds']:>11,.0f}"
-            f"{per * 1000:>11.2f}{(per - bare) * 1000:>+9.2f}ms{r['cpu']:>9.2f} CPU{r['machine']:>9.2f}{split}"
+            f"{per * 1000:>11.2f}{(per - bare) * 1000:>+9.2f}ms{r['cpu']:>9.2f} CPU"
+            f"{r['machine']:>9.2f}{split}"
         )
     one = by[("rollout", 1)]["seconds"] / count
     rate = {c: count / by[("rollout", c)]["seconds"] for c in (1, 4, 8)}
@@ -153,8 +154,9 @@ def _rollout_section(result: dict, table: Table) -> None:
         "   runner CPU: the runner processes' CPU time over the row's wall time, in cores. One process\n"
         "   runs its windows' Python on one core at a time (the GIL): where it nears 1, more windows in\n"
         "   that process add nothing, and more runner processes do (the database and the runners share\n"
-        f"   this machine's cores). machine: every process's CPU over the row's wall time, of the\n"
-        f"   {os.cpu_count()} cores here: where it nears them, the machine (database and runners) is the limit."
+        "   this machine's cores). machine: every process's CPU over the row's wall time, of the\n"
+        f"   {os.cpu_count()} cores here: where it nears them, the machine (database and runners)\n"
+        "   is the limit."
     )
     big = by[(f"rollout, {rollout.BIG_PLAN:,} in plan", 1)]
     print(

@@ -83,7 +83,7 @@ def test_each_notification_carries_exactly_the_state_the_table_holds(store):
 
     try:
         ends = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
-        store.activate("demo", message="<b>é\"\n</b>", retry_after=7, ends_at=ends, mode=READ_ONLY)
+        store.activate("demo", message='<b>é"\n</b>', retry_after=7, ends_at=ends, mode=READ_ONLY)
         [(tenant, state, version)] = heard()
         assert (tenant, fields(state)) == ("demo", fields(store.get("demo")))
         assert isinstance(version, int) and version > 0
