@@ -49,11 +49,11 @@ RUNNER_LEASE = 30.0
 """Seconds a runner's claim on a tenant lasts unless renewed; a crashed runner's tenants are
 taken over once it ends (and once the tenant's own window is gone)."""
 BUSY_RETRY = 1.0
+"""Seconds before a tenant whose window another process holds is tried again."""
 RUN_AGAIN_ATTEMPTS = 10
 """Attempts at a tenant whose window failed to serialize (SERIALIZABLE) or deadlocked, each of
 which PostgreSQL says to run again, before it counts as failed."""
 RUN_AGAIN = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
-"""Seconds before a tenant whose window another process holds is tried again."""
 ANALYZE_AFTER = 100
 """PostgreSQL: a run that plans this many new tenants has the plan's table analyzed."""
 BUSY_ATTEMPTS = 60
@@ -586,30 +586,22 @@ class _Runner:
             checks.append(spent.scalar_subquery() < self.budget)
         if status == RUNNING:
             checks.append(x.c.lease_until < (func.now() if self.postgres else bindparam("now")))
+        # PostgreSQL: the row found is updated by its ctid (a TID scan), whatever the planner thinks
+        # of a plan just created (by tenant, a stale estimate can scan the whole plan per claim).
+        key = literal_column("ctid") if self.postgres else x.c.tenant
+        first = (
+            select(key)
+            .where(x.c.name == self.name, x.c.status == status, *checks)
+            .order_by(x.c.position)
+            .limit(1)
+        )
         returned: list[Any] = [rt.c.tenant]
-        first: Any
         if self.postgres:
-            # The row found is updated by its ctid (a TID scan), whatever the planner thinks of a
-            # plan just created (by tenant, a stale estimate can scan the whole plan per claim).
-            first = (
-                select(literal_column("ctid"))
-                .where(x.c.name == self.name, x.c.status == status, *checks)
-                .order_by(x.c.position)
-                .limit(1)
-                .with_for_update(skip_locked=True)
-            )
-            found = literal_column("ctid") == first.scalar_subquery()
+            first = first.with_for_update(skip_locked=True)
             # The claim commits without waiting for the WAL flush: a claim a crash loses is taken
             # again, and the window's commit, which waits, flushes it first anyway.
             returned.append(func.set_config("synchronous_commit", "off", True))
-        else:
-            first = (
-                select(x.c.tenant)
-                .where(x.c.name == self.name, x.c.status == status, *checks)
-                .order_by(x.c.position)
-                .limit(1)
-            )
-            found = rt.c.tenant == first.scalar_subquery()
+        found = (literal_column("ctid") if self.postgres else rt.c.tenant) == first.scalar_subquery()
         return (
             update(rt)
             .where(rt.c.name == self.name, found)

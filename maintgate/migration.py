@@ -553,20 +553,14 @@ def maintenance_window(
         )
         return
     with store.engine.connect() as conn:
+        begin = None
         if can_lend(conn):  # the switch-on commits on it first: one checkout, not two
-            window.lent = conn
-            steps = drive(
-                _steps(window),
-                conn,
-                commit=conn.commit,
-                abort=lambda: _discard(conn),
-                handed=conn,
-                begin=conn.begin,
-            )
+            window.lent, begin = conn, conn.begin
         else:
             conn.begin()
-            steps = drive(_steps(window), conn, commit=conn.commit, abort=lambda: _discard(conn), handed=conn)
-        yield from steps
+        yield from drive(
+            _steps(window), conn, commit=conn.commit, abort=lambda: _discard(conn), handed=conn, begin=begin
+        )
 
 
 def _async_url(engine: Engine) -> Any:

@@ -558,13 +558,8 @@ class MaintenanceStore:
         if connection is not None:
             yield connection
             return
-        pending: list[_Change] = []
-        with self._connect() as conn, ExitStack() as stack:
-            if conn.dialect.name == "postgresql":
-                stack.enter_context(_read_committed(conn))
-            with conn.begin(), _collecting(conn, pending, own=True):
-                yield conn
-        self._publish(pending)  # committed
+        with self._bookkeeping(lock_timeout=False) as conn:
+            yield conn
 
     @contextmanager
     def _connect(self) -> Iterator[Connection]:
@@ -1034,44 +1029,29 @@ class MaintenanceStore:
         postgres = self.engine.dialect.name == "postgresql"
         window_id = window_id or uuid.uuid4().hex
         tables = self._t()
-        with self._bookkeeping(timeout_sent=postgres, connection=connection) as conn, _refusing(tenant):
+        # On PostgreSQL the switch-on's statement sets its lock timeout itself.
+        with self._bookkeeping(not postgres, connection) as conn, _refusing(tenant):
             now = utcnow()
             lease_until = now + timedelta(seconds=min(lease, OPENING_GRACE) if postgres else lease)
+            new = {
+                "tenant": tenant,
+                "now": now,
+                "message": message,
+                "retry_after": retry_after,
+                "ends_at": _to_db(ends_at),
+                "mode": mode,
+                "window_id": window_id,
+                "lease_until": lease_until,
+                "owner_host": owner.host,
+                "owner_pid": owner.pid,
+            }
             if postgres:
                 # The tenant's lock, then its row inserted or switched on, in one statement.
-                switched = (
-                    conn.execute(
-                        self._sql(tables, pgsql.switch_on, LOCK_TIMEOUT_SETTING),
-                        {
-                            "p_key": self.window_lock_key(tenant),
-                            "p_tenant": tenant,
-                            "p_now": now,
-                            "p_message": message,
-                            "p_retry_after": retry_after,
-                            "p_ends_at": _to_db(ends_at),
-                            "p_mode": mode,
-                            "p_window_id": window_id,
-                            "p_lease_until": lease_until,
-                            "p_owner_host": owner.host,
-                            "p_owner_pid": owner.pid,
-                        },
-                    ).first()
-                    is not None
-                )
+                params = {f"p_{k}": v for k, v in new.items()} | {"p_key": self.window_lock_key(tenant)}
+                statement = self._sql(tables, pgsql.switch_on, LOCK_TIMEOUT_SETTING)
+                switched = conn.execute(statement, params).first() is not None
             else:
-                switched = self._switch_on(
-                    conn,
-                    tables,
-                    tenant,
-                    owner,
-                    now,
-                    message,
-                    retry_after,
-                    ends_at,
-                    mode,
-                    window_id,
-                    lease_until,
-                )
+                switched = self._switch_on(conn, tables, new)
             if not switched:
                 raise WindowBusy(_busy_message(tenant, self.get(tenant, connection=conn), now))
             self._log(
@@ -1088,44 +1068,34 @@ class MaintenanceStore:
         announce("window_opened", tenant, owner=owner, message=message, mode=mode, window=window_id)
         return Window(window_id, tenant, owner, mode, message, lease_until, schema)
 
-    def _switch_on(
-        self,
-        conn: Connection,
-        tables: Tables,
-        tenant: str,
-        owner: Owner,
-        now: datetime,
-        message: str | None,
-        retry_after: int | None,
-        ends_at: datetime | None,
-        mode: str,
-        window_id: str,
-        lease_until: datetime,
-    ) -> bool:
+    def _switch_on(self, conn: Connection, tables: Tables, new: dict[str, Any]) -> bool:
         """A window's switch-on where no advisory lock exists: unless another window's lease holds
         the tenant. The operator's message, mode and source stay if the operator had it on."""
-        t = tables.state
-        self._ensure_row(conn, tenant, tables)
+        t, now = tables.state, new["now"]
+        self._ensure_row(conn, new["tenant"], tables)
         operators = and_(t.c.active == true(), t.c.source == OPERATOR)
         free = or_(t.c.window_id.is_(None), t.c.lease_until.is_(None), t.c.lease_until < _to_db(now))
+        kept = [
+            (t.c[k], case((operators, t.c[k]), else_=new[k]))
+            for k in ("message", "retry_after", "ends_at", "mode")
+        ]
         changed = conn.execute(
             update(t)
-            .where(t.c.tenant == tenant, free)
+            .where(t.c.tenant == new["tenant"], free)
             .ordered_values(
                 # MySQL evaluates SET left to right: everything that reads `active` or `source` first.
                 (t.c.started_at, case((t.c.active == true(), t.c.started_at), else_=now)),
-                (t.c.message, case((operators, t.c.message), else_=message)),
-                (t.c.retry_after, case((operators, t.c.retry_after), else_=retry_after)),
-                (t.c.ends_at, case((operators, t.c.ends_at), else_=_to_db(ends_at))),
-                (t.c.mode, case((operators, t.c.mode), else_=mode)),
+                *kept,
                 (t.c.source, case((operators, OPERATOR), else_=WINDOW)),
                 (t.c.active, True),
                 (t.c.error, None),
                 (t.c.updated_at, now),
-                (t.c.window_id, window_id),
-                (t.c.lease_until, _to_db(lease_until)),
-                (t.c.window_mode, mode),
-                *((getattr(t.c, k), v) for k, v in _owner_values(owner).items()),
+                (t.c.window_id, new["window_id"]),
+                (t.c.lease_until, _to_db(new["lease_until"])),
+                (t.c.window_mode, new["mode"]),
+                (t.c.owner_host, new["owner_host"]),
+                (t.c.owner_pid, new["owner_pid"]),
+                (t.c.owner_backend_pid, None),
             )
         ).rowcount
         return changed == 1
@@ -1340,10 +1310,11 @@ class MaintenanceStore:
 
     @contextmanager
     def _bookkeeping(
-        self, timeout_sent: bool = False, connection: Connection | None = None
+        self, lock_timeout: bool = True, connection: Connection | None = None
     ) -> Iterator[Connection]:
-        """A short transaction of the window's own, READ COMMITTED on PostgreSQL whatever the engine's;
-        ``timeout_sent``: the caller sets its lock timeout (:data:`LOCK_TIMEOUT_SETTING`) itself;
+        """A short transaction of the store's own, READ COMMITTED on PostgreSQL whatever the engine's,
+        whose changes this process's gates are shown once it commits. ``lock_timeout``: on
+        PostgreSQL, a window's write waits at most :data:`BOOKKEEPING_LOCK_TIMEOUT` for a row;
         ``connection``: run it on this idle connection of the store's engine (see :func:`can_lend`)."""
         with ExitStack() as stack:
             if connection is None:
@@ -1356,7 +1327,7 @@ class MaintenanceStore:
                 stack.enter_context(_read_committed(conn))
             pending: list[_Change] = []
             with conn.begin(), _collecting(conn, pending, own=True):
-                if postgres and not timeout_sent:
+                if postgres and lock_timeout:
                     # Never wait forever on a row another transaction holds (the caller's own).
                     conn.execute(select(LOCK_TIMEOUT_SETTING))
                 yield conn
@@ -1436,11 +1407,10 @@ class MaintenanceStore:
         t = tables.state
         if not locked:
             touch = self._sql(tables, _touch)
-            if (
-                conn.execute(touch, {"p_tenant": tenant}).rowcount != 1
-            ):  # a schedule of a tenant with no row yet
+            # No row yet (a schedule of a new tenant): insert it, whoever wins, then lock it.
+            if conn.execute(touch, {"p_tenant": tenant}).rowcount != 1:
                 self._ensure_row(conn, tenant, tables)
-                conn.execute(touch, {"p_tenant": tenant})  # the row exists now, whoever inserted it: lock it
+                conn.execute(touch, {"p_tenant": tenant})
         version: int | None = None
         own = conn.info.get(_OWN, False)
         postgres = conn.dialect.name == "postgresql"
