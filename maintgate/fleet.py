@@ -24,27 +24,24 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
-    and_,
     bindparam,
     event,
-    exists,
     func,
     insert,
-    literal_column,
-    or_,
     select,
     update,
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
+from .core import plan
 from .core.errors import InvalidArgument, MaintgateError, WindowBusy
+from .core.plan import DONE, DROPPED, FAILED, PENDING, RUNNING
 from .core.state import ALL_TENANTS, WINDOW, check_tenant, utcnow
 from .core.store import MaintenanceStore, _check_retry_after, _read_committed
 from .migration import _describe, _pool_capacity, maintenance_window
 
 logger = logging.getLogger("maintgate")
 
-PENDING, RUNNING, DONE, FAILED, DROPPED = "pending", "running", "done", "failed", "dropped"
 RUNNER_LEASE = 30.0
 """Seconds a runner's claim on a tenant lasts unless renewed; a crashed runner's tenants are
 taken over once it ends (and once the tenant's own window is gone)."""
@@ -384,6 +381,7 @@ class _Runner:
         self._claimer: Connection | None = None
         self._claimer_held = ExitStack()
         self._statements: dict[Any, Any] = {}
+        self._claim_statement = plan.claim(tables, self.postgres)
 
     # -- the plan ----------------------------------------------------------------------------------
 
@@ -549,72 +547,28 @@ class _Runner:
 
     def _take(self, conn: Connection, now: datetime, status: str) -> str | None:
         """Take the first tenant in ``status`` (RUNNING: whose lease ran out) in plan order, if the
-        rollout is not stopped, its budget not spent, and its canary allows it."""
-        statement = self._statements.get(status)
-        if statement is None:
-            statement = self._statements[status] = self._take_statement(status)
-        taken: str | None = conn.execute(
-            statement, {"now": now, "until": now + timedelta(seconds=self.lease)}
-        ).scalar()
+        rollout is not stopped, its budget not spent, and its canary allows it (:func:`plan.claim`):
+        on PostgreSQL one call of its server function where ``create_tables`` made it."""
+        params = {
+            "p_name": self.name,
+            "p_status": status,
+            "p_budget": self.budget,
+            "p_runner": self.id,
+            "p_now": now,
+            "p_lease": timedelta(seconds=self.lease),
+            "p_until": now + timedelta(seconds=self.lease),
+        }
+        function = self.store._function("claim", conn) if self.postgres else None
+        if function is not None:
+            try:
+                called: str | None = conn.execute(function.call, params).scalar()
+                return called
+            except DBAPIError as exc:  # in autocommit: nothing changed
+                if getattr(exc.orig, "sqlstate", None) != "42883":  # undefined_function: dropped
+                    raise
+                self.store._forget_functions()
+        taken: str | None = conn.execute(self._claim_statement, params).scalar()
         return taken
-
-    def _take_statement(self, status: str) -> Any:
-        """The claim's one statement, built once per runner (it runs for every tenant)."""
-        r, rt = self.r, self.rt
-        x, failed = rt.alias("x"), rt.alias("f")
-        canary = select(r.c.canary).where(r.c.name == self.name).scalar_subquery()
-
-        def first_position(status: str) -> Any:
-            """The lowest position in ``status``, or the canary's size if none is lower: a min()
-            the plan's (name, status, position) index answers at once, whatever the statistics
-            (a NOT EXISTS with ``position < canary`` was planned as a scan of the whole plan)."""
-            low = rt.alias(f"low_{status}")
-            lowest = select(func.min(low.c.position)).where(low.c.name == self.name, low.c.status == status)
-            return func.coalesce(lowest.scalar_subquery(), canary)
-
-        checks = [
-            exists().where(r.c.name == self.name, r.c.stop_reason.is_(None)),
-            first_position(FAILED) >= canary,  # no canary tenant failed
-            # Past the canary only once every canary tenant has finished.
-            or_(
-                x.c.position < canary,
-                and_(first_position(PENDING) >= canary, first_position(RUNNING) >= canary),
-            ),
-        ]
-        if self.budget is not None:
-            spent = select(func.count()).where(failed.c.name == self.name, failed.c.status == FAILED)
-            checks.append(spent.scalar_subquery() < self.budget)
-        if status == RUNNING:
-            checks.append(x.c.lease_until < (func.now() if self.postgres else bindparam("now")))
-        # PostgreSQL: the row found is updated by its ctid (a TID scan), whatever the planner thinks
-        # of a plan just created (by tenant, a stale estimate can scan the whole plan per claim).
-        key = literal_column("ctid") if self.postgres else x.c.tenant
-        first = (
-            select(key)
-            .where(x.c.name == self.name, x.c.status == status, *checks)
-            .order_by(x.c.position)
-            .limit(1)
-        )
-        returned: list[Any] = [rt.c.tenant]
-        if self.postgres:
-            first = first.with_for_update(skip_locked=True)
-            # The claim commits without waiting for the WAL flush: a claim a crash loses is taken
-            # again, and the window's commit, which waits, flushes it first anyway.
-            returned.append(func.set_config("synchronous_commit", "off", True))
-        found = (literal_column("ctid") if self.postgres else rt.c.tenant) == first.scalar_subquery()
-        return (
-            update(rt)
-            .where(rt.c.name == self.name, found)
-            .values(
-                status=RUNNING,
-                runner=self.id,
-                lease_until=self._later(self.lease) if self.postgres else bindparam("until"),
-                attempts=rt.c.attempts + 1,
-                started_at=bindparam("now"),
-                finished_at=None,
-            )
-            .returning(*returned)
-        )
 
     def _done(self, tracked: bool) -> Any:
         """The done mark, in the window's transaction: fenced on this runner's claim; ``tracked``:

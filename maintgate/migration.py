@@ -130,6 +130,7 @@ class _Window:
                 "(maintenance is switched off only after all the work succeeded)"
             )
         check_pool(store.engine, connections_needed)
+        store._prepare_windows()
         self.store = store
         self.tenant = tenant
         self.message = message

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import create_engine, event, text
 
 from maintgate import MaintenanceStore
+from tests.fleet import Fleet
 
 POSTGRES_URL = os.environ.get(
     "MAINTGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -216,6 +217,20 @@ def wsgi_call(app, tenant: str) -> int:
     status = []
     b"".join(app(environ, lambda s, h, e=None: status.append(int(s[:3]))))
     return status[0]
+
+
+@pytest.fixture
+def fleet(store: MaintenanceStore) -> Iterator[Callable[[int], Fleet]]:
+    """Fleets of per-tenant tables for rollouts (``fleet(count)``), dropped after the test."""
+    made: list[Fleet] = []
+
+    def build(count: int) -> Fleet:
+        made.append(Fleet(store, count))
+        return made[-1]
+
+    yield build
+    for f in made:
+        f.drop()
 
 
 @pytest.fixture

@@ -46,6 +46,18 @@ def assert_not_migrated_on_and_error(
     assert events(store, tenant)[-1] == "window_failed"
 
 
+def without_server_functions(store: MaintenanceStore) -> None:
+    """PostgreSQL: tables as Alembic or an older maintgate made them, without the server functions
+    ``create_tables`` adds: windows then switch on and off with statements."""
+    with store.engine.begin() as conn:
+        names = conn.execute(
+            text("SELECT oid::regprocedure::text FROM pg_proc WHERE starts_with(proname, :prefix)"),
+            {"prefix": store.tables.state.name.removesuffix("state")},
+        ).scalars()
+        for name in list(names):
+            conn.execute(text(f"DROP FUNCTION {name}"))
+
+
 def eventually(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
     """Poll ``predicate`` until it is truthy or ``timeout`` passes; its last value."""
     deadline = time.monotonic() + timeout

@@ -10,26 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from maintgate import InvalidArgument, rollout
 from maintgate.fleet import RolloutBusy, rollout_status, stop_rollout
 from tests.fleet import Fleet
+from tests.helpers import events
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def fleet(store):
-    made: list[Fleet] = []
-
-    def build(count: int) -> Fleet:
-        made.append(Fleet(store, count))
-        return made[-1]
-
-    yield build
-    for f in made:
-        f.drop()
 
 
 def test_200_tenants_where_3_fail_end_197_migrated_and_serving_3_in_maintenance(store, fleet):
@@ -667,3 +655,38 @@ def test_a_rollout_never_changes_the_listeners_of_the_stores_engine(store, fleet
         assert list(listeners) == before
     finally:
         event.remove(store.engine, "before_cursor_execute", mine)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # SQLite: one runner, one writer
+def test_a_window_whose_claim_another_runner_took_rolls_back_and_is_not_marked_done(store, fleet, caplog):
+    """The done mark is fenced on this runner's claim: a runner that stalled past its lease and
+    lost the tenant to another must not mark it done, nor commit its migration. (The other
+    runner here dies at once: its claim runs out in a second and the tenant is taken back.)"""
+    f = fleet(3)
+    taken = f.tenants[1]
+    plan = store.tables.rollout_tenant.name
+    attempts: list[str] = []
+
+    def migrate(conn, tenant: str) -> None:
+        f.migrate(conn, tenant)
+        attempts.append(tenant)
+        if attempts.count(taken) == 1 and tenant == taken:
+            with store.engine.begin() as other:
+                other.execute(
+                    text(
+                        f"UPDATE {plan} SET runner = 'another-runner', lease_until = now() + interval '1s'"
+                        " WHERE name = 'fenced' AND tenant = :tenant"
+                    ),
+                    {"tenant": taken},
+                )
+
+    report = rollout(store, "fenced", f.tenants, migrate, concurrency=1)
+    assert sorted(report.done) == f.tenants and report.failed == {}
+    assert f.migrated() == dict.fromkeys(f.tenants, 1), "the first attempt rolled back; the retake committed"
+    assert events(store, taken) == ["window_opened", "window_failed", "window_opened", "window_committed"]
+    assert "taken over" in store.history(taken)[1].error
+    assert not store.get(taken).active
+    with store.engine.connect() as conn:
+        tries = conn.execute(text(f"SELECT attempts FROM {plan} WHERE tenant = :t"), {"t": taken}).scalar()
+    assert tries == 2 and attempts.count(taken) == 2
+    assert "taken over by another runner" in caplog.text

@@ -39,6 +39,7 @@ from tests.helpers import (
     events,
     eventually,
     rename,
+    without_server_functions,
 )
 
 postgres_only = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -704,9 +705,14 @@ def test_a_search_path_left_on_a_pooled_connection_does_not_misdirect_the_store(
 
 
 @postgres_only
-def test_a_lost_reply_to_the_switch_ons_commit_still_ends_in_an_allowed_state(store):
-    """The COMMIT lands but its reply is lost: the window must not leave an orphan switch-on."""
+@pytest.mark.parametrize("reply", ["commit", "call"])
+def test_a_lost_reply_to_the_switch_ons_commit_still_ends_in_an_allowed_state(store, reply):
+    """The switch-on commits but its reply is lost (its COMMIT's, or, where it is one server
+    function call in autocommit, the call's): the window must not leave an orphan switch-on."""
     import socket
+
+    if reply == "commit":
+        without_server_functions(store)
 
     class CutAfterCommit:
         def __init__(self) -> None:
@@ -731,7 +737,11 @@ def test_a_lost_reply_to_the_switch_ons_commit_still_ends_in_an_allowed_state(st
                 while data := src.recv(65536):
                     if lost.is_set():
                         continue
-                    cutting = outbound and self.armed and data.startswith(b"Q") and b"COMMIT\x00" in data
+                    if reply == "commit":
+                        cutting = data.startswith(b"Q") and b"COMMIT\x00" in data
+                    else:
+                        cutting = b"switch_on_" in data and b"(CAST(" in data
+                    cutting = cutting and outbound and self.armed
                     if cutting:
                         lost.set()
                     dst.sendall(data)
@@ -754,6 +764,8 @@ def test_a_lost_reply_to_the_switch_ons_commit_still_ends_in_an_allowed_state(st
         state = store.get("demo")
         # Either the switch-on never landed, or it did and the failure is on record: never an orphan.
         assert state is None or not state.active or (state.error and state.window_id is None)
+        if reply == "call":  # an autocommit call is committed before it is answered
+            assert state is not None and state.active and state.error and state.window_id is None
     finally:
         cut.engine.dispose()
         proxy.server.close()

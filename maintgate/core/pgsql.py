@@ -7,6 +7,9 @@ every tenant (``python -m benchmarks.window``, ``benchmarks.rollout``).
 
 from __future__ import annotations
 
+import hashlib
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
@@ -26,8 +29,11 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy import text as sql_text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Dialect
 
+from . import plan
 from .schema import Tables
 from .state import FULL, OPERATOR, WINDOW
 
@@ -50,12 +56,13 @@ def _key(name: str) -> Any:
     return literal_column(f"'{name}'")
 
 
-def announced(row: Any, numbered: bool, carry_state: bool = True) -> Any:
+def announced(row: Any, numbered: bool, carry_state: bool = True, payload: bool = False) -> Any:
     """SELECT the written row (the data-modifying CTE ``row``) and send its NOTIFY, on channel
     ``:p_channel``: JSON ``{"tenant", "version", "state"}``, what
     :func:`maintgate.core.store.state_from_payload` reads. ``numbered``: the row's ``taken``
     column is its change number, and nothing is sent without one; otherwise the version is null
-    (PENDING). A payload past ``NOTIFY_MAX`` bytes (a long message) carries no state."""
+    (PENDING). A payload past ``NOTIFY_MAX`` bytes (a long message) carries no state.
+    ``payload``: the payload sent is a column too (``sent``)."""
     version = row.c.taken if numbered else null()
     if carry_state:
         c = row.c
@@ -89,10 +96,13 @@ def announced(row: Any, numbered: bool, carry_state: bool = True) -> Any:
     sent: Any = func.pg_notify(bindparam("p_channel", type_=String), text)
     if numbered:
         sent = case((row.c.taken.is_not(None), sent))
-    return select(*(c for c in row.c if c.key != "payload"), sent.label("notified"))
+    columns = [c for c in row.c if c.key != "payload"]
+    if payload:
+        columns.append(text.label("sent"))
+    return select(*columns, sent.label("notified"))
 
 
-def numbered(tables: Tables, own: bool, record: bool, carry_state: bool) -> Any:
+def numbered(tables: Tables, own: bool, record: bool, carry_state: bool, payload: bool = False) -> Any:
     """Write the history row (``record``), number the change of tenant ``:p_tenant`` and announce it.
 
     ``own`` (a short transaction of the store's): take the next change number from the counter
@@ -134,7 +144,7 @@ def numbered(tables: Tables, own: bool, record: bool, carry_state: bool) -> Any:
             update(t).where(t.c.tenant == tenant).values(version=-1).returning(*t.c, null().label("taken"))
         )
     # Own: nothing is announced without a number (no counter row yet: the caller numbers it again).
-    return announced(write.add_cte(*ctes).cte("numbered"), own, carry_state)
+    return announced(write.add_cte(*ctes).cte("numbered"), own, carry_state, payload)
 
 
 def switch_on(tables: Tables, lock_timeout: Any) -> Any:
@@ -252,3 +262,138 @@ def switch_off(tables: Tables, xid_function: str | None) -> Any:
     values = history_values(tables)
     record = tables.history.insert().from_select(list(values), select(*values.values()).select_from(off))
     return announced(off, numbered=False).add_cte(record.cte("record"))
+
+
+@dataclass(frozen=True)
+class ServerFunction:
+    """A PL/pgSQL function made of prebuilt statements: what took a transaction of several
+    round trips is one call, whose plans the server keeps for the session (unlike prepared
+    statements, through any pooler). Its name carries a digest of its definition, so a library
+    version whose statements differ looks for (and creates) a function of its own."""
+
+    schema: str
+    name: str
+    create: str
+    call: Any
+    """``SELECT schema.name(...)``, the arguments bound by their parameter names."""
+
+
+_BOUND = re.compile(r"(?<![:\w]):(\w+)")
+
+
+def _named_dialect(dialect: Dialect) -> Dialect:
+    named: Dialect = type(dialect)(paramstyle="named")  # type: ignore[call-arg]
+    named.server_version_info = dialect.server_version_info
+    return named
+
+
+def _plpgsql(statement: Any, dialect: Dialect, args: dict[str, Any]) -> str:
+    """``statement`` as a PL/pgSQL function runs it: its ``p_``/``h_`` parameters become the
+    function's arguments (added to ``args``), every other bound value a literal."""
+    compiled = statement.compile(dialect=dialect)
+
+    def bound(m: re.Match[str]) -> str:
+        name = m.group(1)
+        bind = compiled.binds[name]
+        if name.startswith(("p_", "h_")):
+            args.setdefault(name, bind.type)
+            return name
+        as_literal = literal(bind.value, bind.type).compile(
+            dialect=dialect, compile_kwargs={"literal_binds": True}
+        )
+        return str(as_literal)
+
+    return _BOUND.sub(bound, compiled.string)
+
+
+def _function(tables: Tables, dialect: Dialect, kind: str, body: str, args: dict[str, Any]) -> ServerFunction:
+    schema = tables.state.schema
+    assert schema is not None  # the store's qualified tables
+    types = {a: dialect.type_compiler_instance.process(t) for a, t in args.items()}
+    signature = ", ".join(f"{a} {t}" for a, t in types.items())
+    definition = f"({signature}) RETURNS text LANGUAGE plpgsql AS $maintgate$\n{body}\n$maintgate$"
+    digest = hashlib.blake2b(definition.encode(), digest_size=6).hexdigest()
+    name = f"{tables.state.name.removesuffix('state')[:32]}{kind}_{digest}"
+    prep = dialect.identifier_preparer
+    qualified = f"{prep.quote_schema(schema)}.{prep.quote(name)}"
+    arguments = ", ".join(f"CAST(:{a} AS {t})" for a, t in types.items())
+    call = sql_text(f"SELECT {qualified}({arguments})").bindparams(
+        *(bindparam(a, type_=t) for a, t in args.items())
+    )
+    return ServerFunction(schema, name, f"CREATE FUNCTION {qualified}{definition}", call)
+
+
+NOT_READ_COMMITTED = ""
+"""What the switch-on function returns, having changed nothing, when its transaction is not
+READ COMMITTED (a server whose default isolation is stricter)."""
+
+
+def switch_on_function(tables: Tables, dialect: Dialect, lock_timeout: Any) -> ServerFunction:
+    """A window's switch-on and its announcement (:func:`switch_on`, then :func:`numbered` in a
+    transaction of the store's own) as one function, called in autocommit: one round trip.
+
+    Returns the NOTIFY payload it sent (the row as switched on, see :func:`announced`), NULL
+    if the tenant was not free (nothing changed), or :data:`NOT_READ_COMMITTED`.
+    """
+    named = _named_dialect(dialect)
+    args: dict[str, Any] = {}
+    on = _plpgsql(switch_on(tables, lock_timeout), named, args)
+    first = _plpgsql(numbered(tables, True, True, True, payload=True), named, args)
+    again = _plpgsql(numbered(tables, True, False, True, payload=True), named, args)
+    counter = _plpgsql(
+        pg_insert(tables.version).values(id=1, version=0).on_conflict_do_nothing(), named, args
+    )
+    body = f"""DECLARE
+  v_on text;
+  v_row record;
+BEGIN
+  IF current_setting('transaction_isolation') <> 'read committed' THEN
+    RETURN '{NOT_READ_COMMITTED}';
+  END IF;
+  {on}
+  INTO v_on;
+  IF v_on IS NULL THEN
+    RETURN NULL;
+  END IF;
+  {first}
+  INTO v_row;
+  IF v_row.taken IS NULL THEN  -- no counter row yet (tables from before change numbers)
+    {counter};
+    {again}
+    INTO v_row;
+  END IF;
+  RETURN v_row.sent;
+END"""
+    return _function(tables, dialect, "switch_on", body, args)
+
+
+def switch_off_function(tables: Tables, dialect: Dialect) -> ServerFunction:
+    """A window's switch-off (:func:`switch_off`, fenced on the migration's transaction too) as
+    one function, called in that transaction. Returns the tenant, or NULL if nothing was switched off."""
+    version = dialect.server_version_info or (0,)
+    xid_function = "pg_current_xact_id" if version >= (13,) else "txid_current"
+    args: dict[str, Any] = {}
+    off = _plpgsql(switch_off(tables, xid_function), _named_dialect(dialect), args)
+    body = f"""DECLARE
+  v_row record;
+BEGIN
+  {off}
+  INTO v_row;
+  RETURN v_row.tenant;
+END"""
+    return _function(tables, dialect, "switch_off", body, args)
+
+
+def claim_function(tables: Tables, dialect: Dialect) -> ServerFunction:
+    """A rollout runner's claim (:func:`maintgate.core.plan.claim`) as one function: the server
+    keeps its plan, which costs more to make than the claim does to run. Returns the tenant or NULL."""
+    args: dict[str, Any] = {}
+    take = _plpgsql(plan.claim(tables, postgres=True), _named_dialect(dialect), args)
+    body = f"""DECLARE
+  v_tenant text;
+BEGIN
+  {take}
+  INTO v_tenant;
+  RETURN v_tenant;
+END"""
+    return _function(tables, dialect, "claim", body, args)

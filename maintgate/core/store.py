@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Hashable, Iterator, Mapping
@@ -70,9 +71,9 @@ logger = logging.getLogger("maintgate")
 DEFAULT_LEASE = 30.0
 """Seconds a window's lease lasts; off PostgreSQL a running window renews it every third of that."""
 OPENING_GRACE = 5.0
+"""PostgreSQL: longest a window's lease lasts; after opening, its transaction's lock holds the tenant."""
 PUBLISH_WAIT = 2.0
 """Seconds a committed window waits for this process's gates to read its switch-off."""
-"""PostgreSQL: longest a window's lease lasts; after opening, its transaction's lock holds the tenant."""
 LOCK_WAIT = 2.0
 """Seconds a migration's transaction retries the tenant's lock, which a switch-on holds for an instant."""
 
@@ -190,18 +191,34 @@ def _from_iso(value: Any) -> datetime | None:
     return _aware(datetime.fromisoformat(value)) if isinstance(value, str) else None
 
 
+def _refusal(tenant: str, exc: sa_exc.DBAPIError) -> MaintgateError:
+    first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    return MaintgateError(
+        f"could not switch maintenance on for tenant {tenant!r}; nothing changed: {first}. If the "
+        "tenant's row is locked by your own transaction (a joined window opened after writing "
+        "maintgate's row), open the window first"
+    )
+
+
 @contextmanager
 def _refusing(tenant: str) -> Iterator[None]:
     """A database error inside the switch-on's transaction (before its commit): nothing changed."""
     try:
         yield
     except sa_exc.DBAPIError as exc:
-        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise MaintgateError(
-            f"could not switch maintenance on for tenant {tenant!r}; nothing changed: {first}. If the "
-            "tenant's row is locked by your own transaction (a joined window opened after writing "
-            "maintgate's row), open the window first"
-        ) from exc
+        raise _refusal(tenant, exc) from exc
+
+
+@contextmanager
+def _autocommitting(conn: Connection) -> Iterator[None]:
+    """psycopg: each statement on idle ``conn`` commits by itself meanwhile."""
+    driver: Any = conn.connection.driver_connection
+    before, driver.autocommit = driver.autocommit, True
+    try:
+        yield
+    finally:
+        if not conn.invalidated:
+            driver.autocommit = before
 
 
 def _busy_message(tenant: str, holder: MaintenanceState | None, now: datetime) -> str:
@@ -478,6 +495,34 @@ def _schedule(m: Mapping[Any, Any]) -> Schedule:
     )
 
 
+FUNCTIONS: dict[str, Callable[[Tables, Any], pgsql.ServerFunction]] = {
+    "switch_on": lambda tables, dialect: pgsql.switch_on_function(tables, dialect, LOCK_TIMEOUT_SETTING),
+    "switch_off": pgsql.switch_off_function,
+    "claim": pgsql.claim_function,
+}
+"""The server functions :meth:`MaintenanceStore.create_tables` makes on PostgreSQL, by kind."""
+FUNCTION_RECHECK = 60.0
+"""Seconds before a store looks again for a server function it did not find."""
+_NOT_READ_COMMITTED = "maintgate_not_read_committed"
+"""In a connection's ``info``: its session's default isolation is stricter than READ COMMITTED."""
+_SCHEMA_OF = (
+    "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE c.oid = to_regclass(quote_ident(:name))"
+)
+
+
+def _functions_found(conn: Connection, schema: str | None, names: list[str]) -> set[str]:
+    """Which of the functions ``names`` exist in ``schema``."""
+    found = conn.execute(
+        text(
+            "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = :schema AND p.proname = ANY(:names)"
+        ),
+        {"schema": schema, "names": names},
+    ).scalars()
+    return set(found)
+
+
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise InvalidArgument(f"mode must be one of {MODES}, got {mode!r}")
@@ -541,6 +586,7 @@ class MaintenanceStore:
         self._has_numbers = False
         self._warned_numbers = False
         self._built: dict[tuple[Any, ...], Any] = {}
+        self._functions: dict[str, tuple[pgsql.ServerFunction | None, float]] = {}
 
     @property
     def channel(self) -> str:
@@ -583,6 +629,8 @@ class MaintenanceStore:
                 for index in table.indexes:
                     index.create(conn, checkfirst=True)
             self._ensure_version_row(conn, self.tables)
+            if conn.dialect.name == "postgresql":
+                self._create_functions(conn)
         self._has_numbers = True
         self._scope = None  # the bare name may find them now
         if connection is None:
@@ -601,7 +649,9 @@ class MaintenanceStore:
                 if there:
                     names = ", ".join(_quoted(conn, t) for t in there)
                     conn.execute(text(f"LOCK TABLE {names} IN ACCESS EXCLUSIVE MODE"))
+                    self._drop_functions(conn)
             self.tables.metadata.drop_all(conn, checkfirst=True)
+        self._functions.clear()
 
     def get(self, tenant: str, *, connection: Connection | None = None) -> MaintenanceState | None:
         """The recorded state of ``tenant`` (or the global switch), or None if it has none."""
@@ -1029,44 +1079,88 @@ class MaintenanceStore:
         postgres = self.engine.dialect.name == "postgresql"
         window_id = window_id or uuid.uuid4().hex
         tables = self._t()
-        # On PostgreSQL the switch-on's statement sets its lock timeout itself.
-        with self._bookkeeping(not postgres, connection) as conn, _refusing(tenant):
-            now = utcnow()
-            lease_until = now + timedelta(seconds=min(lease, OPENING_GRACE) if postgres else lease)
-            new = {
-                "tenant": tenant,
-                "now": now,
-                "message": message,
-                "retry_after": retry_after,
-                "ends_at": _to_db(ends_at),
-                "mode": mode,
-                "window_id": window_id,
-                "lease_until": lease_until,
-                "owner_host": owner.host,
-                "owner_pid": owner.pid,
-            }
-            if postgres:
-                # The tenant's lock, then its row inserted or switched on, in one statement.
-                params = {f"p_{k}": v for k, v in new.items()} | {"p_key": self.window_lock_key(tenant)}
-                statement = self._sql(tables, pgsql.switch_on, LOCK_TIMEOUT_SETTING)
-                switched = conn.execute(statement, params).first() is not None
-            else:
-                switched = self._switch_on(conn, tables, new)
-            if not switched:
-                raise WindowBusy(_busy_message(tenant, self.get(tenant, connection=conn), now))
-            self._log(
-                conn,
-                tenant,
-                "window_opened",
-                now,
-                message=message,
-                owner=owner,
-                window_id=window_id,
-                locked=True,
-            )
-            schema = tables.state.schema
+        now = utcnow()
+        lease_until = now + timedelta(seconds=min(lease, OPENING_GRACE) if postgres else lease)
+        new = {
+            "tenant": tenant,
+            "now": now,
+            "message": message,
+            "retry_after": retry_after,
+            "ends_at": _to_db(ends_at),
+            "mode": mode,
+            "window_id": window_id,
+            "lease_until": lease_until,
+            "owner_host": owner.host,
+            "owner_pid": owner.pid,
+        }
+        record = _record(tenant, "window_opened", now, message=message, owner=owner, window_id=window_id)
+        if not postgres or not self._switched_on_in_one(new, record, connection):
+            # On PostgreSQL the switch-on's statement sets its lock timeout itself.
+            with self._bookkeeping(not postgres, connection) as conn, _refusing(tenant):
+                if postgres:
+                    # The tenant's lock, then its row inserted or switched on, in one statement.
+                    params = {f"p_{k}": v for k, v in new.items()} | {"p_key": self.window_lock_key(tenant)}
+                    statement = self._sql(tables, pgsql.switch_on, LOCK_TIMEOUT_SETTING)
+                    switched = conn.execute(statement, params).first() is not None
+                else:
+                    switched = self._switch_on(conn, tables, new)
+                if not switched:
+                    raise WindowBusy(_busy_message(tenant, self.get(tenant, connection=conn), now))
+                self._changed(conn, tenant, tables, record, carry_state=True, locked=True)
         announce("window_opened", tenant, owner=owner, message=message, mode=mode, window=window_id)
-        return Window(window_id, tenant, owner, mode, message, lease_until, schema)
+        return Window(window_id, tenant, owner, mode, message, lease_until, tables.state.schema)
+
+    def _switched_on_in_one(
+        self,
+        new: dict[str, Any],
+        record: dict[str, Any],
+        connection: Connection | None,
+    ) -> bool:
+        """PostgreSQL: the switch-on and its announcement as one call of their server function,
+        which commits by itself. False, nothing changed, where it cannot run (a session whose
+        default isolation is stricter than READ COMMITTED, the function dropped meanwhile, a
+        connection that cannot be lent, tables created without it): the caller switches on
+        with statements instead.
+
+        A lost reply raises the driver's error unchanged: the call may have committed, so the
+        window counts as open (its failure is then recorded, fenced on its id).
+        """
+        if connection is not None and not can_lend(connection):
+            return False
+        tenant = new["tenant"]
+        params = {f"p_{k}": v for k, v in new.items()} | record
+        params |= {"p_key": self.window_lock_key(tenant), "p_channel": self.channel}
+        with ExitStack() as stack:
+            if connection is None:
+                conn = stack.enter_context(self._connect()).execution_options(isolation_level="AUTOCOMMIT")
+            else:
+                conn = connection
+                stack.enter_context(unprepared(conn))
+                stack.enter_context(_autocommitting(conn))
+            stack.enter_context(conn.begin())  # SQLAlchemy's; the driver sends no BEGIN
+            try:
+                function = self._function("switch_on", conn)
+            except sa_exc.DBAPIError as exc:  # before the call: nothing changed
+                raise _refusal(tenant, exc) from exc
+            if function is None or conn.info.get(_NOT_READ_COMMITTED, False):
+                return False
+            try:
+                sent = conn.execute(function.call, params).scalar()
+            except sa_exc.DBAPIError as exc:
+                if exc.connection_invalidated:
+                    raise
+                if getattr(exc.orig, "sqlstate", None) == "42883":  # undefined_function
+                    self._forget_functions()
+                    return False
+                raise _refusal(tenant, exc) from exc
+            if sent == pgsql.NOT_READ_COMMITTED:
+                conn.info[_NOT_READ_COMMITTED] = True
+                return False
+            if sent is None:
+                raise WindowBusy(_busy_message(tenant, self.get(tenant, connection=conn), new["now"]))
+        _, state, version = state_from_payload(sent)
+        self._publish([(tenant, state, version if state is not None else None)])
+        return True
 
     def _switch_on(self, conn: Connection, tables: Tables, new: dict[str, Any]) -> bool:
         """A window's switch-on where no advisory lock exists: unless another window's lease holds
@@ -1155,23 +1249,30 @@ class MaintenanceStore:
         if connection.dialect.name == "postgresql" and not connection.info.get(_OWN, False):
             # In the caller's (the migration's) transaction: fenced switch-off, history, PENDING
             # mark and announcement in one statement.
-            off = self._sql(tables, pgsql.switch_off, _xid_function(connection) if transaction else None)
-            row = connection.execute(
-                off,
-                {
-                    **record,
-                    "p_tenant": window.tenant,
-                    "p_window_id": window.id,
-                    "p_now": now,
-                    "p_transaction": transaction,
-                    "p_channel": self.channel,
-                },
-            ).first()
-            if row is None:
+            params = {
+                **record,
+                "p_tenant": window.tenant,
+                "p_window_id": window.id,
+                "p_now": now,
+                "p_transaction": transaction,
+                "p_channel": self.channel,
+            }
+            function = self._function("switch_off", connection) if transaction is not None else None
+            if function is not None:
+                try:
+                    closed = connection.execute(function.call, params).scalar() is not None
+                except sa_exc.DBAPIError as exc:
+                    if getattr(exc.orig, "sqlstate", None) == "42883":  # dropped: not the next time
+                        self._forget_functions()
+                    raise
+            else:
+                off = self._sql(tables, pgsql.switch_off, _xid_function(connection) if transaction else None)
+                closed = connection.execute(off, params).first() is not None
+            if not closed:
                 self._not_closed(window, connection, transaction)
             pending = connection.info.get(_PENDING)
-            if pending is not None:
-                pending.append((window.tenant, self._from_row(row), None))
+            if pending is not None:  # unnumbered (PENDING): gates read the row once it commits
+                pending.append((window.tenant, None, None))
             return
         operators = t.c.source == OPERATOR
         changed = connection.execute(
@@ -1375,13 +1476,7 @@ class MaintenanceStore:
         ``search_path`` (its reset value), or None if it finds none."""
         with self._connect() as conn:
             conn.execute(text(RESET_SEARCH_PATH))
-            found: str | None = conn.execute(
-                text(
-                    "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-                    " WHERE c.oid = to_regclass(quote_ident(:name))"
-                ),
-                {"name": self._state.name},
-            ).scalar()
+            found: str | None = conn.execute(text(_SCHEMA_OF), {"name": self._state.name}).scalar()
         return found
 
     def _changed(
@@ -1516,6 +1611,79 @@ class MaintenanceStore:
         schedules = schedules or event in ("scheduled", "unscheduled")
         record = _record(tenant, event, at, **details)
         self._changed(conn, tenant, tables or self._t(), record, carry_state=not schedules, locked=locked)
+
+    def _function(self, kind: str, conn: Connection) -> pgsql.ServerFunction | None:
+        """PostgreSQL: the server function ``kind`` (:data:`FUNCTIONS`) if :meth:`create_tables`
+        made it for these tables. Looked for on ``conn`` (never a second connection: a window
+        holds one at most), once, and again a minute later while absent: tables created by other
+        means, or by an older version of maintgate, work without them."""
+        cached, checked = self._functions.get(kind, (None, -FUNCTION_RECHECK))
+        if cached is not None or time.monotonic() - checked < FUNCTION_RECHECK:
+            return cached
+        built = self._built_functions()
+        if built is None:
+            return None
+        schema = next(iter(built.values())).schema
+        found = _functions_found(conn, schema, [f.name for f in built.values()])
+        now = time.monotonic()
+        for k, function in built.items():
+            self._functions[k] = (function if function.name in found else None, now)
+        return self._functions[kind][0]
+
+    def _built_functions(self) -> dict[str, pgsql.ServerFunction] | None:
+        """The server functions of these tables as this version makes them (built once); None
+        while the tables are not found."""
+        tables = self._t()
+        if tables.state.schema is None:
+            return None
+        return {k: self._sql(tables, build, self.engine.dialect) for k, build in FUNCTIONS.items()}
+
+    def _prepare_windows(self) -> None:
+        """PostgreSQL: find the tables and build what a window runs before the window holds its
+        connection, which meanwhile idles outside a transaction (``idle_session_timeout``)."""
+        if self.engine.dialect.name == "postgresql":
+            self._built_functions()
+
+    def _forget_functions(self) -> None:
+        """The server functions were dropped (they go together): statements until they are back."""
+        self._functions = dict.fromkeys(FUNCTIONS, (None, time.monotonic()))
+
+    def _create_functions(self, conn: Connection) -> None:
+        """Create the server functions of the tables ``conn`` has just made (where it sees them)."""
+        tables = self.tables
+        if tables.state.schema is None:
+            schema = conn.execute(text(_SCHEMA_OF), {"name": self._state.name}).scalar()
+            tables = build_tables(self._state.name.removesuffix("state"), schema)
+        for build in FUNCTIONS.values():
+            function = build(tables, conn.dialect)
+            if _functions_found(conn, function.schema, [function.name]):
+                continue
+            try:
+                with conn.begin_nested():
+                    conn.exec_driver_sql(function.create)
+            except sa_exc.DBAPIError as exc:  # another process created it meanwhile
+                if getattr(exc.orig, "sqlstate", None) not in ("42723", "23505"):
+                    raise
+        self._functions.clear()
+
+    def _drop_functions(self, conn: Connection) -> None:
+        """Drop every version of the server functions of these tables (they do not depend on them)."""
+        schema = self.tables.state.schema
+        if schema is None:
+            schema = conn.execute(text(_SCHEMA_OF), {"name": self._state.name}).scalar()
+        prefix = self._state.name.removesuffix("state")[:32]
+        ours = re.compile(rf"{re.escape(prefix)}({'|'.join(FUNCTIONS)})_[0-9a-f]{{12}}")
+        names = conn.execute(
+            text(
+                "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+                " WHERE n.nspname = :schema AND left(p.proname, length(:prefix)) = :prefix"
+            ),
+            {"schema": schema, "prefix": prefix},
+        ).scalars()
+        prep = conn.dialect.identifier_preparer
+        for name in names:
+            if schema is not None and ours.fullmatch(name):
+                conn.exec_driver_sql(f"DROP FUNCTION {prep.quote_schema(schema)}.{prep.quote(name)}")
 
     def _sql(self, tables: Tables, build: Callable[..., Any], *options: Hashable) -> Any:
         """``build(tables, *options)``, built once: the statements every window runs are prebuilt

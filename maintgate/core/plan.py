@@ -1,0 +1,88 @@
+"""The claim a fleet rollout's runner makes for every tenant (see :mod:`maintgate.fleet`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    Integer,
+    Interval,
+    String,
+    and_,
+    bindparam,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+
+from .schema import Tables
+
+PENDING, RUNNING, DONE, FAILED, DROPPED = "pending", "running", "done", "failed", "dropped"
+
+
+def claim(tables: Tables, postgres: bool) -> Any:
+    """Take, for runner ``:p_runner``, the first tenant of rollout ``:p_name`` in status ``:p_status``
+    (RUNNING: one whose claim ran out) in plan order, if the rollout is not stopped, its failure
+    budget ``:p_budget`` (NULL: none) is not spent, and its canary allows it. Returns the tenant.
+
+    One UPDATE whatever the plan's size: an index range, never a scan. On PostgreSQL the claim
+    lasts ``:p_lease`` by the database's clock (runners' clocks may disagree) and commits without
+    waiting for the WAL flush: a claim a crash loses is taken again, and the window's commit,
+    which waits, flushes it first anyway. Elsewhere it lasts until ``:p_until``.
+    """
+    r, rt = tables.rollout, tables.rollout_tenant
+    name = bindparam("p_name", type_=r.c.name.type)
+    status = bindparam("p_status", type_=String)
+    budget = bindparam("p_budget", type_=Integer)
+    now = bindparam("p_now", type_=rt.c.started_at.type)
+    x, failed = rt.alias("x"), rt.alias("f")
+    canary = select(r.c.canary).where(r.c.name == name).scalar_subquery()
+
+    def first_position(status: str) -> Any:
+        """The lowest position in ``status``, or the canary's size if none is lower: a min()
+        the plan's (name, status, position) index answers at once, whatever the statistics
+        (a NOT EXISTS with ``position < canary`` was planned as a scan of the whole plan)."""
+        low = rt.alias(f"low_{status}")
+        lowest = select(func.min(low.c.position)).where(low.c.name == name, low.c.status == status)
+        return func.coalesce(lowest.scalar_subquery(), canary)
+
+    spent = select(func.count()).where(failed.c.name == name, failed.c.status == FAILED).scalar_subquery()
+    checks = [
+        exists().where(r.c.name == name, r.c.stop_reason.is_(None)),
+        first_position(FAILED) >= canary,  # no canary tenant failed
+        # Past the canary only once every canary tenant has finished.
+        or_(
+            x.c.position < canary,
+            and_(first_position(PENDING) >= canary, first_position(RUNNING) >= canary),
+        ),
+        or_(budget.is_(None), spent < budget),
+        or_(status != RUNNING, x.c.lease_until < (func.now() if postgres else now)),
+    ]
+    # PostgreSQL: the row found is updated by its ctid (a TID scan), whatever the planner thinks
+    # of a plan just created (by tenant, a stale estimate can scan the whole plan per claim).
+    key = literal_column("ctid") if postgres else x.c.tenant
+    first = select(key).where(x.c.name == name, x.c.status == status, *checks).order_by(x.c.position).limit(1)
+    returned: list[Any] = [rt.c.tenant]
+    if postgres:
+        first = first.with_for_update(skip_locked=True)
+        returned.append(func.set_config("synchronous_commit", "off", True))
+        until = func.now() + bindparam("p_lease", type_=Interval)
+    else:
+        until = bindparam("p_until", type_=rt.c.lease_until.type)
+    found = (literal_column("ctid") if postgres else rt.c.tenant) == first.scalar_subquery()
+    return (
+        update(rt)
+        .where(rt.c.name == name, found)
+        .values(
+            status=RUNNING,
+            runner=bindparam("p_runner", type_=rt.c.runner.type),
+            lease_until=until,
+            attempts=rt.c.attempts + 1,
+            started_at=now,
+            finished_at=None,
+        )
+        .returning(*returned)
+    )
