@@ -24,7 +24,6 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
-    bindparam,
     event,
     func,
     insert,
@@ -35,10 +34,10 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from .core import plan
 from .core.errors import InvalidArgument, MaintgateError, WindowBusy
-from .core.plan import DONE, DROPPED, FAILED, PENDING, RUNNING
+from .core.plan import DONE, DROPPED, FAILED, PENDING, RUNNING, Done
 from .core.state import ALL_TENANTS, WINDOW, check_tenant, utcnow
 from .core.store import MaintenanceStore, _check_retry_after, _read_committed
-from .migration import _describe, _pool_capacity, maintenance_window
+from .migration import _describe, _pool_capacity, maintenance_window, rollout_window
 
 logger = logging.getLogger("maintgate")
 
@@ -64,10 +63,21 @@ the migration is handed and the SQLAlchemy connection of the window's transactio
 
 @contextmanager
 def sqlalchemy_window(
-    store: MaintenanceStore, tenant: str, *, message: str | None, retry_after: int | None, lease: float
+    store: MaintenanceStore,
+    tenant: str,
+    *,
+    message: str | None,
+    retry_after: int | None,
+    lease: float,
+    done: Done | None = None,
 ) -> Iterator[tuple[Connection, Connection]]:
-    """The rollout's default window: :func:`maintgate.maintenance_window` on the store's engine."""
-    with maintenance_window(store, tenant, message=message, retry_after=retry_after, lease=lease) as conn:
+    """The rollout's default window: :func:`maintgate.maintenance_window` on the store's engine;
+    with ``done``, the tenant's done mark is written with the switch-off."""
+    if done is None:
+        with maintenance_window(store, tenant, message=message, retry_after=retry_after, lease=lease) as conn:
+            yield conn, conn
+        return
+    with rollout_window(store, tenant, done, message=message, retry_after=retry_after, lease=lease) as conn:
         yield conn, conn
 
 
@@ -380,7 +390,6 @@ class _Runner:
         self._expired_check = 0.0
         self._claimer: Connection | None = None
         self._claimer_held = ExitStack()
-        self._statements: dict[Any, Any] = {}
         self._claim_statement = plan.claim(tables, self.postgres)
 
     # -- the plan ----------------------------------------------------------------------------------
@@ -570,31 +579,6 @@ class _Runner:
         taken: str | None = conn.execute(self._claim_statement, params).scalar()
         return taken
 
-    def _done(self, tracked: bool) -> Any:
-        """The done mark, in the window's transaction: fenced on this runner's claim; ``tracked``:
-        it also reads the search_path the migration leaves. Built once per runner."""
-        statement = self._statements.get(("done", tracked))
-        if statement is None:
-            rt = self.rt
-            statement = (
-                update(rt)
-                .where(
-                    rt.c.name == self.name,
-                    rt.c.tenant == bindparam("p_tenant", type_=rt.c.tenant.type),
-                    rt.c.runner == self.id,
-                )
-                .values(
-                    status=DONE,
-                    finished_at=bindparam("p_now", type_=rt.c.finished_at.type),
-                    error=None,
-                    lease_until=None,
-                )
-            )
-            if tracked:
-                statement = statement.returning(func.current_setting("search_path"))
-            self._statements[("done", tracked)] = statement
-        return statement
-
     def _why_none(self, conn: Connection) -> None:
         """Nothing was taken: stop the rollout if its canary failed or its budget is spent."""
         r, rt = self.r, self.rt
@@ -690,30 +674,32 @@ class _Runner:
                 tenant,
             )
             return
+        # The default window writes the done mark with its switch-off (one round trip on
+        # PostgreSQL); another opener's window gets it at the end of the work, in its transaction.
+        folded = self.opener is sqlalchemy_window
+        done = Done(self.name, self.id)
         try:
             with self.opener(
-                self.store, tenant, message=self.message, retry_after=self.retry_after, lease=self.lease
+                self.store,
+                tenant,
+                message=self.message,
+                retry_after=self.retry_after,
+                lease=self.lease,
+                **({"done": done} if folded else {}),
             ) as (handed, conn):
                 self.open[tenant] = conn
                 if self.aborted.is_set():
                     raise RolloutAborted(ABORTED)
                 # On this connection only: the engine's listeners are iterated by other threads.
                 event.listen(conn, "before_cursor_execute", self._abort_check)
-                # A pooled connection carries a migration's session-level SET search_path to the next
-                # tenant's window: note the path it came with, and put it back before commit.
-                tracked = self.postgres and self.opener is sqlalchemy_window
-                entry = _entry_search_path(conn) if tracked else None
+                if self.postgres and folded:
+                    # A pooled connection carries a migration's session-level SET search_path to
+                    # the next tenant's window: the done mark puts back the path it came with.
+                    done.search_path = _entry_search_path(conn)
                 self.migrate(handed, tenant)
                 self._abort_check()
-                result = conn.execute(self._done(tracked), {"p_tenant": tenant, "p_now": utcnow()})
-                marked = result.rowcount
-                if tracked and marked == 1 and result.scalar() != entry:
-                    conn.execute(select(func.set_config("search_path", entry, False)))
-                if marked != 1:
-                    raise MaintgateError(
-                        f"rollout {self.name!r}: tenant {tenant!r} was taken over by another runner; "
-                        "this window rolls back"
-                    )
+                if not folded:
+                    self.store.mark_done(conn, tenant, done, utcnow())
         except WindowBusy as exc:
             # Another process's window holds the tenant (a runner thought dead, say): not ours to
             # fail, unless it holds it all along.

@@ -36,6 +36,7 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.pool import AssertionPool, QueuePool, SingletonThreadPool, StaticPool
 
 from .core.errors import MaintgateError, WindowBusy, WindowLost, WindowRefused
+from .core.plan import Done
 from .core.state import FULL, Owner, Window, check_tenant
 from .core.store import (
     DEFAULT_LEASE,
@@ -152,6 +153,8 @@ class _Window:
         self._closing: list[Any] = []
         self.lent: Connection | None = None
         """The migration's connection, idle until its transaction begins: the switch-on commits on it."""
+        self.done: Done | None = None
+        """A rollout's done mark, written with the switch-off."""
 
     @property
     def opened(self) -> bool:
@@ -208,7 +211,7 @@ class _Window:
         self._check_transaction(conn)
         if self.owned:  # shown to this process's gates once the window commits it
             with _collecting(conn, self._closing):
-                self.store.close_window(self.window, conn, transaction=self._token)
+                self.store.close_window(self.window, conn, transaction=self._token, done=self.done)
         else:
             self.store.close_window(self.window, conn, transaction=self._token)
             self._announce_on_commit(conn)
@@ -553,6 +556,11 @@ def maintenance_window(
             handed=connection,
         )
         return
+    yield from _owned(store, window)
+
+
+def _owned(store: MaintenanceStore, window: _Window) -> Iterator[Connection]:
+    """A window that owns its transaction, on a connection of the store's engine."""
     with store.engine.connect() as conn:
         begin = None
         if can_lend(conn):  # the switch-on commits on it first: one checkout, not two
@@ -562,6 +570,33 @@ def maintenance_window(
         yield from drive(
             _steps(window), conn, commit=conn.commit, abort=lambda: _discard(conn), handed=conn, begin=begin
         )
+
+
+@contextmanager
+def rollout_window(
+    store: MaintenanceStore,
+    tenant: str,
+    done: Done,
+    *,
+    message: str | None,
+    retry_after: int | None,
+    lease: float,
+) -> Iterator[Connection]:
+    """:func:`maintenance_window` for a rollout's tenant: ``done`` (its done mark) is written with
+    the switch-off, in the same round trip where the server function does both."""
+    window = _Window(
+        store,
+        tenant,
+        message=message,
+        retry_after=retry_after,
+        ends_at=None,
+        mode=FULL,
+        owned=True,
+        dialect_name=store.engine.dialect.name,
+        lease=lease,
+    )
+    window.done = done
+    yield from _owned(store, window)
 
 
 def _async_url(engine: Engine) -> Any:

@@ -15,7 +15,7 @@ from sqlalchemy import select, text
 from maintgate import InvalidArgument, rollout
 from maintgate.fleet import RolloutBusy, rollout_status, stop_rollout
 from tests.fleet import Fleet
-from tests.helpers import events
+from tests.helpers import events, without_server_functions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -471,9 +471,12 @@ def test_a_runs_list_is_the_fleet_tenants_it_leaves_out_are_dropped_not_migrated
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_a_migrations_search_path_does_not_follow_the_pooled_connection_to_the_next_tenant(store, fleet):
-    from sqlalchemy import text
-
+@pytest.mark.parametrize("functions", [True, False], ids=["functions", "statements"])
+def test_a_migrations_search_path_does_not_follow_the_pooled_connection_to_the_next_tenant(
+    store, fleet, functions
+):
+    if not functions:
+        without_server_functions(store)
     f = fleet(6)
     seen: dict[str, str] = {}
     with store.engine.connect() as conn:
@@ -658,10 +661,15 @@ def test_a_rollout_never_changes_the_listeners_of_the_stores_engine(store, fleet
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # SQLite: one runner, one writer
-def test_a_window_whose_claim_another_runner_took_rolls_back_and_is_not_marked_done(store, fleet, caplog):
+@pytest.mark.parametrize("functions", [True, False], ids=["functions", "statements"])
+def test_a_window_whose_claim_another_runner_took_rolls_back_and_is_not_marked_done(
+    store, fleet, caplog, functions
+):
     """The done mark is fenced on this runner's claim: a runner that stalled past its lease and
     lost the tenant to another must not mark it done, nor commit its migration. (The other
     runner here dies at once: its claim runs out in a second and the tenant is taken back.)"""
+    if not functions:
+        without_server_functions(store)
     f = fleet(3)
     taken = f.tenants[1]
     plan = store.tables.rollout_tenant.name

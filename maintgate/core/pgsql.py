@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     String,
+    Text,
     and_,
     bindparam,
     case,
@@ -367,16 +368,37 @@ END"""
     return _function(tables, dialect, "switch_on", body, args)
 
 
+CLAIM_LOST = ""
+"""What the switch-off function returns, having switched nothing off, when the rollout's done
+mark it was given found the tenant's claim held by another runner."""
+
+
 def switch_off_function(tables: Tables, dialect: Dialect) -> ServerFunction:
     """A window's switch-off (:func:`switch_off`, fenced on the migration's transaction too) as
-    one function, called in that transaction. Returns the tenant, or NULL if nothing was switched off."""
+    one function, called in that transaction; with ``p_rollout``, a rollout's done mark first
+    (:func:`plan.done`, fenced on the runner's claim), and the session's search_path put back
+    to ``p_search_path``. Returns the tenant, NULL if nothing was switched off, or :data:`CLAIM_LOST`."""
     version = dialect.server_version_info or (0,)
     xid_function = "pg_current_xact_id" if version >= (13,) else "txid_current"
+    named = _named_dialect(dialect)
     args: dict[str, Any] = {}
-    off = _plpgsql(switch_off(tables, xid_function), _named_dialect(dialect), args)
+    off = _plpgsql(switch_off(tables, xid_function), named, args)
+    mark = _plpgsql(plan.done(tables, tracked=True), named, args)
+    args["p_search_path"] = Text()
     body = f"""DECLARE
   v_row record;
+  v_path text;
 BEGIN
+  IF p_rollout IS NOT NULL THEN
+    {mark}
+    INTO v_path;
+    IF NOT FOUND THEN
+      RETURN '{CLAIM_LOST}';
+    END IF;
+    IF p_search_path IS NOT NULL AND v_path IS DISTINCT FROM p_search_path THEN
+      PERFORM set_config('search_path', p_search_path, false);
+    END IF;
+  END IF;
   {off}
   INTO v_row;
   RETURN v_row.tenant;

@@ -1,7 +1,9 @@
-"""The claim a fleet rollout's runner makes for every tenant (see :mod:`maintgate.fleet`)."""
+"""What a fleet rollout's runner writes for every tenant: its claim and its done mark (see
+:mod:`maintgate.fleet`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
@@ -21,6 +23,44 @@ from sqlalchemy import (
 from .schema import Tables
 
 PENDING, RUNNING, DONE, FAILED, DROPPED = "pending", "running", "done", "failed", "dropped"
+
+
+@dataclass(slots=True)
+class Done:
+    """A rollout's done mark for the tenant of a window, written in the window's transaction."""
+
+    rollout: str
+    runner: str
+    search_path: str | None = None
+    """PostgreSQL: the search_path the window's pooled connection came with, put back before the
+    commit if the migration changed it for the session (the next tenant's window would inherit it)."""
+
+    def lost(self, tenant: str) -> str:
+        return (
+            f"rollout {self.rollout!r}: tenant {tenant!r} was taken over by another runner; "
+            "this window rolls back"
+        )
+
+
+def done(tables: Tables, tracked: bool) -> Any:
+    """Mark tenant ``:p_tenant`` done in rollout ``:p_rollout`` at ``:p_now``, fenced on runner
+    ``:p_runner``'s claim; ``tracked``: return the session's search_path as well."""
+    rt = tables.rollout_tenant
+    statement = (
+        update(rt)
+        .where(
+            rt.c.name == bindparam("p_rollout", type_=rt.c.name.type),
+            rt.c.tenant == bindparam("p_tenant", type_=rt.c.tenant.type),
+            rt.c.runner == bindparam("p_runner", type_=rt.c.runner.type),
+        )
+        .values(
+            status=DONE,
+            finished_at=bindparam("p_now", type_=rt.c.finished_at.type),
+            error=None,
+            lease_until=None,
+        )
+    )
+    return statement.returning(func.current_setting("search_path")) if tracked else statement
 
 
 def claim(tables: Tables, postgres: bool) -> Any:

@@ -43,7 +43,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from . import pgsql
+from . import pgsql, plan
 from .errors import InvalidArgument, MaintgateError, WindowBusy, WindowLost
 from .mirror import mirrors_of
 from .schema import DEFAULT_PREFIX, Tables, build_tables
@@ -1228,6 +1228,7 @@ class MaintenanceStore:
         *,
         logged_as: str = "window_committed",
         transaction: str | None = None,
+        done: plan.Done | None = None,
     ) -> None:
         """Switch maintenance off for ``window``: fenced, on the migration's ``connection``.
 
@@ -1237,6 +1238,8 @@ class MaintenanceStore:
         ``connection`` it runs in a transaction of its own (DDL that commits itself, a withdrawal).
         ``transaction`` (PostgreSQL): the id :meth:`hold_window` returned; if ``connection`` is no
         longer in that transaction (the work committed it), raises :class:`WindowLost` too.
+        ``done``: a rollout's done mark for the tenant, written first, in the same round trip
+        where the server function does both (:func:`plan.done`; fenced on the runner's claim).
         """
         if connection is None:
             with self._bookkeeping() as conn:
@@ -1259,13 +1262,23 @@ class MaintenanceStore:
             }
             function = self._function("switch_off", connection) if transaction is not None else None
             if function is not None:
+                params |= {
+                    "p_rollout": done and done.rollout,
+                    "p_runner": done and done.runner,
+                    "p_search_path": done and done.search_path,
+                }
                 try:
-                    closed = connection.execute(function.call, params).scalar() is not None
+                    result = connection.execute(function.call, params).scalar()
                 except sa_exc.DBAPIError as exc:
                     if getattr(exc.orig, "sqlstate", None) == "42883":  # dropped: not the next time
                         self._forget_functions()
                     raise
+                if done is not None and result == pgsql.CLAIM_LOST:
+                    raise MaintgateError(done.lost(window.tenant))
+                closed = result is not None
             else:
+                if done is not None:
+                    self.mark_done(connection, window.tenant, done, now)
                 off = self._sql(tables, pgsql.switch_off, _xid_function(connection) if transaction else None)
                 closed = connection.execute(off, params).first() is not None
             if not closed:
@@ -1274,6 +1287,8 @@ class MaintenanceStore:
             if pending is not None:  # unnumbered (PENDING): gates read the row once it commits
                 pending.append((window.tenant, None, None))
             return
+        if done is not None:
+            self.mark_done(connection, window.tenant, done, now)
         operators = t.c.source == OPERATOR
         changed = connection.execute(
             update(t)
@@ -1290,6 +1305,20 @@ class MaintenanceStore:
         if changed != 1:
             self._not_closed(window, connection, None, changed)
         self._changed(connection, window.tenant, tables, record, carry_state=True, locked=True)
+
+    def mark_done(self, connection: Connection, tenant: str, done: plan.Done, now: datetime) -> None:
+        """Write a rollout's done mark for ``tenant`` in the window's transaction on ``connection``,
+        fenced on the runner's claim (:class:`MaintgateError` if another runner holds it), and put
+        the session's search_path back as the window found it."""
+        tracked = done.search_path is not None
+        result = connection.execute(
+            self._sql(self._t(), plan.done, tracked),
+            {"p_rollout": done.rollout, "p_tenant": tenant, "p_runner": done.runner, "p_now": now},
+        )
+        if result.rowcount != 1:
+            raise MaintgateError(done.lost(tenant))
+        if tracked and result.scalar() != done.search_path:
+            connection.execute(select(func.set_config("search_path", done.search_path, False)))
 
     def _not_closed(
         self, window: Window, connection: Connection, transaction: str | None, changed: int = 0
