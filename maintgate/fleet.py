@@ -36,7 +36,7 @@ from .core import plan
 from .core.errors import InvalidArgument, MaintgateError, WindowBusy
 from .core.plan import DONE, DROPPED, FAILED, PENDING, RUNNING, Done
 from .core.state import ALL_TENANTS, WINDOW, check_tenant, utcnow
-from .core.store import MaintenanceStore, _check_retry_after, _read_committed
+from .core.store import UNCALLABLE, MaintenanceStore, _check_retry_after, _read_committed
 from .migration import _describe, _pool_capacity, maintenance_window, rollout_window
 
 logger = logging.getLogger("maintgate")
@@ -573,7 +573,7 @@ class _Runner:
                 called: str | None = conn.execute(function.call, params).scalar()
                 return called
             except DBAPIError as exc:  # in autocommit: nothing changed
-                if getattr(exc.orig, "sqlstate", None) != "42883":  # undefined_function: dropped
+                if getattr(exc.orig, "sqlstate", None) not in UNCALLABLE:
                     raise
                 self.store._forget_functions()
         taken: str | None = conn.execute(self._claim_statement, params).scalar()

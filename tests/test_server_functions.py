@@ -6,12 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import create_engine, event, text
 
-from maintgate import MaintenanceStore, WindowBusy, async_maintenance_window, maintenance_window, rollout
+from maintgate import (
+    MaintenanceStore,
+    MaintgateError,
+    Owner,
+    WindowBusy,
+    async_maintenance_window,
+    maintenance_window,
+    rollout,
+)
 from maintgate.core.state import READ_ONLY
 from maintgate.core.store import state_fields, state_from_payload
 from tests.helpers import Boom, events, without_server_functions
@@ -261,3 +270,150 @@ def test_a_rollout_after_its_functions_are_dropped_claims_with_statements(store,
     without_server_functions(store)  # this store still thinks they are there
     second = rollout(store, "second", f.tenants[5:], f.migrate)
     assert len(first.done) == len(second.done) == 5 and f.migrated() == dict.fromkeys(f.tenants, 1)
+
+
+def test_drop_tables_drops_its_own_functions_and_no_other_stores(store):
+    """Names carry at most 32 characters of the prefix: two stores whose prefixes share them
+    must not drop each other's functions."""
+    long = "x" * 32
+    a = MaintenanceStore(store.engine, table_prefix=f"{long}a_")
+    b = MaintenanceStore(store.engine, table_prefix=f"{long}b_")
+    a.create_tables()
+    b.create_tables()
+    try:
+
+        def ours() -> list[str]:
+            with store.engine.connect() as conn:
+                found = conn.execute(
+                    text("SELECT proname FROM pg_proc WHERE starts_with(proname, :p)"), {"p": long}
+                )
+                return list(found.scalars())
+
+        assert len(ours()) == 6, "three each, named apart by their digests"
+        with maintenance_window(b, "t1") as conn:
+            a.drop_tables()
+            conn.execute(text(f"CREATE TABLE {long[:20]}_lock (id INTEGER)"))  # a new lock: fresh catalog
+        assert not b.get("t1").active and len(ours()) == 3
+    finally:
+        a.drop_tables()
+        b.drop_tables()
+        with store.engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE IF EXISTS {long[:20]}_lock"))
+
+
+def test_a_role_that_may_not_execute_the_functions_gets_the_statements(store, fleet):
+    """A hardened database revokes EXECUTE from PUBLIC: windows and rollouts of a role that may
+    write the tables but not call the functions run as statements, not refused."""
+    role = f"mgrole{uuid.uuid4().hex[:8]}"
+    with store.engine.begin() as conn:
+        conn.execute(text(f"CREATE ROLE {role} LOGIN"))
+        conn.execute(text(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}"))
+        conn.execute(text(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}"))
+        for name in functions_of(store):
+            conn.execute(text(f"REVOKE EXECUTE ON FUNCTION {name} FROM PUBLIC"))
+    f = fleet(4)
+    engine = create_engine(store.engine.url.set(username=role))
+    try:
+        limited = MaintenanceStore(engine, table_prefix=store.tables.state.name.removesuffix("state"))
+        with maintenance_window(limited, "t1") as conn:
+            assert limited.effective("t1") is not None
+            conn.execute(text("SELECT 1"))
+        assert not limited.get("t1").active and events(limited, "t1") == ["window_opened", "window_committed"]
+        with store.engine.begin() as conn:
+            for tenant in f.tenants:
+                conn.execute(text(f"ALTER TABLE contacts_{tenant} OWNER TO {role}"))
+                conn.execute(text(f"GRANT ALL ON {f.log} TO {role}"))
+        report = rollout(limited, "limited", f.tenants, f.migrate)
+        assert sorted(report.done) == f.tenants and report.failed == {}
+    finally:
+        engine.dispose()
+        with store.engine.begin() as conn:
+            for tenant in f.tenants:
+                conn.execute(text(f"ALTER TABLE contacts_{tenant} OWNER TO postgres"))
+            conn.execute(text(f"DROP OWNED BY {role}"))
+            conn.execute(text(f"DROP ROLE {role}"))
+
+
+def test_the_functions_pass_plpgsqls_strict_checks(store, fleet):
+    """``plpgsql.extra_errors = all`` (any session may set it) turns sloppy assignments into errors."""
+    options = "-c plpgsql.extra_errors=all -c plpgsql.extra_warnings=all"
+    engine = create_engine(store.engine.url, connect_args={"options": options})
+    strict = MaintenanceStore(engine, table_prefix=store.tables.state.name.removesuffix("state"))
+    f = fleet(3)
+    statements = Statements(strict)
+    try:
+        sent = statements.during(lambda: open_and_close(strict, "t1"))
+        assert len([s for s in sent if "switch_o" in s]) == 2
+        with pytest.raises(Boom), maintenance_window(strict, "t2"):
+            raise Boom("no")
+        report = rollout(strict, "strict", f.tenants, f.migrate, canary=1, max_failures=2)
+        assert sorted(report.done) == f.tenants
+        assert events(strict, "t2") == ["window_opened", "window_failed"]
+    finally:
+        engine.dispose()
+
+
+def test_a_value_too_long_for_its_column_is_refused_on_both_paths(store, path):
+    """Arguments are not cut to their column's length on the way into a function."""
+    with pytest.raises(MaintgateError, match=r"nothing changed.*too long"):
+        store.open_window("demo", Owner("h" * 300, 1), window_id="w" * 40)
+    assert store.get("demo") is None and store.history("demo") == []
+
+
+@pytest.mark.parametrize(
+    "schema", ["Mixed Case", "colon:name", "per%cent", "dollar$maintgate$quote", 'quo"te']
+)
+def test_schemas_with_odd_names(store, fleet, schema):
+    """A quoted schema name may hold what SQL text, bound parameters and dollar quotes use."""
+    quoted = store.engine.dialect.identifier_preparer.quote(schema)  # % doubled, as the driver reads it
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {quoted}")
+    odd = MaintenanceStore(store.engine, table_prefix="odd_", schema=schema)
+    try:
+        odd.create_tables()
+        with maintenance_window(odd, "t1") as conn:
+            assert odd.effective("t1") is not None
+            conn.execute(text("SELECT 1"))
+        assert not odd.get("t1").active
+        report = rollout(odd, "odd", ["t2", "t3"], lambda conn, tenant: None)
+        assert sorted(report.done) == ["t2", "t3"]
+        with odd.engine.connect() as conn:
+            found = conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+                    " WHERE n.nspname = :s"
+                ),
+                {"s": schema},
+            ).scalar()
+        assert found == 3
+        odd.drop_tables()
+        with odd.engine.connect() as conn:
+            left = conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+                    " WHERE n.nspname = :s"
+                ),
+                {"s": schema},
+            ).scalar()
+        assert left == 0
+    finally:
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {quoted} CASCADE")
+
+
+def test_functions_dropped_while_a_window_runs_fail_that_window_only(store, fleet):
+    """The switch-off's call is in the migration's transaction: if its function is dropped
+    meanwhile, the window fails (not migrated, maintenance on, error recorded) and the next
+    windows switch on and off with statements. (Only a hand-written DROP does this: drop_tables
+    drops the tables too.)"""
+    f = fleet(3)
+    first, second = f.tenants[0], f.tenants[1]
+    with pytest.raises(Exception, match="does not exist"), maintenance_window(store, first) as conn:
+        f.migrate(conn, first)
+        without_server_functions(store)
+    state = store.get(first)
+    assert state.active and state.window_id is None and "does not exist" in state.error
+    assert not f.renamed(first) and f.migrated() == {}
+    with maintenance_window(store, second) as conn:
+        f.migrate(conn, second)
+    assert not store.get(second).active and f.migrated() == {second: 1}

@@ -274,18 +274,22 @@ class ServerFunction:
 
     schema: str
     name: str
+    qualified: str
     create: str
     call: Any
     """``SELECT schema.name(...)``, the arguments bound by their parameter names."""
 
 
-_BOUND = re.compile(r"(?<![:\w]):(\w+)")
+_TOKEN = re.compile(r"%%|%\((\w+)\)s")
+"""A bound parameter in SQL compiled with the ``pyformat`` paramstyle, or a doubled ``%``: the
+compiler doubles every ``%`` of the text (identifiers and literals included), so this reads the
+SQL exactly as the driver would."""
 
 
-def _named_dialect(dialect: Dialect) -> Dialect:
-    named: Dialect = type(dialect)(paramstyle="named")  # type: ignore[call-arg]
-    named.server_version_info = dialect.server_version_info
-    return named
+def _pyformat_dialect(dialect: Dialect) -> Dialect:
+    pyformat: Dialect = type(dialect)(paramstyle="pyformat")  # type: ignore[call-arg]
+    pyformat.server_version_info = dialect.server_version_info
+    return pyformat
 
 
 def _plpgsql(statement: Any, dialect: Dialect, args: dict[str, Any]) -> str:
@@ -295,6 +299,8 @@ def _plpgsql(statement: Any, dialect: Dialect, args: dict[str, Any]) -> str:
 
     def bound(m: re.Match[str]) -> str:
         name = m.group(1)
+        if name is None:
+            return "%"
         bind = compiled.binds[name]
         if name.startswith(("p_", "h_")):
             args.setdefault(name, bind.type)
@@ -302,26 +308,39 @@ def _plpgsql(statement: Any, dialect: Dialect, args: dict[str, Any]) -> str:
         as_literal = literal(bind.value, bind.type).compile(
             dialect=dialect, compile_kwargs={"literal_binds": True}
         )
-        return str(as_literal)
+        return str(as_literal).replace("%%", "%")
 
-    return _BOUND.sub(bound, compiled.string)
+    return _TOKEN.sub(bound, compiled.string)
+
+
+def _unsized(type_: Any) -> Any:
+    """``type_`` without a length: a cast to VARCHAR(n) would cut a longer value where the
+    column refuses it."""
+    if isinstance(type_, String) and type_.length is not None:
+        type_ = type_.copy()
+        type_.length = None
+    return type_
 
 
 def _function(tables: Tables, dialect: Dialect, kind: str, body: str, args: dict[str, Any]) -> ServerFunction:
     schema = tables.state.schema
     assert schema is not None  # the store's qualified tables
-    types = {a: dialect.type_compiler_instance.process(t) for a, t in args.items()}
+    types = {a: dialect.type_compiler_instance.process(_unsized(t)) for a, t in args.items()}
     signature = ", ".join(f"{a} {t}" for a, t in types.items())
-    definition = f"({signature}) RETURNS text LANGUAGE plpgsql AS $maintgate$\n{body}\n$maintgate$"
+    quote = "$maintgate$"
+    while quote in body:  # a schema's name could hold it
+        quote = quote[:-1] + "_$"
+    definition = f"({signature}) RETURNS text LANGUAGE plpgsql AS {quote}\n{body}\n{quote}"
     digest = hashlib.blake2b(definition.encode(), digest_size=6).hexdigest()
     name = f"{tables.state.name.removesuffix('state')[:32]}{kind}_{digest}"
     prep = dialect.identifier_preparer
-    qualified = f"{prep.quote_schema(schema)}.{prep.quote(name)}"
+    # As the server reads it (a psycopg preparer doubles %), and as text() reads it (: starts a bind).
+    qualified = f"{prep.quote_schema(schema)}.{prep.quote(name)}".replace("%%", "%")
     arguments = ", ".join(f"CAST(:{a} AS {t})" for a, t in types.items())
-    call = sql_text(f"SELECT {qualified}({arguments})").bindparams(
+    call = sql_text(f"SELECT {qualified.replace(':', chr(92) + ':')}({arguments})").bindparams(
         *(bindparam(a, type_=t) for a, t in args.items())
     )
-    return ServerFunction(schema, name, f"CREATE FUNCTION {qualified}{definition}", call)
+    return ServerFunction(schema, name, qualified, f"CREATE FUNCTION {qualified}{definition}", call)
 
 
 NOT_READ_COMMITTED = ""
@@ -336,13 +355,13 @@ def switch_on_function(tables: Tables, dialect: Dialect, lock_timeout: Any) -> S
     Returns the NOTIFY payload it sent (the row as switched on, see :func:`announced`), NULL
     if the tenant was not free (nothing changed), or :data:`NOT_READ_COMMITTED`.
     """
-    named = _named_dialect(dialect)
+    compiling = _pyformat_dialect(dialect)
     args: dict[str, Any] = {}
-    on = _plpgsql(switch_on(tables, lock_timeout), named, args)
-    first = _plpgsql(numbered(tables, True, True, True, payload=True), named, args)
-    again = _plpgsql(numbered(tables, True, False, True, payload=True), named, args)
+    on = _plpgsql(switch_on(tables, lock_timeout), compiling, args)
+    first = _plpgsql(numbered(tables, True, True, True, payload=True), compiling, args)
+    again = _plpgsql(numbered(tables, True, False, True, payload=True), compiling, args)
     counter = _plpgsql(
-        pg_insert(tables.version).values(id=1, version=0).on_conflict_do_nothing(), named, args
+        pg_insert(tables.version).values(id=1, version=0).on_conflict_do_nothing(), compiling, args
     )
     body = f"""DECLARE
   v_on text;
@@ -380,10 +399,10 @@ def switch_off_function(tables: Tables, dialect: Dialect) -> ServerFunction:
     to ``p_search_path``. Returns the tenant, NULL if nothing was switched off, or :data:`CLAIM_LOST`."""
     version = dialect.server_version_info or (0,)
     xid_function = "pg_current_xact_id" if version >= (13,) else "txid_current"
-    named = _named_dialect(dialect)
+    compiling = _pyformat_dialect(dialect)
     args: dict[str, Any] = {}
-    off = _plpgsql(switch_off(tables, xid_function), named, args)
-    mark = _plpgsql(plan.done(tables, tracked=True), named, args)
+    off = _plpgsql(switch_off(tables, xid_function), compiling, args)
+    mark = _plpgsql(plan.done(tables, tracked=True), compiling, args)
     args["p_search_path"] = Text()
     body = f"""DECLARE
   v_row record;
@@ -410,12 +429,13 @@ def claim_function(tables: Tables, dialect: Dialect) -> ServerFunction:
     """A rollout runner's claim (:func:`maintgate.core.plan.claim`) as one function: the server
     keeps its plan, which costs more to make than the claim does to run. Returns the tenant or NULL."""
     args: dict[str, Any] = {}
-    take = _plpgsql(plan.claim(tables, postgres=True), _named_dialect(dialect), args)
+    take = _plpgsql(plan.claim(tables, postgres=True), _pyformat_dialect(dialect), args)
     body = f"""DECLARE
   v_tenant text;
+  v_unsynced text;
 BEGIN
   {take}
-  INTO v_tenant;
+  INTO v_tenant, v_unsynced;
   RETURN v_tenant;
 END"""
     return _function(tables, dialect, "claim", body, args)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable, Hashable, Iterator, Mapping
@@ -453,8 +452,9 @@ def _wal(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _quoted(conn: Connection, table: Any) -> str:
+    """``table``'s quoted name for :func:`text` (which doubles a ``%`` itself where the driver needs it)."""
     prep = conn.dialect.identifier_preparer
-    return prep.format_table(table)
+    return prep.format_table(table).replace("%%", "%") if prep._double_percents else prep.format_table(table)
 
 
 def _bounded_options(url: str, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -501,6 +501,8 @@ FUNCTIONS: dict[str, Callable[[Tables, Any], pgsql.ServerFunction]] = {
     "claim": pgsql.claim_function,
 }
 """The server functions :meth:`MaintenanceStore.create_tables` makes on PostgreSQL, by kind."""
+UNCALLABLE = frozenset({"42883", "42501"})
+"""A server function dropped (undefined_function) or not this role's to call (insufficient_privilege)."""
 FUNCTION_RECHECK = 60.0
 """Seconds before a store looks again for a server function it did not find."""
 _NOT_READ_COMMITTED = "maintgate_not_read_committed"
@@ -511,12 +513,19 @@ _SCHEMA_OF = (
 )
 
 
+def _functions_marker(tables: Tables) -> str:
+    """The comment on the server functions of ``tables``, as an SQL literal."""
+    marker = f"maintgate: the server functions of {tables.state.schema}.{tables.state.name}"
+    return "'" + marker.replace("'", "''") + "'"
+
+
 def _functions_found(conn: Connection, schema: str | None, names: list[str]) -> set[str]:
-    """Which of the functions ``names`` exist in ``schema``."""
+    """Which of the functions ``names`` exist in ``schema`` and may be called by this session's role."""
     found = conn.execute(
         text(
             "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
             " WHERE n.nspname = :schema AND p.proname = ANY(:names)"
+            " AND has_function_privilege(p.oid, 'EXECUTE')"
         ),
         {"schema": schema, "names": names},
     ).scalars()
@@ -1149,7 +1158,7 @@ class MaintenanceStore:
             except sa_exc.DBAPIError as exc:
                 if exc.connection_invalidated:
                     raise
-                if getattr(exc.orig, "sqlstate", None) == "42883":  # undefined_function
+                if getattr(exc.orig, "sqlstate", None) in UNCALLABLE:  # nothing changed
                     self._forget_functions()
                     return False
                 raise _refusal(tenant, exc) from exc
@@ -1270,7 +1279,7 @@ class MaintenanceStore:
                 try:
                     result = connection.execute(function.call, params).scalar()
                 except sa_exc.DBAPIError as exc:
-                    if getattr(exc.orig, "sqlstate", None) == "42883":  # dropped: not the next time
+                    if getattr(exc.orig, "sqlstate", None) in UNCALLABLE:  # not the next time
                         self._forget_functions()
                     raise
                 if done is not None and result == pgsql.CLAIM_LOST:
@@ -1678,41 +1687,48 @@ class MaintenanceStore:
         self._functions = dict.fromkeys(FUNCTIONS, (None, time.monotonic()))
 
     def _create_functions(self, conn: Connection) -> None:
-        """Create the server functions of the tables ``conn`` has just made (where it sees them)."""
+        """Create the server functions of the tables ``conn`` has just made (where it sees them),
+        each commented with what it belongs to, which :meth:`_drop_functions` goes by."""
         tables = self.tables
         if tables.state.schema is None:
             schema = conn.execute(text(_SCHEMA_OF), {"name": self._state.name}).scalar()
             tables = build_tables(self._state.name.removesuffix("state"), schema)
+        marker = _functions_marker(tables)
         for build in FUNCTIONS.values():
             function = build(tables, conn.dialect)
             if _functions_found(conn, function.schema, [function.name]):
                 continue
             try:
                 with conn.begin_nested():
-                    conn.exec_driver_sql(function.create)
+                    # The driver's own SQL: a % in a name is written %% (pyformat).
+                    conn.exec_driver_sql(function.create.replace("%", "%%"))
+                    comment = f"COMMENT ON FUNCTION {function.qualified} IS {marker}"
+                    conn.exec_driver_sql(comment.replace("%", "%%"))
             except sa_exc.DBAPIError as exc:  # another process created it meanwhile
                 if getattr(exc.orig, "sqlstate", None) not in ("42723", "23505"):
                     raise
         self._functions.clear()
 
     def _drop_functions(self, conn: Connection) -> None:
-        """Drop every version of the server functions of these tables (they do not depend on them)."""
-        schema = self.tables.state.schema
-        if schema is None:
+        """Drop every version of the server functions of these tables (they do not depend on
+        them), and none of another store's."""
+        tables = self.tables
+        if tables.state.schema is None:
             schema = conn.execute(text(_SCHEMA_OF), {"name": self._state.name}).scalar()
-        prefix = self._state.name.removesuffix("state")[:32]
-        ours = re.compile(rf"{re.escape(prefix)}({'|'.join(FUNCTIONS)})_[0-9a-f]{{12}}")
-        names = conn.execute(
+            if schema is None:
+                return
+            tables = build_tables(self._state.name.removesuffix("state"), schema)
+        marker = _functions_marker(tables)
+        ours = conn.execute(
             text(
-                "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
-                " WHERE n.nspname = :schema AND left(p.proname, length(:prefix)) = :prefix"
+                "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n"
+                " ON n.oid = p.pronamespace WHERE n.nspname = :schema"
+                f" AND obj_description(p.oid, 'pg_proc') = {marker}"
             ),
-            {"schema": schema, "prefix": prefix},
+            {"schema": tables.state.schema},
         ).scalars()
-        prep = conn.dialect.identifier_preparer
-        for name in names:
-            if schema is not None and ours.fullmatch(name):
-                conn.exec_driver_sql(f"DROP FUNCTION {prep.quote_schema(schema)}.{prep.quote(name)}")
+        for signature in list(ours):
+            conn.exec_driver_sql(f"DROP FUNCTION {signature}".replace("%", "%%"))
 
     def _sql(self, tables: Tables, build: Callable[..., Any], *options: Hashable) -> Any:
         """``build(tables, *options)``, built once: the statements every window runs are prebuilt
