@@ -1088,6 +1088,7 @@ class MaintenanceStore:
         postgres = self.engine.dialect.name == "postgresql"
         window_id = window_id or uuid.uuid4().hex
         tables = self._t()
+        self._prepare_windows()  # built before the lease's clock starts
         now = utcnow()
         lease_until = now + timedelta(seconds=min(lease, OPENING_GRACE) if postgres else lease)
         new = {
