@@ -377,25 +377,15 @@ def test_schemas_with_odd_names(store, fleet, schema):
         assert not odd.get("t1").active
         report = rollout(odd, "odd", ["t2", "t3"], lambda conn, tenant: None)
         assert sorted(report.done) == ["t2", "t3"]
+        in_schema = text(
+            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = :s"
+        )
         with odd.engine.connect() as conn:
-            found = conn.execute(
-                text(
-                    "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
-                    " WHERE n.nspname = :s"
-                ),
-                {"s": schema},
-            ).scalar()
-        assert found == 3
+            assert conn.execute(in_schema, {"s": schema}).scalar() == 3
         odd.drop_tables()
         with odd.engine.connect() as conn:
-            left = conn.execute(
-                text(
-                    "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
-                    " WHERE n.nspname = :s"
-                ),
-                {"s": schema},
-            ).scalar()
-        assert left == 0
+            assert conn.execute(in_schema, {"s": schema}).scalar() == 0
     finally:
         with store.engine.begin() as conn:
             conn.exec_driver_sql(f"DROP SCHEMA {quoted} CASCADE")

@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
@@ -208,16 +208,9 @@ def _refusing(tenant: str) -> Iterator[None]:
         raise _refusal(tenant, exc) from exc
 
 
-@contextmanager
-def _autocommitting(conn: Connection) -> Iterator[None]:
+def _autocommitting(conn: Connection) -> AbstractContextManager[None]:
     """psycopg: each statement on idle ``conn`` commits by itself meanwhile."""
-    driver: Any = conn.connection.driver_connection
-    before, driver.autocommit = driver.autocommit, True
-    try:
-        yield
-    finally:
-        if not conn.invalidated:
-            driver.autocommit = before
+    return _driver_set(conn, "autocommit", True)
 
 
 def _busy_message(tenant: str, holder: MaintenanceState | None, now: datetime) -> str:
@@ -402,18 +395,24 @@ PostgreSQL, also the statement timeout of :meth:`MaintenanceStore.lookup` and ``
 
 
 @contextmanager
-def unprepared(conn: Connection) -> Iterator[None]:
-    """psycopg: no server-side prepared statements on ``conn`` meanwhile (they break behind PgBouncer)."""
+def _driver_set(conn: Connection, name: str, value: Any) -> Iterator[None]:
+    """The driver connection's attribute ``name`` set to ``value`` meanwhile, where it has one."""
     driver = conn.connection.driver_connection
-    if driver is None or not hasattr(driver, "prepare_threshold"):
+    if driver is None or not hasattr(driver, name):
         yield
         return
-    before, driver.prepare_threshold = driver.prepare_threshold, None
+    before = getattr(driver, name)
+    setattr(driver, name, value)
     try:
         yield
     finally:
         if not conn.invalidated:
-            driver.prepare_threshold = before
+            setattr(driver, name, before)
+
+
+def unprepared(conn: Connection) -> AbstractContextManager[None]:
+    """psycopg: no server-side prepared statements on ``conn`` meanwhile (they break behind PgBouncer)."""
+    return _driver_set(conn, "prepare_threshold", None)
 
 
 def can_lend(conn: Connection) -> bool:
