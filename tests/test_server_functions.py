@@ -361,7 +361,7 @@ def test_a_value_too_long_for_its_column_is_refused_on_both_paths(store, path):
 
 
 @pytest.mark.parametrize(
-    "schema", ["Mixed Case", "colon:name", "per%cent", "dollar$maintgate$quote", 'quo"te']
+    "schema", ["Mixed Case", "colon :name", "per%cent", "dollar$maintgate$quote", 'quo"te']
 )
 def test_schemas_with_odd_names(store, fleet, schema):
     """A quoted schema name may hold what SQL text, bound parameters and dollar quotes use."""

@@ -451,9 +451,13 @@ def _wal(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _quoted(conn: Connection, table: Any) -> str:
-    """``table``'s quoted name for :func:`text` (which doubles a ``%`` itself where the driver needs it)."""
+    """``table``'s quoted name for :func:`text`, which reads ``:name`` as a bound parameter and
+    doubles a ``%`` itself where the driver needs it."""
     prep = conn.dialect.identifier_preparer
-    return prep.format_table(table).replace("%%", "%") if prep._double_percents else prep.format_table(table)
+    name = prep.format_table(table)
+    if prep._double_percents:
+        name = name.replace("%%", "%")
+    return name.replace(":", "\\:")
 
 
 def _bounded_options(url: str, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -513,9 +517,8 @@ _SCHEMA_OF = (
 
 
 def _functions_marker(tables: Tables) -> str:
-    """The comment on the server functions of ``tables``, as an SQL literal."""
-    marker = f"maintgate: the server functions of {tables.state.schema}.{tables.state.name}"
-    return "'" + marker.replace("'", "''") + "'"
+    """The comment on the server functions of ``tables``."""
+    return f"maintgate: the server functions of {tables.state.schema}.{tables.state.name}"
 
 
 def _functions_found(conn: Connection, schema: str | None, names: list[str]) -> set[str]:
@@ -1702,7 +1705,8 @@ class MaintenanceStore:
                 with conn.begin_nested():
                     # The driver's own SQL: a % in a name is written %% (pyformat).
                     conn.exec_driver_sql(function.create.replace("%", "%%"))
-                    comment = f"COMMENT ON FUNCTION {function.qualified} IS {marker}"
+                    literal_ = "'" + marker.replace("'", "''") + "'"
+                    comment = f"COMMENT ON FUNCTION {function.qualified} IS {literal_}"
                     conn.exec_driver_sql(comment.replace("%", "%%"))
             except sa_exc.DBAPIError as exc:  # another process created it meanwhile
                 if getattr(exc.orig, "sqlstate", None) not in ("42723", "23505"):
@@ -1723,9 +1727,9 @@ class MaintenanceStore:
             text(
                 "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n"
                 " ON n.oid = p.pronamespace WHERE n.nspname = :schema"
-                f" AND obj_description(p.oid, 'pg_proc') = {marker}"
+                " AND obj_description(p.oid, 'pg_proc') = :marker"
             ),
-            {"schema": tables.state.schema},
+            {"schema": tables.state.schema, "marker": marker},
         ).scalars()
         for signature in list(ours):
             conn.exec_driver_sql(f"DROP FUNCTION {signature}".replace("%", "%%"))
