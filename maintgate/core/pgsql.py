@@ -210,12 +210,18 @@ def switch_on(tables: Tables, lock_timeout: Any) -> Any:
     )
 
 
+def xid_function(server_version: tuple[Any, ...] | None) -> str:
+    """The function that gives the current transaction's id (it changes if the work ends the
+    transaction), on a server of ``server_version``."""
+    return "pg_current_xact_id" if (server_version or (0,)) >= (13,) else "txid_current"
+
+
 def hold(tables: Tables, server_version: tuple[int, ...]) -> Any:
     """The migration transaction's first statement: try tenant ``:p_tenant``'s advisory lock (key
     ``:p_key``), and read the backend pid, the window that holds the row and the transaction's id;
     on PostgreSQL 14+, also notice a dead client within a second while busy in a statement."""
     t = tables.state
-    xid = func.pg_current_xact_id() if server_version >= (13,) else func.txid_current()
+    xid = getattr(func, xid_function(server_version))()
     columns = [
         func.pg_try_advisory_xact_lock(bindparam("p_key", type_=BigInteger)),
         func.pg_backend_pid(),
@@ -397,11 +403,9 @@ def switch_off_function(tables: Tables, dialect: Dialect) -> ServerFunction:
     one function, called in that transaction; with ``p_rollout``, a rollout's done mark first
     (:func:`plan.done`, fenced on the runner's claim), and the session's search_path put back
     to ``p_search_path``. Returns the tenant, NULL if nothing was switched off, or :data:`CLAIM_LOST`."""
-    version = dialect.server_version_info or (0,)
-    xid_function = "pg_current_xact_id" if version >= (13,) else "txid_current"
     compiling = _pyformat_dialect(dialect)
     args: dict[str, Any] = {}
-    off = _plpgsql(switch_off(tables, xid_function), compiling, args)
+    off = _plpgsql(switch_off(tables, xid_function(dialect.server_version_info)), compiling, args)
     mark = _plpgsql(plan.done(tables, tracked=True), compiling, args)
     args["p_search_path"] = Text()
     body = f"""DECLARE

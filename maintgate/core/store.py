@@ -352,9 +352,7 @@ def _touch(tables: Tables) -> Any:
 
 
 def _xid_function(conn: Connection) -> str:
-    """The PostgreSQL function that gives the current transaction's id (it changes if the work
-    ends the transaction)."""
-    return "pg_current_xact_id" if (conn.dialect.server_version_info or (0,)) >= (13,) else "txid_current"
+    return pgsql.xid_function(conn.dialect.server_version_info)
 
 
 ENDED_BY_WORK = (
@@ -429,20 +427,17 @@ def _read_committed(conn: Connection) -> Iterator[None]:
     """PostgreSQL: the transactions begun on ``conn`` meanwhile are READ COMMITTED, whatever the
     engine's level; the store's short writes all take the counter, and under REPEATABLE READ or
     SERIALIZABLE writers of different tenants would fail on it (serialization)."""
-    driver: Any = conn.connection.driver_connection
     if not can_lend(conn):
         conn.execution_options(isolation_level="READ COMMITTED")  # a connection of the store's own
         yield
         return
-    before = driver.autocommit, driver.isolation_level
     dbapi: Any = conn.dialect.dbapi  # psycopg
     # A transaction even on an AUTOCOMMIT engine: each of the store's writes is all or nothing.
-    driver.autocommit, driver.isolation_level = False, dbapi.IsolationLevel.READ_COMMITTED
-    try:
+    with (
+        _driver_set(conn, "autocommit", False),
+        _driver_set(conn, "isolation_level", dbapi.IsolationLevel.READ_COMMITTED),
+    ):
         yield
-    finally:
-        if not conn.invalidated:
-            driver.autocommit, driver.isolation_level = before
 
 
 def _wal(dbapi_connection: Any, _record: Any) -> None:
@@ -1692,10 +1687,7 @@ class MaintenanceStore:
     def _create_functions(self, conn: Connection) -> None:
         """Create the server functions of the tables ``conn`` has just made (where it sees them),
         each commented with what it belongs to, which :meth:`_drop_functions` goes by."""
-        tables = self.tables
-        if tables.state.schema is None:
-            schema = conn.execute(text(_SCHEMA_OF), {"name": self._state.name}).scalar()
-            tables = build_tables(self._state.name.removesuffix("state"), schema)
+        tables = self._tables_on(conn)
         marker = _functions_marker(tables)
         for build in FUNCTIONS.values():
             function = build(tables, conn.dialect)
@@ -1713,15 +1705,20 @@ class MaintenanceStore:
                     raise
         self._functions.clear()
 
+    def _tables_on(self, conn: Connection) -> Tables:
+        """The tables named with the schema ``conn`` finds them in (uncommitted ones included),
+        as :meth:`_t` names them once committed."""
+        if self._state.schema is not None:
+            return self.tables
+        schema = conn.execute(text(_SCHEMA_OF), {"name": self._state.name}).scalar()
+        return build_tables(self._state.name.removesuffix("state"), schema)
+
     def _drop_functions(self, conn: Connection) -> None:
         """Drop every version of the server functions of these tables (they do not depend on
         them), and none of another store's."""
-        tables = self.tables
+        tables = self._tables_on(conn)
         if tables.state.schema is None:
-            schema = conn.execute(text(_SCHEMA_OF), {"name": self._state.name}).scalar()
-            if schema is None:
-                return
-            tables = build_tables(self._state.name.removesuffix("state"), schema)
+            return
         marker = _functions_marker(tables)
         ours = conn.execute(
             text(
