@@ -19,11 +19,9 @@ from tests.conftest import POSTGRES_URL, QueryCounter, ok_app, ok_wsgi, wsgi_cal
 from tests.helpers import asgi_request, elsewhere, eventually
 
 
-async def call(app, tenant: str) -> tuple[int, float]:
-    """One request through an ASGI app: (status, seconds it took)."""
-    started = time.perf_counter()
-    status = await asgi_request(app, {"X-Tenant-ID": tenant})
-    return status, time.perf_counter() - started
+async def call(app, tenant: str) -> int:
+    """One request through an ASGI app: its status."""
+    return await asgi_request(app, {"X-Tenant-ID": tenant})
 
 
 @pytest.mark.parametrize("tenants", [10, 1_000, 100_000])
@@ -79,9 +77,12 @@ def test_overload_never_lets_a_tenant_in_maintenance_through(store):
     for tenant in down:
         store.activate(tenant)
 
+    readers: list[str] = []
+
     @event.listens_for(store.engine, "before_cursor_execute")
     def slow_reads(conn, cursor, statement, *args):
         if "UNION ALL" in statement:
+            readers.append(threading.current_thread().name)
             time.sleep(0.03)
 
     app = MaintenanceMiddleware(ok_app, store, tenant=from_header("X-Tenant-ID"), cache_ttl=0.02)
@@ -89,12 +90,15 @@ def test_overload_never_lets_a_tenant_in_maintenance_through(store):
 
     async def burst():
         await call(app, "warm-up")
+        del readers[:]  # from here on the process holds its state: every read must be in the background
+        for t in threads:
+            t.start()
         results = []
         for _ in range(10):
             tenants = [f"t{random.randrange(10_000)}" for _ in range(1_000)]
             tenants += random.sample(sorted(down), 50)
             outcome = await asyncio.gather(*(call(app, t) for t in tenants))
-            results += [(t, status, took) for t, (status, took) in zip(tenants, outcome, strict=True)]
+            results += zip(tenants, outcome, strict=True)
             await asyncio.sleep(0.01)
         return results
 
@@ -109,16 +113,17 @@ def test_overload_never_lets_a_tenant_in_maintenance_through(store):
 
     wsgi_call(wsgi, "warm-up")
     threads = [threading.Thread(target=hammer) for _ in range(16)]
-    for t in threads:
-        t.start()
     results = asyncio.run(burst())
     for t in threads:
         t.join(60)
-    wrong += [(t, s) for t, s, _ in results if s != (503 if t in down else 200)]
+    wrong += [(t, s) for t, s in results if s != (503 if t in down else 200)]
     assert wrong == [], wrong[:10]
-    assert sum(1 for t, _, _ in results if t in down) >= 500
-    slowest = max(took for _, _, took in results)
-    assert slowest < 0.5, f"a request waited {slowest:.3f}s: requests must not wait for refreshes"
+    assert sum(1 for t, _ in results if t in down) >= 500
+    # Wall-clock latency under 16 GIL-bound threads and 1,050 gathered tasks on two cores is the
+    # scheduler's, not the gate's: who ran each read is what says whether a request waited on it.
+    assert len(readers) >= 10, "the state must have expired and been read again during the burst"
+    waited = [name for name in readers if name != "maintgate-refresh"]
+    assert waited == [], f"requests waited on the database in {set(waited)}"
     event.remove(store.engine, "before_cursor_execute", slow_reads)
     app.gate.close()
     wsgi.gate.close()
@@ -158,7 +163,7 @@ def test_200_apps_created_and_dropped_leave_nothing_behind(store):
             wsgi = WSGIMaintenanceMiddleware(ok_wsgi, store, tenant=from_header("X-Tenant-ID"), cache_ttl=ttl)
             asgi = MaintenanceMiddleware(ok_app, store, tenant=from_header("X-Tenant-ID"), cache_ttl=ttl)
             assert wsgi_call(wsgi, "demo") == 200
-            assert asyncio.run(call(asgi, "demo"))[0] == 200
+            assert asyncio.run(call(asgi, "demo")) == 200
             apps += [wsgi, asgi]
         first = apps[0]
         assert eventually(lambda app=first: app.gate.notifications_live, 5)
