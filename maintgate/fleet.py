@@ -531,11 +531,9 @@ class _Runner:
         now = utcnow()
         # A crashed runner's tenants first (looked for now and then: usually there are none),
         # then the next pending one in plan order.
-        tenant = None
-        if time.monotonic() >= self._expired_check:
-            self._expired_check = time.monotonic() + min(1.0, self.lease / 3)
-            tenant = self._take(conn, now, RUNNING)
-        if tenant is None:
+        first = self._claim_status()
+        tenant = self._take(conn, now, first)
+        if tenant is None and first == RUNNING:
             tenant = self._take(conn, now, PENDING)
         if tenant is None:
             if self._expired_check > time.monotonic():
@@ -550,16 +548,52 @@ class _Runner:
                 .where(self.r.c.name == self.name, self.r.c.runner == self.id)
                 .values(runner_lease_until=now + timedelta(seconds=self.lease))
             )
+        self._took(tenant, now)
+        return tenant
+
+    def _claim_status(self) -> str:
+        """Where the next claim looks first: RUNNING (a crashed runner's tenants, whose claims ran
+        out) now and then, usually there are none; PENDING otherwise, and after RUNNING."""
+        if time.monotonic() >= self._expired_check:
+            self._expired_check = time.monotonic() + min(1.0, self.lease / 3)
+            return RUNNING
+        return PENDING
+
+    def _took(self, tenant: str, now: datetime) -> None:
+        """``tenant`` is claimed: the heartbeat renews its lease from now on."""
         self.held.add(tenant)
         self.claimed_at[tenant] = (time.monotonic(), now)
-        return tenant
+
+    def _unclaim(self, tenant: str) -> None:
+        """Give back a tenant claimed ahead (with a window's switch-off) that this runner stopped
+        before running: pending again, as if never claimed."""
+        rt = self.rt
+        with _writing(self.store) as conn:
+            conn.execute(
+                update(rt)
+                .where(
+                    rt.c.name == self.name,
+                    rt.c.tenant == tenant,
+                    rt.c.runner == self.id,
+                    rt.c.status == RUNNING,
+                )
+                .values(
+                    status=PENDING,
+                    runner=None,
+                    lease_until=None,
+                    started_at=None,
+                    attempts=rt.c.attempts - 1,
+                )
+            )
+        self.held.discard(tenant)
+        self.claimed_at.pop(tenant, None)
 
     def _take(self, conn: Connection, now: datetime, status: str) -> str | None:
         """Take the first tenant in ``status`` (RUNNING: whose lease ran out) in plan order, if the
         rollout is not stopped, its budget not spent, and its canary allows it (:func:`plan.claim`):
         on PostgreSQL one call of its server function where ``create_tables`` made it."""
         params = {
-            "p_name": self.name,
+            "p_rollout": self.name,
             "p_status": status,
             "p_budget": self.budget,
             "p_runner": self.id,
@@ -633,19 +667,29 @@ class _Runner:
     # -- running -----------------------------------------------------------------------------------
 
     def work(self) -> None:
-        """A worker: claim, migrate inside the tenant's window, repeat until nothing is left."""
+        """A worker: claim, migrate inside the tenant's window, repeat until nothing is left. On
+        PostgreSQL a window that commits has claimed the worker's next tenant with its switch-off."""
+        ahead: str | None = None
         try:
             while True:
-                tenant = self.claim()
+                if ahead is not None and self.stop.is_set():
+                    given_back, ahead = ahead, None
+                    self._unclaim(given_back)
+                tenant, ahead = ahead or self.claim(), None
                 if tenant is None:
                     if self._others_running():
                         time.sleep(0.1)  # their tenants may be ours to take, or unlock the canary
                         continue
                     return
-                self.run(tenant)
+                ahead = self.run(tenant)
         except BaseException as exc:  # reported by rollout(), after the other workers end
             self.errors.append(exc)
             self.stop.set()
+            if ahead is not None:
+                try:
+                    self._unclaim(ahead)
+                except Exception:  # its claim runs out instead, and another runner takes it
+                    logger.exception("maintgate: rollout %r could not give back tenant %r", self.name, ahead)
 
     def _others_running(self) -> bool:
         """Whether other tenants are still claimed: by this runner's other workers or a live
@@ -663,8 +707,9 @@ class _Runner:
             ).scalar()
         return bool(running)
 
-    def run(self, tenant: str) -> None:
-        """One tenant's window: done is recorded in the window's transaction, failure after it."""
+    def run(self, tenant: str) -> str | None:
+        """One tenant's window: done is recorded in the window's transaction, failure after it.
+        Returns the next tenant if the window claimed it (committed with the window)."""
         if not self._still_ours(tenant):
             self.held.discard(tenant)
             logger.warning(
@@ -673,11 +718,16 @@ class _Runner:
                 self.name,
                 tenant,
             )
-            return
+            return None
         # The default window writes the done mark with its switch-off (one round trip on
-        # PostgreSQL); another opener's window gets it at the end of the work, in its transaction.
+        # PostgreSQL, which claims the next tenant too); another opener's window gets it at the
+        # end of the work, in its transaction.
         folded = self.opener is sqlalchemy_window
         done = Done(self.name, self.id)
+        if folded and self.postgres and not self.stop.is_set():
+            done.claim_next = self._claim_status()
+            done.budget = self.budget
+            done.lease = timedelta(seconds=self.lease)
         try:
             with self.opener(
                 self.store,
@@ -717,10 +767,14 @@ class _Runner:
                 self._lost(tenant, exc)
         else:
             self.done_here.append(tenant)
+            if done.claimed is not None:
+                self._took(done.claimed, utcnow())
+            return done.claimed
         finally:
             self.held.discard(tenant)
             self.claimed_at.pop(tenant, None)
             self.open.pop(tenant, None)
+        return None
 
     def _later(self, seconds: float) -> Any:
         """``seconds`` from now; on PostgreSQL by the database's clock, so that runners on hosts

@@ -328,7 +328,9 @@ def _unsized(type_: Any) -> Any:
     return type_
 
 
-def _function(tables: Tables, dialect: Dialect, kind: str, body: str, args: dict[str, Any]) -> ServerFunction:
+def _function(
+    tables: Tables, dialect: Dialect, kind: str, body: str, args: dict[str, Any], returns: str = "text"
+) -> ServerFunction:
     schema = tables.state.schema
     assert schema is not None  # the store's qualified tables
     types = {a: dialect.type_compiler_instance.process(_unsized(t)) for a, t in args.items()}
@@ -336,7 +338,7 @@ def _function(tables: Tables, dialect: Dialect, kind: str, body: str, args: dict
     quote = "$maintgate$"
     while quote in body:  # a schema's name could hold it
         quote = quote[:-1] + "_$"
-    definition = f"({signature}) RETURNS text LANGUAGE plpgsql AS {quote}\n{body}\n{quote}"
+    definition = f"({signature}) RETURNS {returns} LANGUAGE plpgsql AS {quote}\n{body}\n{quote}"
     digest = hashlib.blake2b(definition.encode(), digest_size=6).hexdigest()
     name = f"{tables.state.name.removesuffix('state')[:32]}{kind}_{digest}"
     prep = dialect.identifier_preparer
@@ -394,29 +396,37 @@ END"""
 
 
 CLAIM_LOST = ""
-"""What the switch-off function returns, having switched nothing off, when the rollout's done
-mark it was given found the tenant's claim held by another runner."""
+"""What the switch-off function returns first, having switched nothing off, when the rollout's
+done mark it was given found the tenant's claim held by another runner."""
 
 
 def switch_off_function(tables: Tables, dialect: Dialect) -> ServerFunction:
     """A window's switch-off (:func:`switch_off`, fenced on the migration's transaction too) as
     one function, called in that transaction; with ``p_rollout``, a rollout's done mark first
-    (:func:`plan.done`, fenced on the runner's claim), and the session's search_path put back
-    to ``p_search_path``. Returns the tenant, NULL if nothing was switched off, or :data:`CLAIM_LOST`."""
+    (:func:`plan.done`, fenced on the runner's claim), the session's search_path put back to
+    ``p_search_path``, and with ``p_status``, the runner's next claim after the switch-off
+    (:func:`plan.claim`: in ``p_status``, then PENDING), which commits with the window.
+
+    Returns ``{tenant, next}``: the tenant switched off (NULL if none, :data:`CLAIM_LOST`) and the
+    tenant claimed next (NULL if none, or if the transaction is not READ COMMITTED, where a
+    claim could fail the window's commit on a concurrent runner's update).
+    """
     compiling = _pyformat_dialect(dialect)
     args: dict[str, Any] = {}
     off = _plpgsql(switch_off(tables, xid_function(dialect.server_version_info)), compiling, args)
     mark = _plpgsql(plan.done(tables, tracked=True), compiling, args)
     args["p_search_path"] = Text()
+    take = _plpgsql(plan.claim(tables, postgres=True, in_window=True), compiling, args)
     body = f"""DECLARE
   v_row record;
   v_path text;
+  v_next text;
 BEGIN
   IF p_rollout IS NOT NULL THEN
     {mark}
     INTO v_path;
     IF NOT FOUND THEN
-      RETURN '{CLAIM_LOST}';
+      RETURN ARRAY['{CLAIM_LOST}'];
     END IF;
     IF p_search_path IS NOT NULL AND v_path IS DISTINCT FROM p_search_path THEN
       PERFORM set_config('search_path', p_search_path, false);
@@ -424,9 +434,19 @@ BEGIN
   END IF;
   {off}
   INTO v_row;
-  RETURN v_row.tenant;
+  IF v_row.tenant IS NOT NULL AND p_status IS NOT NULL
+      AND current_setting('transaction_isolation') = 'read committed' THEN
+    {take}
+    INTO v_next;
+    IF v_next IS NULL AND p_status = '{plan.RUNNING}' THEN
+      p_status := '{plan.PENDING}';
+      {take}
+      INTO v_next;
+    END IF;
+  END IF;
+  RETURN ARRAY[v_row.tenant, v_next];
 END"""
-    return _function(tables, dialect, "switch_off", body, args)
+    return _function(tables, dialect, "switch_off", body, args, returns="text[]")
 
 
 def claim_function(tables: Tables, dialect: Dialect) -> ServerFunction:

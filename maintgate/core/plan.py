@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -34,6 +35,16 @@ class Done:
     search_path: str | None = None
     """PostgreSQL: the search_path the window's pooled connection came with, put back before the
     commit if the migration changed it for the session (the next tenant's window would inherit it)."""
+    claim_next: str | None = None
+    """PostgreSQL, with the server functions: claim the runner's next tenant in the same call, in
+    status ``claim_next`` first (RUNNING: an expired claim), then PENDING (:func:`claim`).
+    It commits with the window, so it saves the claim's own round trip and commit."""
+    budget: int | None = None
+    """The failure budget the next claim checks (:func:`claim`'s ``:p_budget``)."""
+    lease: timedelta = timedelta(0)
+    """How long the next claim lasts (:func:`claim`'s ``:p_lease``)."""
+    claimed: str | None = None
+    """The next tenant claimed with the switch-off: the runner's once the window has committed."""
 
     def lost(self, tenant: str) -> str:
         return (
@@ -63,18 +74,20 @@ def done(tables: Tables, tracked: bool) -> Any:
     return statement.returning(func.current_setting("search_path")) if tracked else statement
 
 
-def claim(tables: Tables, postgres: bool) -> Any:
-    """Take, for runner ``:p_runner``, the first tenant of rollout ``:p_name`` in status ``:p_status``
-    (RUNNING: one whose claim ran out) in plan order, if the rollout is not stopped, its failure
-    budget ``:p_budget`` (NULL: none) is not spent, and its canary allows it. Returns the tenant.
+def claim(tables: Tables, postgres: bool, in_window: bool = False) -> Any:
+    """Take, for runner ``:p_runner``, the first tenant of rollout ``:p_rollout`` in status
+    ``:p_status`` (RUNNING: one whose claim ran out) in plan order, if the rollout is not stopped,
+    its failure budget ``:p_budget`` (NULL: none) is not spent, and its canary allows it. Returns
+    the tenant.
 
     One UPDATE whatever the plan's size: an index range, never a scan. On PostgreSQL the claim
-    lasts ``:p_lease`` by the database's clock (runners' clocks may disagree) and commits without
-    waiting for the WAL flush: a claim a crash loses is taken again, and the window's commit,
-    which waits, flushes it first anyway. Elsewhere it lasts until ``:p_until``.
+    lasts ``:p_lease`` from the statement's time by the database's clock (runners' clocks may
+    disagree) and, on its own, commits without waiting for the WAL flush: a claim a crash loses is
+    taken again, and the window's commit, which waits, flushes it first anyway. ``in_window``: it
+    runs in a window's transaction, whose commit must wait. Elsewhere it lasts until ``:p_until``.
     """
     r, rt = tables.rollout, tables.rollout_tenant
-    name = bindparam("p_name", type_=r.c.name.type)
+    name = bindparam("p_rollout", type_=r.c.name.type)
     status = bindparam("p_status", type_=String)
     budget = bindparam("p_budget", type_=Integer)
     now = bindparam("p_now", type_=rt.c.started_at.type)
@@ -99,7 +112,7 @@ def claim(tables: Tables, postgres: bool) -> Any:
             and_(first_position(PENDING) >= canary, first_position(RUNNING) >= canary),
         ),
         or_(budget.is_(None), spent < budget),
-        or_(status != RUNNING, x.c.lease_until < (func.now() if postgres else now)),
+        or_(status != RUNNING, x.c.lease_until < (func.statement_timestamp() if postgres else now)),
     ]
     # PostgreSQL: the row found is updated by its ctid (a TID scan), whatever the planner thinks
     # of a plan just created (by tenant, a stale estimate can scan the whole plan per claim).
@@ -108,8 +121,10 @@ def claim(tables: Tables, postgres: bool) -> Any:
     returned: list[Any] = [rt.c.tenant]
     if postgres:
         first = first.with_for_update(skip_locked=True)
-        returned.append(func.set_config("synchronous_commit", "off", True))
-        until = func.now() + bindparam("p_lease", type_=Interval)
+        if not in_window:
+            returned.append(func.set_config("synchronous_commit", "off", True))
+        # The statement's time: in a window's transaction, now() is when the migration began.
+        until = func.statement_timestamp() + bindparam("p_lease", type_=Interval)
     else:
         until = bindparam("p_until", type_=rt.c.lease_until.type)
     found = (literal_column("ctid") if postgres else rt.c.tenant) == first.scalar_subquery()

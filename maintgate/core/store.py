@@ -1273,6 +1273,9 @@ class MaintenanceStore:
                     "p_rollout": done and done.rollout,
                     "p_runner": done and done.runner,
                     "p_search_path": done and done.search_path,
+                    "p_status": done and done.claim_next,
+                    "p_budget": done and done.budget,
+                    "p_lease": done and done.lease,
                 }
                 try:
                     result = connection.execute(function.call, params).scalar()
@@ -1280,9 +1283,12 @@ class MaintenanceStore:
                     if getattr(exc.orig, "sqlstate", None) in UNCALLABLE:  # not the next time
                         self._forget_functions()
                     raise
-                if done is not None and result == pgsql.CLAIM_LOST:
-                    raise MaintgateError(done.lost(window.tenant))
-                closed = result is not None
+                closed_tenant, *claimed = result or [None]
+                if done is not None:
+                    if closed_tenant == pgsql.CLAIM_LOST:
+                        raise MaintgateError(done.lost(window.tenant))
+                    done.claimed = claimed[0] if claimed else None
+                closed = closed_tenant is not None
             else:
                 if done is not None:
                     self.mark_done(connection, window.tenant, done, now)
