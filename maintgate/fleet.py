@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -603,10 +603,13 @@ class _Runner:
         }
         function = self.store._function("claim", conn) if self.postgres else None
         if function is not None:
+            # In autocommit a failed call changes nothing; in a transaction, a savepoint sees to it.
+            guard = conn.begin_nested() if not _autocommit(conn) else nullcontext()
             try:
-                called: str | None = conn.execute(function.call, params).scalar()
+                with guard:
+                    called: str | None = conn.execute(function.call, params).scalar()
                 return called
-            except DBAPIError as exc:  # in autocommit: nothing changed
+            except DBAPIError as exc:
                 if getattr(exc.orig, "sqlstate", None) not in UNCALLABLE:
                     raise
                 self.store._forget_functions()
@@ -643,7 +646,12 @@ class _Runner:
     @contextmanager
     def _claiming(self) -> Iterator[Connection]:
         """Where claims run: on PostgreSQL a connection held by the runner, in autocommit (a claim
-        is one statement); on SQLite a write transaction of its own each time."""
+        is one statement); on SQLite a write transaction of its own each time.
+
+        A claim updates a row another runner may have just claimed: under a snapshot (a server
+        whose default isolation is REPEATABLE READ) that fails to serialize, so there the claims
+        run in READ COMMITTED transactions instead of autocommit.
+        """
         if not self.postgres:
             with _writing(self.store) as conn:
                 yield conn
@@ -651,8 +659,17 @@ class _Runner:
         if self._claimer is None or self._claimer.closed or self._claimer.invalidated:
             self._drop_claimer()
             conn = self._claimer_held.enter_context(self.store._connect())
-            self._claimer = conn.execution_options(isolation_level="AUTOCOMMIT")
-        yield self._claimer
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            with conn.begin():  # SQLAlchemy's: in autocommit the driver sends no BEGIN
+                level = conn.execute(select(func.current_setting("transaction_isolation"))).scalar()
+            if level != "read committed":
+                conn.execution_options(isolation_level="READ COMMITTED")
+            self._claimer = conn
+        if _autocommit(self._claimer):
+            yield self._claimer
+            return
+        with self._claimer.begin():
+            yield self._claimer
 
     def _drop_claimer(self) -> None:
         self._claimer = None
@@ -976,6 +993,11 @@ def _writing(store: MaintenanceStore) -> Iterator[Connection]:
             stack.enter_context(_read_committed(conn))
         with conn.begin():
             yield conn
+
+
+def _autocommit(conn: Connection) -> bool:
+    """Whether ``conn`` was set to autocommit (its execution options: no round trip)."""
+    return bool(conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT")
 
 
 def _run_again(exc: BaseException) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -407,3 +408,102 @@ def test_functions_dropped_while_a_window_runs_fail_that_window_only(store, flee
     with maintenance_window(store, second) as conn:
         f.migrate(conn, second)
     assert not store.get(second).active and f.migrated() == {second: 1}
+
+
+def plan_rows(store: MaintenanceStore, name: str) -> dict[str, tuple[str, int, str | None]]:
+    """Each tenant of rollout ``name``: (status, attempts, runner)."""
+    rt = store.tables.rollout_tenant
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            text(f"SELECT tenant, status, attempts, runner FROM {rt.name} WHERE name = :n"), {"n": name}
+        ).all()
+    return {tenant: (status, attempts, runner) for tenant, status, attempts, runner in rows}
+
+
+def test_a_rollouts_window_claims_the_next_tenant_with_its_switch_off(store, fleet):
+    """One window at a time: each switch-off claims the next tenant in the same call, so the
+    claim's own call runs for the first tenant and to find that nothing is left, in plan order."""
+    f = fleet(30)
+    order: list[str] = []
+    statements = Statements(store)
+
+    def migrate(conn, tenant: str) -> None:
+        order.append(tenant)
+        f.migrate(conn, tenant)
+
+    sent = statements.during(lambda: rollout(store, "ahead", f.tenants, migrate, concurrency=1))
+    claims = [s for s in sent if "_claim_" in s or "rollout_tenant SET status" in s]
+    assert len(claims) <= 3, claims  # the first looks for expired claims, then pending; the last finds none
+    assert order == f.tenants and f.migrated() == dict.fromkeys(f.tenants, 1)
+    assert {(status, attempts) for status, attempts, _ in plan_rows(store, "ahead").values()} == {("done", 1)}
+
+
+def test_a_tenant_claimed_ahead_of_a_stop_is_given_back(store, fleet):
+    """A stop while a window runs: that window's switch-off has claimed the next tenant, which the
+    runner gives back untouched (pending, no attempt counted) rather than run or hold until its
+    lease runs out; the rollout resumes with it."""
+    f = fleet(8)
+    stop = threading.Event()
+    first = rollout(
+        store, "given-back", f.tenants, f.stopping_after(f.tenants[2], stop), stop=stop, concurrency=1
+    )
+    assert first.done == tuple(f.tenants[:3]) and first.not_started == tuple(f.tenants[3:])
+    rows = plan_rows(store, "given-back")
+    assert rows[f.tenants[3]] == ("pending", 0, None), rows
+    assert store.get(f.tenants[3]) is None
+    second = rollout(store, "given-back", f.tenants, f.migrate, concurrency=1)
+    assert second.done == tuple(f.tenants[3:]) and f.migrated() == dict.fromkeys(f.tenants, 1)
+    assert all(attempts == 1 for _, attempts, _ in plan_rows(store, "given-back").values())
+
+
+def test_a_dead_runners_tenant_is_taken_over_while_switch_offs_claim(store, fleet):
+    """Claims folded into the switch-offs still look for a crashed runner's expired claims now
+    and then: its tenant is taken over within about a second, not when the plan runs out."""
+    f = fleet(80)
+    rt = store.tables.rollout_tenant.name
+    dead = f.tenants[-1]
+    order: list[str] = []
+
+    def migrate(conn, tenant: str) -> None:
+        order.append(tenant)
+        if len(order) == 3:  # a runner claimed the last tenant and died
+            with store.engine.begin() as other:
+                other.execute(
+                    text(
+                        f"UPDATE {rt} SET status = 'running', runner = 'dead:1:x', attempts = 1, "
+                        "lease_until = now() - interval '1 second' WHERE name = 'dead' AND tenant = :t"
+                    ),
+                    {"t": dead},
+                )
+        time.sleep(0.05)
+        f.migrate(conn, tenant)
+
+    report = rollout(store, "dead", f.tenants, migrate, concurrency=1, lease=3.0)
+    assert report.complete and f.migrated() == dict.fromkeys(f.tenants, 1)
+    assert order.index(dead) < 60, f"taken over as tenant {order.index(dead)} of 80"
+    assert plan_rows(store, "dead")[dead][:2] == ("done", 2)
+
+
+def test_runners_on_a_server_defaulting_to_repeatable_read_claim_without_failing(store, fleet, path):
+    """Claims of runners sharing a plan each update a row another may have just taken: under a
+    snapshot that is a serialization failure, which ended the runner. They claim in READ
+    COMMITTED, and a window's transaction stricter than that does not claim with its switch-off.
+    Three runners of four windows: each tenant migrated once, at its first attempt."""
+    options = r"-c default_transaction_isolation=repeatable\ read"
+    engine = create_engine(store.engine.url, connect_args={"options": options}, pool_size=20)
+    strict = MaintenanceStore(engine, table_prefix=store.tables.state.name.removesuffix("state"))
+    if path == "statements":
+        without_server_functions(strict)
+    f = fleet(150)
+    try:
+        assert at_once([lambda: rollout(strict, "rr", f.tenants, f.migrate, concurrency=4)] * 3) == []
+        assert f.migrated() == dict.fromkeys(f.tenants, 1)
+        rows = plan_rows(store, "rr").values()
+        assert {(status, attempts) for status, attempts, _ in rows} == {("done", 1)}, "nothing ran twice"
+        if path == "functions":  # dropped while this store thinks they are there: statements
+            without_server_functions(strict)
+            g = fleet(5)
+            assert rollout(strict, "rr-dropped", g.tenants, g.migrate).complete
+            assert g.migrated() == dict.fromkeys(g.tenants, 1)
+    finally:
+        engine.dispose()
