@@ -38,6 +38,10 @@ from . import plan
 from .schema import Tables
 from .state import FULL, OPERATOR, WINDOW
 
+PENDING = -1
+"""The version of a row whose change has no number yet (written in a caller's transaction)."""
+RENUMBER_MAX = 1000
+"""Rows left PENDING that one numbered change renumbers at most."""
 NOTIFY_MAX = 7900
 """Bytes of a NOTIFY payload past which it carries no state (PostgreSQL caps payloads at 8,000)."""
 
@@ -125,12 +129,24 @@ def numbered(tables: Tables, own: bool, record: bool, carry_state: bool, payload
         number = select(taken.c.version).scalar_subquery()
         w = tables.state.alias("waiting")
         # Rows a caller's open transaction holds are skipped: they are renumbered by a later change.
+        # Found in the version index and updated by ctid (a TID scan) whatever the statistics say:
+        # without any (a restore, a bulk import), a filter on `version < 0` was planned as two
+        # scans of the whole table (PENDING is the one negative version; an equality the planner
+        # takes to be selective). Past RENUMBER_MAX, the next change numbers the rest; gates
+        # read every PENDING row meanwhile.
         waiting = (
-            select(w.c.tenant).where(w.c.version < 0, w.c.tenant != tenant).with_for_update(skip_locked=True)
+            select(literal_column("waiting.ctid"))
+            .select_from(w)
+            .where(w.c.version == PENDING, w.c.tenant != tenant)
+            .limit(RENUMBER_MAX)
+            .with_for_update(skip_locked=True)
         )
         ctes.append(
             update(t)
-            .where(t.c.tenant.in_(waiting), number.is_not(None))
+            .where(
+                literal_column("s.ctid") == func.any(func.array(waiting.scalar_subquery())),
+                number.is_not(None),
+            )
             .values(version=number)
             .cte("renumbered")
         )

@@ -279,7 +279,7 @@ def _schedule_rows(sc: Any) -> Any:
 
 
 _PENDING = "maintgate_changes"
-PENDING = -1
+PENDING = pgsql.PENDING
 """Change number of a row written in a caller's transaction, until a numbered change renumbers it."""
 _Change = tuple[str, MaintenanceState | None, int | None]
 
