@@ -134,7 +134,7 @@ def numbered(tables: Tables, own: bool, record: bool, carry_state: bool, payload
         # scans of the whole table (PENDING is the one negative version; an equality the planner
         # takes to be selective). Past RENUMBER_MAX, the next change numbers the rest; gates
         # read every PENDING row meanwhile.
-        waiting = (
+        waiting: Any = (
             select(literal_column("waiting.ctid"))
             .select_from(w)
             .where(w.c.version == PENDING, w.c.tenant != tenant)
