@@ -125,6 +125,9 @@ def _rollout_section(result: dict, table: Table) -> None:
     for r in rows:
         per = r["seconds"] / r["done"] if r["done"] else float("nan")
         split = f"  ({' + '.join(map(str, r['split']))} tenants)" if "split" in r else ""
+        if len(r.get("rounds", ())) > 1:
+            each = " / ".join(f"{x:.2f}" for x in r["rounds"])
+            split = f"  (median of {len(r['rounds'])} rounds: {each} s)"
         print(
             f"   {r['label']:<26}{r['concurrency']:>8}{r['seconds']:>9.2f}{r['done'] / r['seconds']:>11,.0f}"
             f"{per * 1000:>11.2f}{(per - bare) * 1000:>+9.2f}ms{r['cpu']:>9.2f} CPU"

@@ -12,6 +12,9 @@ a column of its own per row), so rows differ only in how the migrations are run:
   first 1,000: the cost of claiming a tenant does not grow with the plan.
 
 The overhead per tenant is the time per tenant minus the bare loop's, measured in this one run.
+The bare loop, the loop of windows and the rollout at concurrency 1 run in turn, three rounds
+of each, and each row is its median round: on a shared machine the speed drifts between rows
+by more than the differences measured.
 ``python -m benchmarks.rollout [--quick]`` runs this section alone;
 ``python -m benchmarks.rollout --runner …`` is the runner process the two-runner row starts.
 """
@@ -35,6 +38,13 @@ from maintgate import MaintenanceStore, maintenance_window, rollout
 
 TENANTS = 1_000
 BIG_PLAN = 100_000
+ROUNDS = 3
+
+
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median time, with every run's time (``rounds``)."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    return ordered[len(ordered) // 2] | {"rounds": [r["seconds"] for r in runs]}
 
 
 def _tenants(tag: str, count: int) -> list[str]:
@@ -88,24 +98,53 @@ def run(url: str, quick: bool = False) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     columns = iter(f"c{i}" for i in range(100))
 
-    cpu = [time.process_time()]
-    machine = [_machine_busy()]
+    def measured(action: Any) -> dict[str, Any]:
+        """Run ``action``: its wall time, this process's CPU and every process's, in cores."""
+        start, cpu, busy = time.perf_counter(), time.process_time(), _machine_busy()
+        done = action()
+        seconds = time.perf_counter() - start
+        return {
+            "seconds": seconds,
+            "done": done,
+            "cpu": (time.process_time() - cpu) / seconds,  # this process's CPU while the row ran
+            "machine": (_machine_busy() - busy) / seconds,  # every process's (PostgreSQL's too)
+        }
 
-    def row(label: str, concurrency: int, seconds: float, done: int, **extra: Any) -> None:
-        used, cpu[0] = time.process_time() - cpu[0], time.process_time()
-        busy, machine[0] = _machine_busy() - machine[0], _machine_busy()
-        extra.setdefault("cpu", used / seconds)  # this process's CPU, in cores, while the row ran
-        extra["machine"] = busy / seconds  # every process's (PostgreSQL's too), in cores
-        rows.append({"label": label, "concurrency": concurrency, "seconds": seconds, "done": done, **extra})
+    def row(label: str, concurrency: int, **measured: Any) -> None:
+        rows.append({"label": label, "concurrency": concurrency, **measured})
 
-    try:
-        # Bare loop, one at a time.
+    def bare_loop() -> int:
         migrate = _migration(next(columns), [])
-        start, cpu[0], machine[0] = time.perf_counter(), time.process_time(), _machine_busy()
         for tenant in tenants:
             with store.engine.begin() as conn:
                 migrate(conn, tenant)
-        row("bare loop", 1, time.perf_counter() - start, count)
+        return count
+
+    def window_loop() -> int:
+        migrate = _migration(next(columns), [])
+        for tenant in tenants:
+            with maintenance_window(store, tenant) as conn:
+                migrate(conn, tenant)
+        return count
+
+    def rolled_out(name: str, concurrency: int) -> Any:
+        def action() -> int:
+            migrate = _migration(next(columns), [])
+            return len(rollout(store, name, tenants, migrate, concurrency=concurrency).done)
+
+        return action
+
+    try:
+        # The rows the overhead at concurrency 1 is read from, in interleaved rounds: this
+        # machine's speed drifts from one row to the next (a shared VM), so each is the median
+        # of ROUNDS runs, taken in turn.
+        rounds: dict[str, list[dict[str, Any]]] = {"bare loop": [], "loop of windows": [], "rollout": []}
+        for i in range(1 if quick else ROUNDS):
+            rounds["bare loop"].append(measured(bare_loop))
+            rounds["loop of windows"].append(measured(window_loop))
+            rounds["rollout"].append(measured(rolled_out(f"c1-{i}", 1)))
+        medians = {label: _median(runs) for label, runs in rounds.items()}
+        row("bare loop", 1, **medians["bare loop"])
 
         # Bare, on 8 threads: where plain transactions meet the database's limit.
         migrate = _migration(next(columns), [])
@@ -114,38 +153,33 @@ def run(url: str, quick: bool = False) -> dict[str, Any]:
             with store.engine.begin() as conn:
                 migrate(conn, tenant)
 
-        start, cpu[0], machine[0] = time.perf_counter(), time.process_time(), _machine_busy()
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(bare, tenants))
-        row("bare, 8 threads", 8, time.perf_counter() - start, count)
+        def threaded() -> int:
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(bare, tenants))
+            return count
 
+        row("bare, 8 threads", 8, **measured(threaded))
         # A loop of windows: the window's own cost, without the rollout's.
-        migrate = _migration(next(columns), [])
-        start, cpu[0], machine[0] = time.perf_counter(), time.process_time(), _machine_busy()
-        for tenant in tenants:
-            with maintenance_window(store, tenant) as conn:
-                migrate(conn, tenant)
-        row("loop of windows", 1, time.perf_counter() - start, count)
-
-        for concurrency in (1, 4, 8):
-            migrate = _migration(next(columns), [])
-            start, cpu[0], machine[0] = time.perf_counter(), time.process_time(), _machine_busy()
-            report = rollout(store, f"c{concurrency}", tenants, migrate, concurrency=concurrency)
-            row("rollout", concurrency, time.perf_counter() - start, len(report.done))
+        row("loop of windows", 1, **medians["loop of windows"])
+        row("rollout", 1, **medians["rollout"])
+        for concurrency in (4, 8):
+            row("rollout", concurrency, **measured(rolled_out(f"c{concurrency}", concurrency)))
 
         column = next(columns)
         command = [sys.executable, "-m", "benchmarks.rollout", "--runner"]
         args = [url, prefix, "two", tag, str(count), "4", column]
+        busy = _machine_busy()
         runners = [subprocess.Popen([*command, *args], stdout=subprocess.PIPE, text=True) for _ in range(2)]
         results = [json.loads(r.communicate(timeout=600)[0]) for r in runners]
         seconds = max(r["end"] for r in results) - min(r["start"] for r in results)
         row(
             "rollout, 2 processes",
             8,
-            seconds,
-            sum(r["done"] for r in results),
+            seconds=seconds,
+            done=sum(r["done"] for r in results),
             split=[r["done"] for r in results],
             cpu=sum(r["cpu"] for r in results) / seconds,
+            machine=(_machine_busy() - busy) / seconds,
         )
 
         # 100,000 tenants in the plan (those past the first `count` have no table: never reached).
@@ -159,12 +193,13 @@ def run(url: str, quick: bool = False) -> dict[str, Any]:
             if len(stamps) == count:
                 stop.set()
 
-        start, cpu[0], machine[0] = time.perf_counter(), time.process_time(), _machine_busy()
-        report = rollout(store, "big-plan", big, stopping, concurrency=1, stop=stop)
-        total = time.perf_counter() - start
+        big_run = measured(
+            lambda: len(rollout(store, "big-plan", big, stopping, concurrency=1, stop=stop).done)
+        )
         # Time per tenant from the first window's work to the last's: the plan's creation left out.
         steady = (stamps[-1] - stamps[0]) / (len(stamps) - 1) * count
-        row(f"rollout, {BIG_PLAN:,} in plan", 1, steady, len(report.done), total=total)
+        big_run |= {"seconds": steady, "total": big_run["seconds"]}
+        row(f"rollout, {BIG_PLAN:,} in plan", 1, **big_run)
     finally:
         with store.engine.begin() as conn:
             for tenant in tenants:
