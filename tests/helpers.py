@@ -94,3 +94,29 @@ async def asgi_request(app: Any, headers: dict[str, str]) -> int:
 
     await app(scope, receive, send)
     return sent[0]["status"]
+
+
+def bulk_tenants(store: MaintenanceStore, count: int) -> None:
+    """PostgreSQL: ``count`` serving tenants in the state table at once, as a restore or a bulk
+    import leaves it: no statistics until autovacuum analyzes it."""
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                f"INSERT INTO {store.tables.state.name} (tenant, active, version, updated_at) "
+                "SELECT 'bulk' || g, false, g, now() FROM generate_series(1, :n) g"
+            ),
+            {"n": count},
+        )
+
+
+def state_rows_scanned(store: MaintenanceStore) -> int:
+    """PostgreSQL: rows of the state table read by sequential scans so far (every backend's,
+    flushed by ending the store's connections)."""
+    store.engine.dispose()
+    with store.engine.connect() as conn:
+        conn.execute(text("SELECT pg_stat_clear_snapshot()"))
+        scanned: int = conn.execute(
+            text("SELECT coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relname = :t"),
+            {"t": store.tables.state.name},
+        ).scalar_one()
+    return scanned

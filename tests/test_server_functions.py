@@ -24,7 +24,7 @@ from maintgate import (
 )
 from maintgate.core.state import READ_ONLY
 from maintgate.core.store import state_fields, state_from_payload
-from tests.helpers import Boom, events, without_server_functions
+from tests.helpers import Boom, bulk_tenants, events, state_rows_scanned, without_server_functions
 from tests.test_notify import Inbox
 
 pytestmark = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -513,28 +513,10 @@ def test_a_switch_on_reads_no_more_rows_with_100000_tenants_before_the_table_is_
     """The switch-on gives the rows left PENDING a change number: found through the version index
     whatever the statistics say. Right after a restore or a bulk import (no statistics yet) it
     read the whole state table twice per window (23 ms each with 100,000 tenants here)."""
-    state = store.tables.state.name
-    with store.engine.begin() as conn:
-        conn.execute(
-            text(
-                f"INSERT INTO {state} (tenant, active, version, updated_at) "
-                "SELECT 'bulk' || g, false, g, now() FROM generate_series(1, 100000) g"
-            )
-        )
-    store.engine.dispose()
-
-    def rows_read() -> int:
-        store.engine.dispose()  # a backend's table statistics are flushed when it ends
-        with store.engine.connect() as conn:
-            conn.execute(text("SELECT pg_stat_clear_snapshot()"))
-            return conn.execute(
-                text("SELECT coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relname = :t"),
-                {"t": state},
-            ).scalar_one()
-
-    before = rows_read()
+    bulk_tenants(store, 100_000)
+    before = state_rows_scanned(store)
     for i in range(10):
         with maintenance_window(store, f"t{i}") as conn:
             conn.execute(text("SELECT 1"))
     assert store.get("t9").active is False
-    assert rows_read() - before < 100_000, "a window scanned the whole state table"
+    assert state_rows_scanned(store) - before < 100_000, "a window scanned the whole state table"

@@ -280,6 +280,7 @@ def _schedule_rows(sc: Any) -> Any:
 
 _PENDING = "maintgate_changes"
 PENDING = pgsql.PENDING
+VERSION_MAX = 2**63 - 1
 """Change number of a row written in a caller's transaction, until a numbered change renumbers it."""
 _Change = tuple[str, MaintenanceState | None, int | None]
 
@@ -739,7 +740,10 @@ class MaintenanceStore:
             if since is None:
                 query = union_all(counter, rows.where(t.c.active), planned)
             else:
-                news = or_(t.c.version > since, t.c.version < 0)
+                # Bounded on both sides, and PENDING by equality: both read as selective by the
+                # planner even without statistics (a table just restored), so the version index
+                # answers instead of a scan of every tenant's row.
+                news = or_(t.c.version.between(since + 1, VERSION_MAX), t.c.version == PENDING)
                 changed = select(t.c.tenant).where(news).scalar_subquery()
                 query = union_all(counter, rows.where(news), planned.where(sc.c.tenant.in_(changed)))
         with self._connect() as conn:
