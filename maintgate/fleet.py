@@ -570,19 +570,8 @@ class _Runner:
         rt = self.rt
         with _writing(self.store) as conn:
             conn.execute(
-                update(rt)
-                .where(
-                    rt.c.name == self.name,
-                    rt.c.tenant == tenant,
-                    rt.c.runner == self.id,
-                    rt.c.status == RUNNING,
-                )
-                .values(
-                    status=PENDING,
-                    runner=None,
-                    lease_until=None,
-                    started_at=None,
-                    attempts=rt.c.attempts - 1,
+                self._my_claim(tenant).values(
+                    status=PENDING, runner=None, lease_until=None, started_at=None, attempts=rt.c.attempts - 1
                 )
             )
         self.held.discard(tenant)
@@ -807,19 +796,18 @@ class _Runner:
         margin = self.lease / 3
         if time.monotonic() - since < margin and (utcnow() - at).total_seconds() < margin:
             return True
-        rt = self.rt
         with _writing(self.store) as conn:
             renewed = conn.execute(
-                update(rt)
-                .where(
-                    rt.c.name == self.name,
-                    rt.c.tenant == tenant,
-                    rt.c.runner == self.id,
-                    rt.c.status == RUNNING,
-                )
-                .values(lease_until=self._later(self.lease))
+                self._my_claim(tenant).values(lease_until=self._later(self.lease))
             ).rowcount
         return renewed == 1
+
+    def _my_claim(self, tenant: str) -> Any:
+        """An UPDATE of ``tenant``'s plan row that changes it only while this runner holds its claim."""
+        rt = self.rt
+        return update(rt).where(
+            rt.c.name == self.name, rt.c.tenant == tenant, rt.c.runner == self.id, rt.c.status == RUNNING
+        )
 
     def _attempts(self, tenant: str) -> int:
         rt = self.rt
