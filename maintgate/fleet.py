@@ -564,16 +564,19 @@ class _Runner:
         self.held.add(tenant)
         self.claimed_at[tenant] = (time.monotonic(), now)
 
-    def _unclaim(self, tenant: str) -> None:
-        """Give back a tenant claimed ahead (with a window's switch-off) that this runner stopped
-        before running: pending again, as if never claimed."""
+    def _unclaim(self, tenant: str, status: str) -> None:
+        """Give back a tenant claimed ahead (with a window's switch-off) from ``status`` that this
+        runner stopped before running: pending again, as if never claimed; or, taken over from a
+        dead runner (whose window may have left it in maintenance), an expired claim again, which
+        the next runner takes over at once."""
         rt = self.rt
+        values: dict[str, Any] = {"runner": None, "attempts": rt.c.attempts - 1}
+        if status == RUNNING:
+            values["lease_until"] = self._later(0)
+        else:
+            values.update(status=PENDING, lease_until=None, started_at=None)
         with _writing(self.store) as conn:
-            conn.execute(
-                self._my_claim(tenant).values(
-                    status=PENDING, runner=None, lease_until=None, started_at=None, attempts=rt.c.attempts - 1
-                )
-            )
+            conn.execute(self._my_claim(tenant).values(**values))
         self.held.discard(tenant)
         self.claimed_at.pop(tenant, None)
 
@@ -675,13 +678,13 @@ class _Runner:
     def work(self) -> None:
         """A worker: claim, migrate inside the tenant's window, repeat until nothing is left. On
         PostgreSQL a window that commits has claimed the worker's next tenant with its switch-off."""
-        ahead: str | None = None
+        ahead: tuple[str, str] | None = None  # a tenant claimed with the last switch-off, and from
         try:
             while True:
                 if ahead is not None and self.stop.is_set():
-                    given_back, ahead = ahead, None
-                    self._unclaim(given_back)
-                tenant, ahead = ahead or self.claim(), None
+                    self._unclaim(*ahead)
+                    ahead = None
+                tenant, ahead = (ahead[0] if ahead else None) or self.claim(), None
                 if tenant is None:
                     if self._others_running():
                         time.sleep(0.1)  # their tenants may be ours to take, or unlock the canary
@@ -693,9 +696,11 @@ class _Runner:
             self.stop.set()
             if ahead is not None:
                 try:
-                    self._unclaim(ahead)
+                    self._unclaim(*ahead)
                 except Exception:  # its claim runs out instead, and another runner takes it
-                    logger.exception("maintgate: rollout %r could not give back tenant %r", self.name, ahead)
+                    logger.exception(
+                        "maintgate: rollout %r could not give back tenant %r", self.name, ahead[0]
+                    )
 
     def _others_running(self) -> bool:
         """Whether other tenants are still claimed: by this runner's other workers or a live
@@ -713,9 +718,10 @@ class _Runner:
             ).scalar()
         return bool(running)
 
-    def run(self, tenant: str) -> str | None:
+    def run(self, tenant: str) -> tuple[str, str] | None:
         """One tenant's window: done is recorded in the window's transaction, failure after it.
-        Returns the next tenant if the window claimed it (committed with the window)."""
+        Returns the next tenant and the status it was claimed from, if the window claimed it
+        (committed with the window)."""
         if not self._still_ours(tenant):
             self.held.discard(tenant)
             logger.warning(
@@ -775,7 +781,7 @@ class _Runner:
             self.done_here.append(tenant)
             if done.claimed is not None:
                 self._took(done.claimed, utcnow())
-            return done.claimed
+                return done.claimed, done.claimed_from or PENDING
         finally:
             self.held.discard(tenant)
             self.claimed_at.pop(tenant, None)

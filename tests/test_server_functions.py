@@ -520,3 +520,41 @@ def test_a_switch_on_reads_no_more_rows_with_100000_tenants_before_the_table_is_
             conn.execute(text("SELECT 1"))
     assert store.get("t9").active is False
     assert state_rows_scanned(store) - before < 100_000, "a window scanned the whole state table"
+
+
+def test_a_dead_runners_tenant_claimed_ahead_of_a_stop_is_given_back_for_take_over(store, fleet):
+    """A switch-off took over a dead runner's expired claim (its window may have opened: the
+    tenant may be in maintenance), then the runner was stopped: the tenant goes back as an expired claim,
+    which the next run takes over, not as pending (never started), which a run whose list leaves
+    it out would drop, in maintenance for good."""
+    f = fleet(6)
+    rt = store.tables.rollout_tenant.name
+    dead = f.tenants[-1]
+    stop = threading.Event()
+    order: list[str] = []
+
+    def migrate(conn, tenant: str) -> None:
+        order.append(tenant)
+        if len(order) == 1:  # the claim of a runner that died
+            with store.engine.begin() as other:
+                other.execute(
+                    text(
+                        f"UPDATE {rt} SET status = 'running', runner = 'dead:1:x', attempts = 1, "
+                        "lease_until = now() - interval '1 second' WHERE name = 'back' AND tenant = :t"
+                    ),
+                    {"t": dead},
+                )
+            time.sleep(1.1)  # past the next look for expired claims (lease / 3 = 1 s)
+        if len(order) == 2:
+            stop.set()
+        f.migrate(conn, tenant)
+
+    first = rollout(store, "back", f.tenants, migrate, concurrency=1, lease=3.0, stop=stop)
+    assert first.done == tuple(f.tenants[:2])
+    status, attempts, runner = plan_rows(store, "back")[dead]
+    assert (status, attempts, runner) == ("running", 1, None), "given back as the expired claim it was"
+    assert f.tenants[2] in first.not_started
+    without = rollout(store, "back", f.tenants[:-1], f.migrate, concurrency=1, lease=3.0)
+    assert dead not in without.dropped
+    assert plan_rows(store, "back")[dead][0] == "done" and not store.get(dead).active
+    assert f.migrated() == dict.fromkeys(f.tenants, 1)

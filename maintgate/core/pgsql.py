@@ -423,9 +423,10 @@ def switch_off_function(tables: Tables, dialect: Dialect) -> ServerFunction:
     ``p_search_path``, and with ``p_status``, the runner's next claim after the switch-off
     (:func:`plan.claim`: in ``p_status``, then PENDING), which commits with the window.
 
-    Returns ``{tenant, next}``: the tenant switched off (NULL if none, :data:`CLAIM_LOST`) and the
-    tenant claimed next (NULL if none, or if the transaction is not READ COMMITTED, where a
-    claim could fail the window's commit on a concurrent runner's update).
+    Returns ``{tenant, next, status}``: the tenant switched off (NULL if none, :data:`CLAIM_LOST`),
+    the tenant claimed next (NULL if none, or if the transaction is not READ COMMITTED, where a
+    claim could fail the window's commit on a concurrent runner's update) and the status it was
+    claimed from.
     """
     compiling = _pyformat_dialect(dialect)
     args: dict[str, Any] = {}
@@ -460,7 +461,7 @@ BEGIN
       INTO v_next;
     END IF;
   END IF;
-  RETURN ARRAY[v_row.tenant, v_next];
+  RETURN ARRAY[v_row.tenant, v_next, p_status];
 END"""
     return _function(tables, dialect, "switch_off", body, args, returns="text[]")
 

@@ -45,6 +45,8 @@ class Done:
     """How long the next claim lasts (:func:`claim`'s ``:p_lease``)."""
     claimed: str | None = None
     """The next tenant claimed with the switch-off: the runner's once the window has committed."""
+    claimed_from: str | None = None
+    """The status ``claimed`` was in: PENDING, or RUNNING (a dead runner's expired claim)."""
 
     def lost(self, tenant: str) -> str:
         return (

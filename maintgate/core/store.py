@@ -1291,7 +1291,7 @@ class MaintenanceStore:
                 if done is not None:
                     if closed_tenant == pgsql.CLAIM_LOST:
                         raise MaintgateError(done.lost(window.tenant))
-                    done.claimed = claimed[0] if claimed else None
+                    done.claimed, done.claimed_from = [*claimed, None, None][:2]
                 closed = closed_tenant is not None
             else:
                 if done is not None:
