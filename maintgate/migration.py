@@ -559,9 +559,12 @@ def maintenance_window(
     yield from _owned(store, window)
 
 
-def _owned(store: MaintenanceStore, window: _Window) -> Iterator[Connection]:
-    """A window that owns its transaction, on a connection of the store's engine."""
+def _owned(store: MaintenanceStore, window: _Window, isolation: str | None = None) -> Iterator[Connection]:
+    """A window that owns its transaction, on a connection of the store's engine (at the
+    ``isolation`` level, if given, instead of the engine's)."""
     with store.engine.connect() as conn:
+        if isolation is not None:
+            conn.execution_options(isolation_level=isolation)
         begin = None
         if can_lend(conn):  # the switch-on commits on it first: one checkout, not two
             window.lent, begin = conn, conn.begin
@@ -583,7 +586,11 @@ def rollout_window(
     lease: float,
 ) -> Iterator[Connection]:
     """:func:`maintenance_window` for a rollout's tenant: ``done`` (its done mark) is written with
-    the switch-off, in the same round trip where the server function does both."""
+    the switch-off, in the same round trip where the server function does both.
+
+    On PostgreSQL its transaction is READ COMMITTED whatever the engine's level: the runner renews
+    the tenant's claim while the migration runs, and under a snapshot the done mark would then
+    fail to serialize with that renewal, for every migration longer than a third of the lease."""
     window = _Window(
         store,
         tenant,
@@ -596,7 +603,7 @@ def rollout_window(
         lease=lease,
     )
     window.done = done
-    yield from _owned(store, window)
+    yield from _owned(store, window, "READ COMMITTED" if store.engine.dialect.name == "postgresql" else None)
 
 
 def _async_url(engine: Engine) -> Any:

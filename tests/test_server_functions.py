@@ -487,8 +487,8 @@ def test_a_dead_runners_tenant_is_taken_over_while_switch_offs_claim(store, flee
 def test_runners_on_a_server_defaulting_to_repeatable_read_claim_without_failing(store, fleet, path):
     """Claims of runners sharing a plan each update a row another may have just taken: under a
     snapshot that is a serialization failure, which ended the runner. They claim in READ
-    COMMITTED, and a window's transaction stricter than that does not claim with its switch-off.
-    Three runners of four windows: each tenant migrated once, at its first attempt."""
+    COMMITTED, as the rollout's windows run (which claim with their switch-offs). Three runners
+    of four windows: each tenant migrated once, at its first attempt."""
     options = r"-c default_transaction_isolation=repeatable\ read"
     engine = create_engine(store.engine.url, connect_args={"options": options}, pool_size=20)
     strict = MaintenanceStore(engine, table_prefix=store.tables.state.name.removesuffix("state"))
@@ -558,3 +558,27 @@ def test_a_dead_runners_tenant_claimed_ahead_of_a_stop_is_given_back_for_take_ov
     assert dead not in without.dropped
     assert plan_rows(store, "back")[dead][0] == "done" and not store.get(dead).active
     assert f.migrated() == dict.fromkeys(f.tenants, 1)
+
+
+def test_a_rollouts_long_migrations_finish_on_a_server_defaulting_to_repeatable_read(store, fleet, path):
+    """The runner renews its claims every lease / 3 while their windows run; under a snapshot the
+    window's done mark then failed to serialize with that renewal, so every migration longer
+    than that failed, ten times over. A rollout's windows run in READ COMMITTED."""
+    options = r"-c default_transaction_isolation=repeatable\ read"
+    engine = create_engine(store.engine.url, connect_args={"options": options}, pool_size=10)
+    strict = MaintenanceStore(engine, table_prefix=store.tables.state.name.removesuffix("state"))
+    f = fleet(2)
+
+    def slow(conn, tenant: str) -> None:
+        time.sleep(1.3)  # past the first renewal (lease 3 s: every second)
+        f.migrate(conn, tenant)
+
+    try:
+        report = rollout(strict, "long", f.tenants, slow, concurrency=2, lease=3.0, max_failures=None)
+        assert report.failed == {} and sorted(report.done) == f.tenants
+        assert {(status, attempts) for status, attempts, _ in plan_rows(store, "long").values()} == {
+            ("done", 1)
+        }
+        assert f.migrated() == dict.fromkeys(f.tenants, 1)
+    finally:
+        engine.dispose()
