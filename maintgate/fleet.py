@@ -36,7 +36,7 @@ from .core import plan
 from .core.errors import InvalidArgument, MaintgateError, WindowBusy
 from .core.plan import DONE, DROPPED, FAILED, PENDING, RUNNING, Done
 from .core.state import ALL_TENANTS, WINDOW, check_tenant, utcnow
-from .core.store import UNCALLABLE, MaintenanceStore, _check_retry_after, _read_committed
+from .core.store import UNCALLABLE, MaintenanceStore, _check_retry_after, _driver_set, _read_committed
 from .migration import _describe, _pool_capacity, maintenance_window, rollout_window
 
 logger = logging.getLogger("maintgate")
@@ -651,15 +651,14 @@ class _Runner:
         if self._claimer is None or self._claimer.closed or self._claimer.invalidated:
             self._drop_claimer()
             conn = self._claimer_held.enter_context(self.store._connect())
-            conn.execution_options(isolation_level="AUTOCOMMIT")
+            # Set on the driver, and put back when the runner lets the connection go: through
+            # SQLAlchemy's option the pool would put back the level it saw at its first connect.
+            self._claimer_held.enter_context(_driver_set(conn, "autocommit", True))
             with conn.begin():  # SQLAlchemy's: in autocommit the driver sends no BEGIN
                 level = conn.execute(select(func.current_setting("transaction_isolation"))).scalar()
             if level != "read committed":
-                conn.execution_options(isolation_level="READ COMMITTED")
+                self._claimer_held.enter_context(_read_committed(conn))
             self._claimer = conn
-        if _autocommit(self._claimer):
-            yield self._claimer
-            return
         with self._claimer.begin():
             yield self._claimer
 
@@ -990,8 +989,8 @@ def _writing(store: MaintenanceStore) -> Iterator[Connection]:
 
 
 def _autocommit(conn: Connection) -> bool:
-    """Whether ``conn`` was set to autocommit (its execution options: no round trip)."""
-    return bool(conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT")
+    """Whether ``conn``'s driver connection is in autocommit (an attribute: no round trip)."""
+    return bool(getattr(conn.connection.driver_connection, "autocommit", False))
 
 
 def _run_again(exc: BaseException) -> bool:

@@ -28,7 +28,7 @@ import socket
 import threading
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
-from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,7 @@ from .core.store import (
     PUBLISH_WAIT,
     MaintenanceStore,
     _collecting,
+    _read_committed,
     announce,
     can_lend,
     make_sqlite_transactional,
@@ -559,12 +560,13 @@ def maintenance_window(
     yield from _owned(store, window)
 
 
-def _owned(store: MaintenanceStore, window: _Window, isolation: str | None = None) -> Iterator[Connection]:
-    """A window that owns its transaction, on a connection of the store's engine (at the
-    ``isolation`` level, if given, instead of the engine's)."""
-    with store.engine.connect() as conn:
-        if isolation is not None:
-            conn.execution_options(isolation_level=isolation)
+def _owned(store: MaintenanceStore, window: _Window, read_committed: bool = False) -> Iterator[Connection]:
+    """A window that owns its transaction, on a connection of the store's engine; at the engine's
+    isolation level, or ``read_committed`` (set on the driver for this window alone: SQLAlchemy's
+    option would leave the pool's connections at the level it saw when it first connected)."""
+    with store.engine.connect() as conn, ExitStack() as stack:
+        if read_committed:
+            stack.enter_context(_read_committed(conn))
         begin = None
         if can_lend(conn):  # the switch-on commits on it first: one checkout, not two
             window.lent, begin = conn, conn.begin
@@ -603,7 +605,7 @@ def rollout_window(
         lease=lease,
     )
     window.done = done
-    yield from _owned(store, window, "READ COMMITTED" if store.engine.dialect.name == "postgresql" else None)
+    yield from _owned(store, window, read_committed=store.engine.dialect.name == "postgresql")
 
 
 def _async_url(engine: Engine) -> Any:

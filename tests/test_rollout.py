@@ -643,6 +643,51 @@ def test_on_a_serializable_engine_the_rollouts_windows_run_read_committed(store,
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_rollout_leaves_the_pools_connections_at_the_engines_level(store, fleet):
+    """An engine whose sessions are made SERIALIZABLE by a connect event: the rollout's windows
+    run READ COMMITTED, its claims in autocommit, and neither setting outlives them. Through
+    SQLAlchemy's isolation option they did: the pool puts back the level it saw at the first
+    connect (the server's), so every later transaction on those connections ran READ COMMITTED."""
+    from sqlalchemy import create_engine, event
+
+    from maintgate import MaintenanceStore, maintenance_window
+
+    engine = create_engine(store.engine.url, pool_size=4, max_overflow=0)
+
+    @event.listens_for(engine, "connect")
+    def serializable(dbapi_connection, record) -> None:
+        dbapi_connection.autocommit = True
+        dbapi_connection.execute("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        dbapi_connection.autocommit = False
+
+    def levels() -> list[str]:
+        held = [engine.connect() for _ in range(4)]
+        try:
+            return [c.execute(text("SHOW transaction_isolation")).scalar() for c in held]
+        finally:
+            for c in held:
+                c.close()
+
+    serial = MaintenanceStore(engine, table_prefix=store.tables.state.name.removesuffix("state"))
+    f = fleet(6)
+    inside: set[str] = set()
+
+    def migrate(conn, tenant: str) -> None:
+        inside.add(conn.execute(text("SHOW transaction_isolation")).scalar())
+        f.migrate(conn, tenant)
+
+    try:
+        assert levels() == ["serializable"] * 4
+        assert rollout(serial, "levels", f.tenants, migrate, concurrency=2).complete
+        assert inside == {"read committed"}
+        assert levels() == ["serializable"] * 4
+        with maintenance_window(serial, "after") as conn:
+            assert conn.execute(text("SHOW transaction_isolation")).scalar() == "serializable"
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_windows_that_deadlock_are_run_again_not_failed(store, fleet):
     """Two migrations that lock the same two tables in opposite orders deadlock: PostgreSQL aborts
     one (40P01) and says to run it again, so the rollout does; both end migrated, once."""
