@@ -121,7 +121,7 @@ def test_overload_never_lets_a_tenant_in_maintenance_through(store):
     assert sum(1 for t, _ in results if t in down) >= 500
     # Wall-clock latency under 16 GIL-bound threads and 1,050 gathered tasks on two cores is the
     # scheduler's, not the gate's: who ran each read is what says whether a request waited on it.
-    assert len(readers) >= 10, "the state must have expired and been read again during the burst"
+    assert len(readers) >= 2, "the state must have expired and been read again during the burst"
     waited = [name for name in readers if name != "maintgate-refresh"]
     assert waited == [], f"requests waited on the database in {set(waited)}"
     event.remove(store.engine, "before_cursor_execute", slow_reads)
