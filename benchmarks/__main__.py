@@ -74,7 +74,7 @@ def _scale_section(s: dict, table: Table) -> None:
     first = s["rows"][0]
     for row in s["rows"]:
         lat, achieved = row["all"], row["achieved"]
-        reads = round(row["scans"], 1)  # judged as printed: finer is below what the statistics resolve
+        reads = round(row["reads"], 1)  # judged as printed: finer is below what the statistics resolve
         cpu = "—" if row["machine_cpu"] is None else f"{row['machine_cpu']:.0%}"
         p50_ok = "—" if row is first else table.verdict(lat["p50"] <= 1.2 * first["all"]["p50"])
         print(
@@ -85,7 +85,8 @@ def _scale_section(s: dict, table: Table) -> None:
         )
     lag = _ms(first["client_lag"], "p99")
     print(
-        "   reads/s: state lookups, as scans of the state table (pg_stat_user_tables, seq + index)\n"
+        "   reads/s: state lookups: scans of the state table (pg_stat_user_tables, seq + index)\n"
+        f"   over the {s['scans_per_read']:g} that one read of what changed makes (measured first)\n"
         "   xacts/s: transactions in the run's own database (pg_stat_database): a read and the pool's\n"
         "   pre-ping before it; CPU: the whole machine, load client included\n"
         f"   (client on the first row: {first['client_cpu']:.0%} of a CPU, p99 send lag {lag});"

@@ -614,6 +614,31 @@ def _sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _scans_per_read(db_url: str, sampler: _Sampler) -> float:
+    """Scans of the state table that one of a gate's reads of what changed makes (its query may
+    use several index scans, one per condition), measured on the run's database."""
+    from maintgate import MaintenanceStore
+
+    store = MaintenanceStore(db_url, table_prefix=PREFIX)
+
+    def scans() -> float:
+        store.engine.dispose()  # a backend's statistics are flushed as it ends
+        time.sleep(0.5)
+        return sampler.sample()[2]
+
+    try:
+        store.activate("calibration")
+        store.deactivate("calibration")
+        since = store.changes(None).version
+        before = scans()
+        for _ in range(10):
+            store.changes(since)
+        after = scans()
+    finally:
+        store.engine.dispose()
+    return max(1.0, round((after - before) / 10, 1))
+
+
 def run(url: str, quick: bool = False, rate: float = RATE) -> dict[str, Any]:
     """The scale rows and the outage rows; creates (and drops) a database of its own on ``url``'s server."""
     from sqlalchemy.engine import make_url
@@ -644,6 +669,7 @@ def _run(
             finally:
                 store.engine.dispose()
             sampler = _Sampler(libpq.set(database=name).render_as_string(hide_password=False), STATE_TABLE)
+            per_read = _scans_per_read(db_url, sampler)
             rows = [
                 _scale_row(db_url, sampler, n, rate=rate, warmup=warmup, measure=measure, drain=drain)
                 for n in TENANTS
@@ -658,7 +684,10 @@ def _run(
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         admin.close()
+    for row in rows:
+        row["reads"] = row["scans"] / per_read
     return {
+        "scans_per_read": per_read,
         "workers": WORKERS,
         "ttl": TTL,
         "rate": rate,
