@@ -72,7 +72,8 @@ def sqlalchemy_window(
     done: Done | None = None,
 ) -> Iterator[tuple[Connection, Connection]]:
     """The rollout's default window: :func:`maintgate.maintenance_window` on the store's engine;
-    with ``done``, the tenant's done mark is written with the switch-off."""
+    with ``done``, the tenant's done mark is written with the switch-off. (An opener that wraps
+    this one is called as the :data:`Opener` is: without ``done``.)"""
     if done is None:
         with maintenance_window(store, tenant, message=message, retry_after=retry_after, lease=lease) as conn:
             yield conn, conn
@@ -683,7 +684,8 @@ class _Runner:
                 if ahead is not None and self.stop.is_set():
                     self._unclaim(*ahead)
                     ahead = None
-                tenant, ahead = (ahead[0] if ahead else None) or self.claim(), None
+                tenant = ahead[0] if ahead is not None else self.claim()
+                ahead = None
                 if tenant is None:
                     if self._others_running():
                         time.sleep(0.1)  # their tenants may be ours to take, or unlock the canary

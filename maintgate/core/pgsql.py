@@ -158,7 +158,10 @@ def numbered(tables: Tables, own: bool, record: bool, carry_state: bool, payload
         )
     else:
         write = (
-            update(t).where(t.c.tenant == tenant).values(version=-1).returning(*t.c, null().label("taken"))
+            update(t)
+            .where(t.c.tenant == tenant)
+            .values(version=PENDING)
+            .returning(*t.c, null().label("taken"))
         )
     # Own: nothing is announced without a number (no counter row yet: the caller numbers it again).
     return announced(write.add_cte(*ctes).cte("numbered"), own, carry_state, payload)
@@ -424,9 +427,9 @@ def switch_off_function(tables: Tables, dialect: Dialect) -> ServerFunction:
     (:func:`plan.claim`: in ``p_status``, then PENDING), which commits with the window.
 
     Returns ``{tenant, next, status}``: the tenant switched off (NULL if none, :data:`CLAIM_LOST`),
-    the tenant claimed next (NULL if none, or if the transaction is not READ COMMITTED, where a
-    claim could fail the window's commit on a concurrent runner's update) and the status it was
-    claimed from.
+    the tenant claimed next (NULL if none) and the status it was claimed from. A rollout's windows
+    run READ COMMITTED (:func:`maintgate.migration.rollout_window`): under a snapshot the claim
+    could fail the window's commit on a concurrent runner's update.
     """
     compiling = _pyformat_dialect(dialect)
     args: dict[str, Any] = {}
@@ -451,8 +454,7 @@ BEGIN
   END IF;
   {off}
   INTO v_row;
-  IF v_row.tenant IS NOT NULL AND p_status IS NOT NULL
-      AND current_setting('transaction_isolation') = 'read committed' THEN
+  IF v_row.tenant IS NOT NULL AND p_status IS NOT NULL THEN
     {take}
     INTO v_next;
     IF v_next IS NULL AND p_status = '{plan.RUNNING}' THEN

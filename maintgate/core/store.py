@@ -280,8 +280,9 @@ def _schedule_rows(sc: Any) -> Any:
 
 _PENDING = "maintgate_changes"
 PENDING = pgsql.PENDING
-VERSION_MAX = 2**63 - 1
 """Change number of a row written in a caller's transaction, until a numbered change renumbers it."""
+VERSION_MAX = 2**63 - 1
+"""The largest change number (BIGINT): the upper bound of a gate's read of what changed."""
 _Change = tuple[str, MaintenanceState | None, int | None]
 
 
