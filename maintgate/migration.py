@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -47,6 +48,8 @@ from .core.store import (
     _read_committed,
     announce,
     can_lend,
+    end_autocommit,
+    in_autocommit_idle,
     make_sqlite_transactional,
     unprepared,
 )
@@ -156,6 +159,9 @@ class _Window:
         """The migration's connection, idle until its transaction begins: the switch-on commits on it."""
         self.done: Done | None = None
         """A rollout's done mark, written with the switch-off."""
+        self._held: Any = None
+        self._autocommit = False
+        """The switch-on began the migration's transaction on ``lent``, in autocommit (until finish)."""
 
     @property
     def opened(self) -> bool:
@@ -220,7 +226,8 @@ class _Window:
     def _lock(self, conn: Connection) -> None:
         assert self.window is not None
         # The transaction's id too: the switch-off checks that the work did not end it.
-        backend_pid, self._token = self.store.hold_window(self.window, conn)
+        backend_pid, self._token = self.store._hold(self.window, conn, self._held)
+        self._held = None
         self.owner = Owner(self.owner.host, self.owner.pid, backend_pid)
 
     def _watch(self, conn: Connection) -> None:
@@ -251,6 +258,8 @@ class _Window:
             and not _sqlite_in_transaction(conn.connection.dbapi_connection)
         ):
             why = "ended (COMMIT or ROLLBACK sent)"
+        if why is None and self._autocommit and in_autocommit_idle(conn):
+            why = "ended (COMMIT or ROLLBACK sent)"
         if why is not None:
             raise WindowLost(ENDED_BY_WORK.format(why=why))
 
@@ -264,7 +273,7 @@ class _Window:
         """
         window_id = uuid.uuid4().hex
         try:
-            self.window = self.store.open_window(
+            self.window, self._held = self.store._open_window(
                 self.tenant,
                 self.owner,
                 message=self.message,
@@ -274,7 +283,9 @@ class _Window:
                 lease=self.lease,
                 window_id=window_id,
                 connection=self.lent,
+                begin=self.lent is not None,
             )
+            self._autocommit = self._held is not None
         except MaintgateError:
             raise  # refused before its transaction committed: nothing changed
         except BaseException:
@@ -333,6 +344,8 @@ class _Window:
             self._renewer.stop()
         if self._unprepared is not None:
             self._unprepared.__exit__(None, None, None)
+        if self._autocommit and self.lent is not None:
+            end_autocommit(self.lent)
         self._unwatch()
 
     def _announce_on_commit(self, conn: Connection) -> None:
@@ -560,6 +573,12 @@ def maintenance_window(
     yield from _owned(store, window)
 
 
+def _begin_unless_begun(conn: Connection) -> None:
+    """The migration's transaction, unless the switch-on's message began it (SQLAlchemy's autobegin)."""
+    if not conn.in_transaction():
+        conn.begin()
+
+
 def _owned(store: MaintenanceStore, window: _Window, read_committed: bool = False) -> Iterator[Connection]:
     """A window that owns its transaction, on a connection of the store's engine; at the engine's
     isolation level, or ``read_committed`` (set on the driver for this window alone: SQLAlchemy's
@@ -569,7 +588,7 @@ def _owned(store: MaintenanceStore, window: _Window, read_committed: bool = Fals
             stack.enter_context(_read_committed(conn))
         begin = None
         if can_lend(conn):  # the switch-on commits on it first: one checkout, not two
-            window.lent, begin = conn, conn.begin
+            window.lent, begin = conn, functools.partial(_begin_unless_begun, conn)
         else:
             conn.begin()
         yield from drive(

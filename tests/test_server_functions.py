@@ -582,3 +582,121 @@ def test_a_rollouts_long_migrations_finish_on_a_server_defaulting_to_repeatable_
         assert f.migrated() == dict.fromkeys(f.tenants, 1)
     finally:
         engine.dispose()
+
+
+class RoundTrips:
+    """The messages a store's connections send that the client then waits on (a simple Query, or
+    the Sync ending an extended-protocol exchange), read from libpq's trace of each checkout."""
+
+    def __init__(self, store: MaintenanceStore, path) -> None:
+        self.file = open(path, "w+")  # noqa: SIM115
+        event.listen(store.engine, "checkout", self._trace)
+        event.listen(store.engine, "checkin", self._untrace)
+
+    def _trace(self, dbapi_connection, record, proxy) -> None:
+        dbapi_connection.pgconn.trace(self.file.fileno())
+
+    def _untrace(self, dbapi_connection, record) -> None:
+        if dbapi_connection is not None and not dbapi_connection.closed:
+            dbapi_connection.pgconn.untrace()
+
+    def close(self, store: MaintenanceStore) -> None:
+        event.remove(store.engine, "checkout", self._trace)
+        event.remove(store.engine, "checkin", self._untrace)
+        store.engine.dispose()
+        self.file.close()
+
+    def during(self, action) -> list[str]:
+        self.file.flush()
+        start = self.file.seek(0, 2)
+        action()
+        self.file.flush()
+        self.file.seek(start)
+        sent = [line.split("\t") for line in self.file.read().splitlines()]
+        return [
+            f[4][:60] if f[3] == "Query" else f[3]
+            for f in sent
+            if len(f) > 3 and f[1] == "F" and f[3] in ("Query", "Sync")
+        ]
+
+
+def test_a_window_takes_one_round_trip_more_than_a_plain_transaction(store, tmp_path):
+    """The switch-on's call, its commit, the migration's BEGIN and its lock go as one message;
+    the switch-off as one more, before the COMMIT a plain transaction sends too."""
+    with maintenance_window(store, "warm"):
+        pass
+    trips = RoundTrips(store, tmp_path / "trace")
+
+    def plain() -> None:
+        with store.engine.begin() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def window() -> None:
+        with maintenance_window(store, "demo") as conn:
+            conn.execute(text("SELECT 1"))
+
+    try:
+        bare, windowed = trips.during(plain), trips.during(window)
+    finally:
+        trips.close(store)
+    assert len(windowed) == len(bare) + 1, (bare, windowed)
+    assert store.get("demo") is not None and not store.get("demo").active
+    assert events(store) == ["window_opened", "window_committed"]
+
+
+@pytest.mark.parametrize("level", ["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE"])
+def test_the_migrations_transaction_runs_at_the_engines_level_and_sees_the_switch_on(store, level):
+    engine = create_engine(store.engine.url, isolation_level=level)
+    strict = MaintenanceStore(engine, table_prefix=store.tables.state.name.removesuffix("state"))
+    try:
+        with maintenance_window(strict, "demo") as conn:
+            assert (
+                conn.execute(text("SELECT current_setting('transaction_isolation')")).scalar()
+                == level.lower()
+            )
+            seen = conn.execute(text(f"SELECT active FROM {store.tables.state.name} WHERE tenant = 'demo'"))
+            assert seen.scalar() is True
+        assert not strict.get("demo").active
+    finally:
+        engine.dispose()
+
+
+def test_the_pools_connections_stay_transactional_after_windows_of_every_outcome(store):
+    """The opening leaves the driver in autocommit for the window's transaction: after windows that
+    commit, fail, are refused as busy or end their own transaction, every connection of the pool
+    still runs transactions (a rolled-back insert is gone)."""
+    from maintgate import WindowLost
+
+    engine = create_engine(store.engine.url, pool_size=2, max_overflow=0)
+    pooled = MaintenanceStore(engine, table_prefix=store.tables.state.name.removesuffix("state"))
+    table = f"{store.tables.state.name}_probe"
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {table} (id INTEGER)"))
+    try:
+        with maintenance_window(pooled, "ok") as conn:
+            conn.execute(text("SELECT 1"))
+        with pytest.raises(Boom), maintenance_window(pooled, "boom"):
+            raise Boom("inside")
+        with (
+            maintenance_window(pooled, "held"),
+            pytest.raises(WindowBusy),
+            maintenance_window(pooled, "held"),
+        ):
+            pytest.fail("must not run")
+        with pytest.raises(WindowLost), maintenance_window(pooled, "ends") as conn:
+            conn.commit()
+        with engine.connect() as first, engine.connect() as second:
+            for conn in (first, second):
+                conn.execute(text(f"INSERT INTO {table} VALUES (1)"))
+                conn.rollback()
+            assert first.execute(text(f"SELECT count(*) FROM {table}")).scalar() == 0
+        assert [bool(pooled.get(t).active) for t in ("ok", "boom", "held", "ends")] == [
+            False,
+            True,
+            False,
+            True,
+        ]
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE {table}"))
+        engine.dispose()

@@ -254,6 +254,57 @@ def hold(tables: Tables, server_version: tuple[int, ...]) -> Any:
     return select(*columns)
 
 
+@dataclass(frozen=True)
+class ClientBound:
+    """A statement as a driver that binds parameters itself sends it (psycopg's ``ClientCursor``,
+    whose simple-query messages may hold several statements): its SQL, and the values of the
+    parameters SQLAlchemy bound as literals."""
+
+    sql: str
+    values: dict[str, Any]
+
+
+def client_bound(statement: Any, dialect: Dialect) -> ClientBound | None:
+    """``statement`` compiled for ``dialect`` to bind client-side; None if a parameter given at
+    run time needs SQLAlchemy's processing first (a type's bind processor, which only its own
+    execution applies). The literals' values are processed here."""
+    compiled = statement.compile(dialect=dialect)
+    given = {name for bind, name in compiled.bind_names.items() if bind.required}
+    values = compiled.construct_params(dict.fromkeys(given))
+    for bind, name in compiled.bind_names.items():
+        process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+        if process is not None:
+            if name in given:
+                return None
+            values[name] = process(values[name])
+    return ClientBound(compiled.string, {k: v for k, v in values.items() if k not in given})
+
+
+@dataclass(frozen=True)
+class Opening:
+    """A window's opening as one simple-query message: the switch-on function's call, committed,
+    then the migration transaction's BEGIN and its first statement (:func:`hold`)."""
+
+    switch_on: ClientBound
+    hold: ClientBound
+
+    def message(self, begin: str) -> str:
+        """The message, ``begin`` the migration transaction's BEGIN (with its isolation level)."""
+        # BEGIN takes the call's implicit transaction into an explicit one, which COMMIT ends
+        # without the warning a COMMIT of an implicit one logs on the server.
+        return f"{self.switch_on.sql}; BEGIN; COMMIT; {begin}; {self.hold.sql}"
+
+
+def opening(tables: Tables, call: Any, dialect: Dialect) -> Opening | None:
+    """:class:`Opening` for the switch-on function ``call``, None where it cannot bind client-side."""
+    switch_on = client_bound(call, dialect)
+    version = tuple(v for v in dialect.server_version_info or (0,) if isinstance(v, int))
+    held = client_bound(hold(tables, version), dialect)
+    if switch_on is None or held is None:
+        return None
+    return Opening(switch_on, held)
+
+
 def switch_off(tables: Tables, xid_function: str | None) -> Any:
     """A window's switch-off in the migration's transaction: fenced on tenant ``:p_tenant`` and window
     ``:p_window_id`` (and, with ``xid_function``, on the transaction being ``:p_transaction`` still),

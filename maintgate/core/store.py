@@ -424,6 +424,38 @@ def can_lend(conn: Connection) -> bool:
     )
 
 
+def _begin_command(driver: Any) -> str:
+    """The BEGIN psycopg sends for the transactions of ``driver``: with its isolation level, read
+    only and deferrable settings."""
+    parts = ["BEGIN"]
+    if driver.isolation_level is not None:
+        parts.append("ISOLATION LEVEL " + driver.isolation_level.name.replace("_", " "))
+    if driver.read_only is not None:
+        parts.append("READ ONLY" if driver.read_only else "READ WRITE")
+    if driver.deferrable is not None:
+        parts.append("DEFERRABLE" if driver.deferrable else "NOT DEFERRABLE")
+    return " ".join(parts)
+
+
+def end_autocommit(conn: Connection) -> None:
+    """After a window begun by :meth:`MaintenanceStore._switch_on_and_begin` ended: its driver out
+    of autocommit again, or, if its transaction is somehow still open, the connection dropped
+    (never back to the pool in autocommit)."""
+    if conn.closed or conn.invalidated:
+        return
+    driver: Any = conn.connection.driver_connection
+    if driver.pgconn.transaction_status == conn.dialect.dbapi.pq.TransactionStatus.IDLE:  # type: ignore[union-attr]
+        driver.autocommit = False
+    else:
+        conn.invalidate()
+
+
+def in_autocommit_idle(conn: Connection) -> bool:
+    """Whether ``conn``'s driver (psycopg, in autocommit) has no transaction open on the server."""
+    driver: Any = conn.connection.driver_connection
+    return bool(driver.pgconn.transaction_status == conn.dialect.dbapi.pq.TransactionStatus.IDLE)  # type: ignore[union-attr]
+
+
 @contextmanager
 def _read_committed(conn: Connection) -> Iterator[None]:
     """PostgreSQL: the transactions begun on ``conn`` meanwhile are READ COMMITTED, whatever the
@@ -1082,6 +1114,35 @@ class MaintenanceStore:
         ``connection``: an idle connection of the store's engine (:func:`can_lend`) to commit
         the switch-on on, the migration's own before its transaction begins, which saves a checkout.
         """
+        return self._open_window(
+            tenant,
+            owner,
+            message=message,
+            retry_after=retry_after,
+            ends_at=ends_at,
+            mode=mode,
+            lease=lease,
+            window_id=window_id,
+            connection=connection,
+        )[0]
+
+    def _open_window(
+        self,
+        tenant: str,
+        owner: Owner,
+        *,
+        message: str | None,
+        retry_after: int | None,
+        ends_at: datetime | None,
+        mode: str,
+        lease: float,
+        window_id: str | None,
+        connection: Connection | None,
+        begin: bool = False,
+    ) -> tuple[Window, Any]:
+        """:meth:`open_window`; with ``begin`` (``connection`` an owned window's, on psycopg), the
+        migration's transaction may begin in the same round trip (:meth:`_switch_on_and_begin`):
+        the second item is then the row of its first statement, for :meth:`_hold`, else None."""
         check_tenant(tenant)
         _check_retry_after(retry_after)
         _check_mode(mode)
@@ -1106,7 +1167,10 @@ class MaintenanceStore:
             "owner_pid": owner.pid,
         }
         record = _record(tenant, "window_opened", now, message=message, owner=owner, window_id=window_id)
-        if not postgres or not self._switched_on_in_one(new, record, connection):
+        held = None
+        if postgres and begin and connection is not None:
+            held = self._switch_on_and_begin(new, record, connection)
+        if held is None and (not postgres or not self._switched_on_in_one(new, record, connection)):
             # On PostgreSQL the switch-on's statement sets its lock timeout itself.
             with self._bookkeeping(not postgres, connection) as conn, _refusing(tenant):
                 if postgres:
@@ -1120,7 +1184,7 @@ class MaintenanceStore:
                     raise WindowBusy(_busy_message(tenant, self.get(tenant, connection=conn), now))
                 self._changed(conn, tenant, tables, record, carry_state=True, locked=True)
         announce("window_opened", tenant, owner=owner, message=message, mode=mode, window=window_id)
-        return Window(window_id, tenant, owner, mode, message, lease_until, tables.state.schema)
+        return Window(window_id, tenant, owner, mode, message, lease_until, tables.state.schema), held
 
     def _switched_on_in_one(
         self,
@@ -1140,8 +1204,7 @@ class MaintenanceStore:
         if connection is not None and not can_lend(connection):
             return False
         tenant = new["tenant"]
-        params = {f"p_{k}": v for k, v in new.items()} | record
-        params |= {"p_key": self.window_lock_key(tenant), "p_channel": self.channel}
+        params = self._switch_on_params(new, record)
         with ExitStack() as stack:
             if connection is None:
                 conn = stack.enter_context(self._connect()).execution_options(isolation_level="AUTOCOMMIT")
@@ -1173,6 +1236,93 @@ class MaintenanceStore:
         _, state, version = state_from_payload(sent)
         self._publish([(tenant, state, version if state is not None else None)])
         return True
+
+    def _switch_on_params(self, new: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+        """The switch-on function's arguments."""
+        params = {f"p_{k}": v for k, v in new.items()} | record
+        return params | {"p_key": self.window_lock_key(new["tenant"]), "p_channel": self.channel}
+
+    def _switch_on_and_begin(self, new: dict[str, Any], record: dict[str, Any], conn: Connection) -> Any:
+        """The switch-on function's call and its commit, the BEGIN of the migration's transaction and
+        that transaction's first statement (:func:`pgsql.hold`) as one message (:class:`pgsql.Opening`)
+        on ``conn``, an owned window's idle connection (psycopg): one round trip where there were three.
+
+        Returns the first statement's row; ``conn`` is then in the migration's transaction with
+        its driver in autocommit, so that psycopg sends no BEGIN of its own (it still commits or
+        rolls back what the server has open) until :func:`end_autocommit`. Returns None where
+        this cannot run, nothing sent and ``conn`` as it was: the window then switches on and
+        begins as usual. :class:`WindowBusy` and refusals change nothing; a failure after the
+        switch-on's COMMIT, or a lost reply, raises the driver's error: the window counts as open.
+        """
+        tenant = new["tenant"]
+        if not can_lend(conn) or conn.in_transaction() or conn.info.get(_NOT_READ_COMMITTED, False):
+            return None
+        driver: Any = conn.connection.driver_connection
+        dbapi: Any = conn.dialect.dbapi
+        if driver.autocommit or not hasattr(dbapi, "ClientCursor"):
+            return None
+        with _autocommitting(conn), conn.begin():  # SQLAlchemy's: the lookup may read the catalog
+            try:
+                function = self._function("switch_on", conn)
+            except sa_exc.DBAPIError as exc:
+                raise _refusal(tenant, exc) from exc
+        if function is None:
+            return None
+        opening = self._sql(self._t(), pgsql.opening, function.call, conn.dialect)
+        if opening is None:
+            return None
+        params = opening.switch_on.values | opening.hold.values | self._switch_on_params(new, record)
+        message = opening.message(_begin_command(driver))
+        driver.autocommit = True
+        try:
+            with _driver_set(conn, "cursor_factory", dbapi.ClientCursor):  # binds client-side
+                result = conn.exec_driver_sql(message, params)  # SQLAlchemy's events see it
+            rows: list[Any] = []
+            cursor = result.cursor  # several result sets: the DBAPI cursor's
+            while True:
+                if cursor.description is not None:
+                    rows.append(cursor.fetchone())
+                if not cursor.nextset():
+                    break
+            result.close()
+        except sa_exc.DBAPIError as exc:
+            self._opening_failed(conn, exc, tenant)
+            return None
+        (sent,), held = rows
+        if sent is None or sent == pgsql.NOT_READ_COMMITTED:  # nothing changed: end what began
+            conn.rollback()
+            driver.autocommit = False
+            if sent is None:
+                with conn.begin():
+                    holder = self.get(tenant, connection=conn)
+                raise WindowBusy(_busy_message(tenant, holder, new["now"]))
+            conn.info[_NOT_READ_COMMITTED] = True
+            return None
+        _, state, version = state_from_payload(sent)
+        self._publish([(tenant, state, version if state is not None else None)])
+        return held
+
+    def _opening_failed(self, conn: Connection, exc: sa_exc.DBAPIError, tenant: str) -> None:
+        """After :meth:`_switch_on_and_begin`'s message failed: returns if nothing changed and the
+        function cannot be called (statements instead); raises a refusal if nothing changed
+        otherwise, and ``exc`` where the switch-on may have committed (its reply lost, or a
+        failure after its COMMIT)."""
+        if exc.connection_invalidated or conn.invalidated:
+            raise exc
+        driver: Any = conn.connection.driver_connection
+        states: Any = conn.dialect.dbapi.pq.TransactionStatus  # type: ignore[union-attr]
+        status = driver.pgconn.transaction_status
+        if status not in (states.IDLE, states.INERROR):
+            conn.invalidate(exc)
+            raise exc
+        conn.rollback()
+        driver.autocommit = False
+        if status == states.INERROR:  # it failed after the switch-on's COMMIT
+            raise exc
+        if getattr(exc.orig, "sqlstate", None) in UNCALLABLE:  # nothing changed
+            self._forget_functions()
+            return
+        raise _refusal(tenant, exc) from exc
 
     def _switch_on(self, conn: Connection, tables: Tables, new: dict[str, Any]) -> bool:
         """A window's switch-on where no advisory lock exists: unless another window's lease holds
@@ -1216,12 +1366,18 @@ class MaintenanceStore:
         :meth:`close_window` checks. On PostgreSQL 14+ the session also notices a dead client
         within a second while busy in a statement (``client_connection_check_interval``).
         """
+        return self._hold(window, connection)
+
+    def _hold(self, window: Window, connection: Connection, first: Any = None) -> tuple[int, str]:
+        """:meth:`hold_window`; ``first``: the row of its first attempt, already made
+        (:meth:`_switch_on_and_begin`)."""
         tables = self._t()
         attempt = self._sql(tables, pgsql.hold, connection.dialect.server_version_info or (0,))
         params = {"p_key": self.window_lock_key(window.tenant), "p_tenant": window.tenant}
         deadline = time.monotonic() + LOCK_WAIT
         while True:
-            got, backend_pid, holder, transaction = connection.execute(attempt, params).one()[:4]
+            row, first = first or connection.execute(attempt, params).one(), None
+            got, backend_pid, holder, transaction = row[:4]
             if holder != window.id:
                 raise WindowLost(
                     f"tenant {window.tenant!r} was taken over by window {holder} while window "
