@@ -777,3 +777,31 @@ def test_a_window_whose_claim_another_runner_took_rolls_back_and_is_not_marked_d
         tries = conn.execute(text(f"SELECT attempts FROM {plan} WHERE tenant = :t"), {"t": taken}).scalar()
     assert tries == 2 and attempts.count(taken) == 2
     assert "taken over by another runner" in caplog.text
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_an_aborted_rollouts_open_window_runs_no_statement_after_the_abort(store, fleet):
+    """Aborting fails the open windows at their next statement, even one the migration starts
+    after the abort, between statements (a sequence, which no rollback undoes, shows it ran)."""
+    f = fleet(1)
+    sequence = f"{store.tables.state.name}_seq"
+    with store.engine.begin() as conn:
+        conn.execute(text(f"CREATE SEQUENCE {sequence}"))
+    abort = threading.Event()
+
+    def migrate(conn, tenant: str) -> None:
+        f.migrate(conn, tenant)
+        abort.set()
+        time.sleep(0.6)  # the runner sees the abort (it looks every 0.2 s)
+        conn.execute(text(f"SELECT nextval('{sequence}')"))
+
+    try:
+        report = rollout(store, "aborted", f.tenants, migrate, abort=abort)
+        with store.engine.connect() as conn:
+            ran = conn.execute(text(f"SELECT is_called FROM {sequence}")).scalar()
+    finally:
+        with store.engine.begin() as conn:
+            conn.execute(text(f"DROP SEQUENCE {sequence}"))
+    assert not ran, "the statement after the abort ran"
+    assert "aborted" in report.failed[f.tenants[0]] and store.get(f.tenants[0]).active
+    assert f.migrated() == {}

@@ -622,6 +622,8 @@ class MaintenanceStore:
         self._state = self.tables.state
         self.lookup_timeout = LOOKUP_TIMEOUT
         self._qualified: Tables | None = None
+        self._built_for: tuple[Any, dict[str, pgsql.ServerFunction]] | None = None
+        self._channel: tuple[str, str] | None = None
         self._scope: str | None = None
         self._has_numbers = False
         self._warned_numbers = False
@@ -632,8 +634,11 @@ class MaintenanceStore:
     def channel(self) -> str:
         """The PostgreSQL NOTIFY channel on which this store announces every committed change:
         the same for every store on the same tables, however its schema is given."""
-        name = f"{self._lock_scope()}.{self._state.name}".encode()
-        return "maintgate_" + hashlib.blake2b(name, digest_size=8).hexdigest()
+        scope = self._lock_scope()
+        if self._channel is None or self._channel[0] != scope:
+            name = f"{scope}.{self._state.name}".encode()
+            self._channel = (scope, "maintgate_" + hashlib.blake2b(name, digest_size=8).hexdigest())
+        return self._channel[1]
 
     def __repr__(self) -> str:
         return f"MaintenanceStore({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -1261,11 +1266,13 @@ class MaintenanceStore:
         dbapi: Any = conn.dialect.dbapi
         if driver.autocommit or not hasattr(dbapi, "ClientCursor"):
             return None
-        with _autocommitting(conn), conn.begin():  # SQLAlchemy's: the lookup may read the catalog
-            try:
-                function = self._function("switch_on", conn)
-            except sa_exc.DBAPIError as exc:
-                raise _refusal(tenant, exc) from exc
+        function = self._functions.get("switch_on", (None, 0.0))[0]
+        if function is None:  # looked for, on this idle connection
+            with _autocommitting(conn), conn.begin():
+                try:
+                    function = self._function("switch_on", conn)
+                except sa_exc.DBAPIError as exc:
+                    raise _refusal(tenant, exc) from exc
         if function is None:
             return None
         opening = self._sql(self._t(), pgsql.opening, function.call, conn.dialect)
@@ -1373,10 +1380,12 @@ class MaintenanceStore:
         (:meth:`_switch_on_and_begin`)."""
         tables = self._t()
         attempt = self._sql(tables, pgsql.hold, connection.dialect.server_version_info or (0,))
-        params = {"p_key": self.window_lock_key(window.tenant), "p_tenant": window.tenant}
         deadline = time.monotonic() + LOCK_WAIT
         while True:
-            row, first = first or connection.execute(attempt, params).one(), None
+            if first is None:
+                params = {"p_key": self.window_lock_key(window.tenant), "p_tenant": window.tenant}
+                first = connection.execute(attempt, params).one()
+            row, first = first, None
             got, backend_pid, holder, transaction = row[:4]
             if holder != window.id:
                 raise WindowLost(
@@ -1839,7 +1848,11 @@ class MaintenanceStore:
         tables = self._t()
         if tables.state.schema is None:
             return None
-        return {k: self._sql(tables, build, self.engine.dialect) for k, build in FUNCTIONS.items()}
+        built = self._built_for
+        if built is None or built[0] is not tables.state:
+            functions = {k: self._sql(tables, build, self.engine.dialect) for k, build in FUNCTIONS.items()}
+            built = self._built_for = (tables.state, functions)
+        return built[1]
 
     def _prepare_windows(self) -> None:
         """PostgreSQL: find the tables and build what a window runs before the window holds its
