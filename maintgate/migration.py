@@ -176,7 +176,11 @@ class _Window:
             raise autocommit
         dbapi = conn.connection.dbapi_connection
         name = conn.dialect.name
-        if name == "postgresql" and getattr(conn.connection.driver_connection, "autocommit", False):
+        if (
+            name == "postgresql"
+            and getattr(conn.connection.driver_connection, "autocommit", False)
+            and in_autocommit_idle(conn)  # not an owned window's transaction, begun in autocommit
+        ):
             raise autocommit
         if (
             name == "sqlite"

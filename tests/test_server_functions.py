@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import create_engine, event, text
+from sqlalchemy.exc import ResourceClosedError
 
 from maintgate import (
     MaintenanceStore,
@@ -700,3 +701,92 @@ def test_the_pools_connections_stay_transactional_after_windows_of_every_outcome
         with engine.begin() as conn:
             conn.execute(text(f"DROP TABLE {table}"))
         engine.dispose()
+
+
+def test_a_begin_listeners_set_local_scopes_the_migrations_transaction(store):
+    """Helper's finding: an engine's "begin" listener that scopes each transaction (schema per
+    tenant, SET LOCAL) must run in the migration's transaction, not before the opening, in
+    autocommit, where it does nothing."""
+    schema = f"tenant_{uuid.uuid4().hex[:8]}"
+    engine = create_engine(store.engine.url)
+
+    @event.listens_for(engine, "begin")
+    def scoped(conn) -> None:
+        conn.exec_driver_sql(f"SET LOCAL search_path TO {schema}, public")
+        conn.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
+
+    scoping = MaintenanceStore(engine, table_prefix=store.tables.state.name.removesuffix("state"))
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    try:
+        with maintenance_window(scoping, "acme") as conn:
+            assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "2s"
+            conn.exec_driver_sql("CREATE TABLE invoices (id int)")
+        with store.engine.connect() as conn:
+            found = conn.execute(
+                text("SELECT table_schema FROM information_schema.tables WHERE table_name = 'invoices'")
+            )
+            assert found.scalars().all() == [schema]
+        assert not scoping.get("acme").active
+    finally:
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        engine.dispose()
+
+
+def test_a_window_whose_connection_is_closed_in_its_block_leaves_the_pool_transactional(store):
+    """Helper's finding: closing the yielded connection inside the block (a helper's `with conn:`)
+    hands it back to the pool mid-window; it must not stay there in autocommit, where an app's
+    rolled-back transaction would have committed."""
+    engine = create_engine(store.engine.url, pool_size=2, max_overflow=0)
+    pooled = MaintenanceStore(engine, table_prefix=store.tables.state.name.removesuffix("state"))
+    table = f"{store.tables.state.name}_probe"
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {table} (v TEXT)"))
+    try:
+        with pytest.raises(ResourceClosedError), maintenance_window(pooled, "acme") as conn, conn:
+            conn.execute(text("SELECT 1"))
+        assert pooled.get("acme").active and pooled.get("acme").error
+        with engine.connect() as first, engine.connect() as second:
+            for conn in (first, second):
+                conn.execute(text(f"INSERT INTO {table} VALUES ('must roll back')"))
+                conn.rollback()
+            assert first.execute(text(f"SELECT count(*) FROM {table}")).scalar() == 0
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE {table}"))
+        engine.dispose()
+
+
+@pytest.mark.parametrize("end", ["commit", "rollback", "raw COMMIT"])
+def test_work_after_the_work_ended_the_windows_transaction_is_rolled_back_with_the_window(store, end):
+    """Helper's finding: after the work commits or rolls back the window's transaction, what it
+    runs next is in a new transaction, which the failed window rolls back (not statement by
+    statement committed)."""
+    from maintgate import WindowLost
+
+    table = f"{store.tables.state.name}_probe"
+    with store.engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {table} (v TEXT)"))
+    try:
+        with pytest.raises(WindowLost), maintenance_window(store, "acme") as conn:
+            if end == "raw COMMIT":
+                conn.exec_driver_sql("COMMIT")
+            else:
+                getattr(conn, end)()
+            conn.execute(text(f"INSERT INTO {table} VALUES ('after the end')"))
+        with store.engine.connect() as conn:
+            assert conn.execute(text(f"SELECT count(*) FROM {table}")).scalar() == 0
+        assert store.get("acme").active and "WindowLost" in store.get("acme").error
+    finally:
+        with store.engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE {table}"))
+
+
+def test_a_window_joined_on_an_owned_windows_connection_runs_in_its_transaction(store):
+    """Helper's finding: a joined window inside an owned one, on its connection, was refused as if
+    the connection autocommitted; both commit together, as before."""
+    with maintenance_window(store, "a") as conn, maintenance_window(store, "b", connection=conn):
+        conn.execute(text("SELECT 1"))
+    assert not store.get("a").active and not store.get("b").active
+    assert events(store, "b") == ["window_opened", "window_committed"]

@@ -441,19 +441,55 @@ def end_autocommit(conn: Connection) -> None:
     """After a window begun by :meth:`MaintenanceStore._switch_on_and_begin` ended: its driver out
     of autocommit again, or, if its transaction is somehow still open, the connection dropped
     (never back to the pool in autocommit)."""
-    if conn.closed or conn.invalidated:
+    if conn.closed or conn.invalidated:  # closed in the block: :func:`_checked_in` saw to it
         return
     driver: Any = conn.connection.driver_connection
-    if driver.pgconn.transaction_status == conn.dialect.dbapi.pq.TransactionStatus.IDLE:  # type: ignore[union-attr]
-        driver.autocommit = False
+    if _status(driver) == "IDLE":
+        _end_autocommit(driver, conn.connection.info)
     else:
         conn.invalidate()
+
+
+_OPENED = "maintgate_opened_in_autocommit"
+"""In a pooled connection's ``info``: a window left its driver in autocommit
+(:meth:`MaintenanceStore._switch_on_and_begin`)."""
+
+
+def _transaction_again(conn: Connection, *_: Any) -> None:
+    """Before each statement on the store's engine: if the work ended the transaction of a window
+    begun in autocommit, psycopg begins one again, as it would have, rather than autocommit the rest."""
+    if conn.connection.info.get(_OPENED) and in_autocommit_idle(conn):
+        _end_autocommit(conn.connection.driver_connection, conn.connection.info)
+
+
+def _checked_in(dbapi_connection: Any, record: Any) -> None:
+    """Never back in the pool in autocommit (a window's connection closed inside its block)."""
+    if record.info.get(_OPENED) and dbapi_connection is not None:
+        if _status(dbapi_connection) == "IDLE":
+            _end_autocommit(dbapi_connection, record.info)
+        else:
+            record.invalidate()
+
+
+def _status(driver: Any) -> str:
+    """psycopg: the server's transaction status as libpq last saw it (IDLE, INTRANS, INERROR...)."""
+    return str(driver.info.transaction_status.name)
+
+
+def _end_autocommit(driver: Any, info: dict[Any, Any]) -> None:
+    info.pop(_OPENED, None)
+    driver.autocommit = False
+
+
+def _listen_once(engine: Engine, name: str, fn: Callable[..., Any]) -> None:
+    if not event.contains(engine, name, fn):
+        event.listen(engine, name, fn)
 
 
 def in_autocommit_idle(conn: Connection) -> bool:
     """Whether ``conn``'s driver (psycopg, in autocommit) has no transaction open on the server."""
     driver: Any = conn.connection.driver_connection
-    return bool(driver.pgconn.transaction_status == conn.dialect.dbapi.pq.TransactionStatus.IDLE)  # type: ignore[union-attr]
+    return _status(driver) == "IDLE"
 
 
 @contextmanager
@@ -619,6 +655,9 @@ class MaintenanceStore:
                 event.listen(self.engine, "connect", _wal)
         else:
             raise TypeError(f"database must be a SQLAlchemy URL or Engine, got {database!r}")
+        if self.engine.dialect.name == "postgresql":  # a window's opening in one round trip needs them
+            _listen_once(self.engine, "before_cursor_execute", _transaction_again)
+            _listen_once(self.engine, "checkin", _checked_in)
         self._state = self.tables.state
         self.lookup_timeout = LOOKUP_TIMEOUT
         self._qualified: Tables | None = None
@@ -1262,6 +1301,8 @@ class MaintenanceStore:
         tenant = new["tenant"]
         if not can_lend(conn) or conn.in_transaction() or conn.info.get(_NOT_READ_COMMITTED, False):
             return None
+        if conn.dispatch.begin:  # a listener's statements (SET LOCAL) belong in the migration's transaction
+            return None
         driver: Any = conn.connection.driver_connection
         dbapi: Any = conn.dialect.dbapi
         if driver.autocommit or not hasattr(dbapi, "ClientCursor"):
@@ -1296,9 +1337,10 @@ class MaintenanceStore:
             self._opening_failed(conn, exc, tenant)
             return None
         (sent,), held = rows
+        conn.info[_OPENED] = True
         if sent is None or sent == pgsql.NOT_READ_COMMITTED:  # nothing changed: end what began
             conn.rollback()
-            driver.autocommit = False
+            _end_autocommit(driver, conn.info)
             if sent is None:
                 with conn.begin():
                     holder = self.get(tenant, connection=conn)
@@ -1314,17 +1356,17 @@ class MaintenanceStore:
         function cannot be called (statements instead); raises a refusal if nothing changed
         otherwise, and ``exc`` where the switch-on may have committed (its reply lost, or a
         failure after its COMMIT)."""
+        exc.statement = "maintgate's window opening: the switch-on, the migration's BEGIN and lock"
         if exc.connection_invalidated or conn.invalidated:
             raise exc
         driver: Any = conn.connection.driver_connection
-        states: Any = conn.dialect.dbapi.pq.TransactionStatus  # type: ignore[union-attr]
-        status = driver.pgconn.transaction_status
-        if status not in (states.IDLE, states.INERROR):
+        status = _status(driver)
+        if status not in ("IDLE", "INERROR"):
             conn.invalidate(exc)
             raise exc
         conn.rollback()
-        driver.autocommit = False
-        if status == states.INERROR:  # it failed after the switch-on's COMMIT
+        _end_autocommit(driver, conn.info)
+        if status == "INERROR":  # it failed after the switch-on's COMMIT
             raise exc
         if getattr(exc.orig, "sqlstate", None) in UNCALLABLE:  # nothing changed
             self._forget_functions()
