@@ -36,7 +36,14 @@ from .core import plan
 from .core.errors import InvalidArgument, MaintgateError, WindowBusy
 from .core.plan import DONE, DROPPED, FAILED, PENDING, RUNNING, Done
 from .core.state import ALL_TENANTS, WINDOW, check_tenant, utcnow
-from .core.store import UNCALLABLE, MaintenanceStore, _check_retry_after, _driver_set, _read_committed
+from .core.store import (
+    UNCALLABLE,
+    MaintenanceStore,
+    _check_retry_after,
+    _driver_set,
+    _read_committed,
+    cursor_class_with,
+)
 from .migration import _describe, _pool_capacity, maintenance_window, rollout_window
 
 logger = logging.getLogger("maintgate")
@@ -840,18 +847,7 @@ class _Runner:
             return nullcontext()
         checked = self._checked.get(base)
         if checked is None:
-            check, cursor_class = self._abort_check, driver.cursor_factory
-
-            def execute(cursor: Any, *args: Any, **kwargs: Any) -> Any:
-                check()
-                return cursor_class.execute(cursor, *args, **kwargs)
-
-            def executemany(cursor: Any, *args: Any, **kwargs: Any) -> Any:
-                check()
-                return cursor_class.executemany(cursor, *args, **kwargs)
-
-            methods = {"execute": execute, "executemany": executemany}
-            checked = self._checked[base] = type(f"AbortChecked{base.__name__}", (base,), methods)
+            checked = self._checked[base] = cursor_class_with(base, self._abort_check)
         return _driver_set(conn, "cursor_factory", checked)
 
     def abort(self) -> None:

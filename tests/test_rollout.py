@@ -543,7 +543,7 @@ def test_a_progress_callback_that_fails_stops_claiming_and_lets_open_windows_fin
             raise RuntimeError("the display broke")
 
     def slow(conn, tenant):
-        time.sleep(0.15)
+        time.sleep(0.3)  # 12 tenants on 2 windows: 1.8 s, the second progress call is due at 0.7 s
         f.migrate(conn, tenant)
 
     with pytest.raises(RuntimeError, match="the display broke"):

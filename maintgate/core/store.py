@@ -451,15 +451,44 @@ def end_autocommit(conn: Connection) -> None:
 
 
 _OPENED = "maintgate_opened_in_autocommit"
-"""In a pooled connection's ``info``: a window left its driver in autocommit
-(:meth:`MaintenanceStore._switch_on_and_begin`)."""
+"""In a pooled connection's ``info``, while a window has its driver in autocommit
+(:meth:`MaintenanceStore._switch_on_and_begin`): the driver's cursor class to put back after."""
 
 
-def _transaction_again(conn: Connection, *_: Any) -> None:
-    """Before each statement on the store's engine: if the work ended the transaction of a window
-    begun in autocommit, psycopg begins one again, as it would have, rather than autocommit the rest."""
-    if conn.connection.info.get(_OPENED) and in_autocommit_idle(conn):
-        _end_autocommit(conn.connection.driver_connection, conn.connection.info)
+def cursor_class_with(base: type, before: Callable[[Any], None]) -> type:
+    """psycopg's cursor class ``base``, whose ``execute`` and ``executemany`` call ``before(cursor)``
+    first: set as a driver connection's ``cursor_factory``, a hook on that connection's statements
+    alone (a listener on each window's connection costs more than the window's own statements,
+    one on the engine taxes every statement of the application's)."""
+    cursor_class: Any = base
+
+    def execute(cursor: Any, *args: Any, **kwargs: Any) -> Any:
+        before(cursor)
+        return cursor_class.execute(cursor, *args, **kwargs)
+
+    def executemany(cursor: Any, *args: Any, **kwargs: Any) -> Any:
+        before(cursor)
+        return cursor_class.executemany(cursor, *args, **kwargs)
+
+    return type(f"Maintgate{base.__name__}", (base,), {"execute": execute, "executemany": executemany})
+
+
+def _begin_again(cursor: Any) -> None:
+    """Before a statement of a window begun in autocommit: if the work ended the window's
+    transaction, psycopg begins a new one, as it would have, rather than autocommit the rest."""
+    driver = cursor.connection
+    if driver.autocommit and _status(driver) == "IDLE":
+        driver.autocommit = False
+
+
+_BEGINNING_AGAIN: dict[type, type] = {}
+
+
+def _begin_again_class(base: type) -> type:
+    cursor_class = _BEGINNING_AGAIN.get(base)
+    if cursor_class is None:
+        cursor_class = _BEGINNING_AGAIN[base] = cursor_class_with(base, _begin_again)
+    return cursor_class
 
 
 def _checked_in(dbapi_connection: Any, record: Any) -> None:
@@ -477,7 +506,9 @@ def _status(driver: Any) -> str:
 
 
 def _end_autocommit(driver: Any, info: dict[Any, Any]) -> None:
-    info.pop(_OPENED, None)
+    cursor_class = info.pop(_OPENED, None)
+    if cursor_class is not None:
+        driver.cursor_factory = cursor_class
     driver.autocommit = False
 
 
@@ -655,8 +686,7 @@ class MaintenanceStore:
                 event.listen(self.engine, "connect", _wal)
         else:
             raise TypeError(f"database must be a SQLAlchemy URL or Engine, got {database!r}")
-        if self.engine.dialect.name == "postgresql":  # a window's opening in one round trip needs them
-            _listen_once(self.engine, "before_cursor_execute", _transaction_again)
+        if self.engine.dialect.name == "postgresql":  # a window's opening in one round trip needs it
             _listen_once(self.engine, "checkin", _checked_in)
         self._state = self.tables.state
         self.lookup_timeout = LOOKUP_TIMEOUT
@@ -1337,7 +1367,6 @@ class MaintenanceStore:
             self._opening_failed(conn, exc, tenant)
             return None
         (sent,), held = rows
-        conn.info[_OPENED] = True
         if sent is None or sent == pgsql.NOT_READ_COMMITTED:  # nothing changed: end what began
             conn.rollback()
             _end_autocommit(driver, conn.info)
@@ -1347,6 +1376,8 @@ class MaintenanceStore:
                 raise WindowBusy(_busy_message(tenant, holder, new["now"]))
             conn.info[_NOT_READ_COMMITTED] = True
             return None
+        conn.info[_OPENED] = driver.cursor_factory
+        driver.cursor_factory = _begin_again_class(driver.cursor_factory)
         _, state, version = state_from_payload(sent)
         self._publish([(tenant, state, version if state is not None else None)])
         return held
