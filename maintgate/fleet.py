@@ -42,7 +42,8 @@ from .core.store import (
     _check_retry_after,
     _driver_set,
     _read_committed,
-    cursor_class_with,
+    hook_cursors,
+    put_back,
 )
 from .migration import _describe, _pool_capacity, maintenance_window, rollout_window
 
@@ -392,6 +393,7 @@ class _Runner:
         self.open: dict[str, Connection] = {}
         self.aborted = threading.Event()
         self._checked: dict[type, type] = {}
+        self._checking: dict[int, Connection] = {}
         self.started = time.monotonic()
         self._beat = threading.Event()
         self._heart: threading.Thread | None = None
@@ -835,20 +837,31 @@ class _Runner:
         if self.aborted.is_set():
             raise RolloutAborted(ABORTED)
 
-    def _abort_checked(self, conn: Connection) -> AbstractContextManager[None]:
+    @contextmanager
+    def _abort_checked(self, conn: Connection) -> Iterator[None]:
         """Until the window ends, each statement on ``conn`` raises :class:`RolloutAborted` once the
-        rollout is aborted. With psycopg, by a cursor class of the rollout's, set on the driver
-        connection meanwhile: a listener on each window's connection cost about 0.1 ms a tenant
-        (on the engine, it would be iterated by other threads as it is added)."""
-        driver: Any = conn.connection.driver_connection
-        base = getattr(driver, "cursor_factory", None)
-        if not self.postgres or not isinstance(base, type):
+        rollout is aborted: with psycopg, through cursor classes set on its driver connection
+        meanwhile (:func:`hook_cursors`), else through a listener on ``conn``."""
+        driver = conn.connection.driver_connection
+        if not self.postgres or not isinstance(getattr(driver, "cursor_factory", None), type):
             event.listen(conn, "before_cursor_execute", self._abort_check)
-            return nullcontext()
-        checked = self._checked.get(base)
-        if checked is None:
-            checked = self._checked[base] = cursor_class_with(base, self._abort_check)
-        return _driver_set(conn, "cursor_factory", checked)
+            yield
+            return
+        self._checking[id(driver)] = conn
+        saved = hook_cursors(conn, self._checked, self._abort_check_cursor)
+        try:
+            yield
+        finally:
+            for each in reversed(saved):
+                put_back(conn, each)
+            self._checking.pop(id(driver), None)
+
+    def _abort_check_cursor(self, cursor: Any) -> None:
+        """:meth:`_abort_check` for a statement on a window's connection while the window holds it
+        (closed in its block, it went back to the pool: another checkout's statements pass)."""
+        conn = self._checking.get(id(cursor.connection))
+        if conn is not None and not conn.closed:
+            self._abort_check()
 
     def abort(self) -> None:
         """Fail every open window: its next statement raises, and one running now is cancelled."""

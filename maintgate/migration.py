@@ -162,6 +162,7 @@ class _Window:
         self._held: Any = None
         self._autocommit = False
         """The switch-on began the migration's transaction on ``lent``, in autocommit (until finish)."""
+        self._saved: list[Any] = []
 
     @property
     def opened(self) -> bool:
@@ -277,7 +278,7 @@ class _Window:
         """
         window_id = uuid.uuid4().hex
         try:
-            self.window, self._held = self.store._open_window(
+            self.window, opened = self.store._open_window(
                 self.tenant,
                 self.owner,
                 message=self.message,
@@ -289,7 +290,8 @@ class _Window:
                 connection=self.lent,
                 begin=self.lent is not None,
             )
-            self._autocommit = self._held is not None
+            if opened is not None:
+                (self._held, self._saved), self._autocommit = opened, True
         except MaintgateError:
             raise  # refused before its transaction committed: nothing changed
         except BaseException:
@@ -349,7 +351,7 @@ class _Window:
         if self._unprepared is not None:
             self._unprepared.__exit__(None, None, None)
         if self._autocommit and self.lent is not None:
-            end_autocommit(self.lent)
+            end_autocommit(self.lent, self._saved)
         self._unwatch()
 
     def _announce_on_commit(self, conn: Connection) -> None:

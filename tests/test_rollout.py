@@ -780,9 +780,11 @@ def test_a_window_whose_claim_another_runner_took_rolls_back_and_is_not_marked_d
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_an_aborted_rollouts_open_window_runs_no_statement_after_the_abort(store, fleet):
+@pytest.mark.parametrize("how", ["a statement", "a server-side cursor", "the driver itself"])
+def test_an_aborted_rollouts_open_window_runs_no_statement_after_the_abort(store, fleet, how):
     """Aborting fails the open windows at their next statement, even one the migration starts
-    after the abort, between statements (a sequence, which no rollback undoes, shows it ran)."""
+    after the abort, between statements (a sequence, which no rollback undoes, shows it ran);
+    streamed through a server-side cursor too, or sent by psycopg itself (helper's finding)."""
     f = fleet(1)
     sequence = f"{store.tables.state.name}_seq"
     with store.engine.begin() as conn:
@@ -793,7 +795,13 @@ def test_an_aborted_rollouts_open_window_runs_no_statement_after_the_abort(store
         f.migrate(conn, tenant)
         abort.set()
         time.sleep(0.6)  # the runner sees the abort (it looks every 0.2 s)
-        conn.execute(text(f"SELECT nextval('{sequence}')"))
+        statement = f"SELECT nextval('{sequence}')"
+        if how == "a statement":
+            conn.execute(text(statement))
+        elif how == "a server-side cursor":
+            conn.execution_options(stream_results=True).execute(text(statement)).all()
+        else:
+            conn.connection.driver_connection.execute(statement)
 
     try:
         report = rollout(store, "aborted", f.tenants, migrate, abort=abort)
@@ -805,3 +813,22 @@ def test_an_aborted_rollouts_open_window_runs_no_statement_after_the_abort(store
     assert not ran, "the statement after the abort ran"
     assert "aborted" in report.failed[f.tenants[0]] and store.get(f.tenants[0]).active
     assert f.migrated() == {}
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_window_closed_in_its_block_lends_no_abort_to_the_next_checkout(store, fleet):
+    """Helper's finding: a migration that closes its connection hands it back to the pool while
+    the window runs; another checkout of it must not carry the rollout's abort check."""
+    f = fleet(1)
+    abort, ran = threading.Event(), []
+
+    def migrate(conn, tenant: str) -> None:
+        conn.close()
+        with store.engine.connect() as other:
+            abort.set()
+            time.sleep(0.6)  # the runner sees the abort (it looks every 0.2 s)
+            ran.append(other.execute(text("SELECT 1")).scalar())
+
+    report = rollout(store, "lent", f.tenants, migrate, abort=abort)
+    assert ran == [1], "another checkout's statement was aborted"
+    assert f.tenants[0] in report.failed and store.get(f.tenants[0]).active

@@ -758,11 +758,12 @@ def test_a_window_whose_connection_is_closed_in_its_block_leaves_the_pool_transa
         engine.dispose()
 
 
+@pytest.mark.parametrize("then", ["SQLAlchemy", "psycopg", "COPY"])
 @pytest.mark.parametrize("end", ["commit", "rollback", "raw COMMIT"])
-def test_work_after_the_work_ended_the_windows_transaction_is_rolled_back_with_the_window(store, end):
+def test_work_after_the_work_ended_the_windows_transaction_is_rolled_back_with_the_window(store, end, then):
     """Helper's finding: after the work commits or rolls back the window's transaction, what it
     runs next is in a new transaction, which the failed window rolls back (not statement by
-    statement committed)."""
+    statement committed), whether sent through SQLAlchemy or psycopg."""
     from maintgate import WindowLost
 
     table = f"{store.tables.state.name}_probe"
@@ -774,7 +775,14 @@ def test_work_after_the_work_ended_the_windows_transaction_is_rolled_back_with_t
                 conn.exec_driver_sql("COMMIT")
             else:
                 getattr(conn, end)()
-            conn.execute(text(f"INSERT INTO {table} VALUES ('after the end')"))
+            driver = conn.connection.driver_connection
+            if then == "SQLAlchemy":
+                conn.execute(text(f"INSERT INTO {table} VALUES ('after the end')"))
+            elif then == "psycopg":
+                driver.execute(f"INSERT INTO {table} VALUES ('after the end')")
+            else:
+                with driver.cursor().copy(f"COPY {table} (v) FROM STDIN") as copy:
+                    copy.write_row(["after the end"])
         with store.engine.connect() as conn:
             assert conn.execute(text(f"SELECT count(*) FROM {table}")).scalar() == 0
         assert store.get("acme").active and "WindowLost" in store.get("acme").error
@@ -790,3 +798,45 @@ def test_a_window_joined_on_an_owned_windows_connection_runs_in_its_transaction(
         conn.execute(text("SELECT 1"))
     assert not store.get("a").active and not store.get("b").active
     assert events(store, "b") == ["window_opened", "window_committed"]
+
+
+def test_a_window_whose_connection_is_detached_commits(store):
+    """Helper's finding: detaching the window's connection from the pool (to keep a session setting
+    out of it) is no reason to fail the window."""
+    table = f"{store.tables.state.name}_probe"
+    with store.engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {table} (v TEXT)"))
+    try:
+        with maintenance_window(store, "acme") as conn:
+            conn.execute(text(f"INSERT INTO {table} VALUES ('x')"))
+            conn.detach()
+            conn.execute(text(f"INSERT INTO {table} VALUES ('y')"))
+        with store.engine.connect() as conn:
+            assert conn.execute(text(f"SELECT v FROM {table} ORDER BY v")).scalars().all() == ["x", "y"]
+        assert not store.get("acme").active
+    finally:
+        with store.engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE {table}"))
+
+
+def test_a_store_made_inside_an_engines_pool_event_breaks_nothing(store):
+    """Helper's finding: SQLAlchemy walks a pool's listeners in a list that adding to breaks; a store
+    made while the engine is busy (here, inside its own checkin event) must not add to it then,
+    and its windows still work (their opening in three round trips)."""
+    engine = create_engine(store.engine.url)
+    made: list[MaintenanceStore] = []
+
+    @event.listens_for(engine, "checkin")
+    def app_listener(dbapi_connection, record) -> None:
+        if not made:
+            made.append(MaintenanceStore(engine, table_prefix=store.tables.state.name.removesuffix("state")))
+
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        assert made and engine.pool.checkedout() == 0
+        with maintenance_window(made[0], "acme") as conn:
+            conn.execute(text("SELECT 1"))
+        assert not made[0].get("acme").active and engine.pool.checkedout() == 0
+    finally:
+        engine.dispose()

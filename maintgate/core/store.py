@@ -394,20 +394,58 @@ LOOKUP_TIMEOUT = 2.0
 PostgreSQL, also the statement timeout of :meth:`MaintenanceStore.lookup` and ``changes`` on any engine."""
 
 
+_SAVED = "maintgate_saved"
+"""In a pooled connection's ``info``: the driver attributes maintgate changed and has not put back
+yet, each as ``[name, value before]``, in the order changed."""
+
+
+def set_on_driver(conn: Connection, name: str, value: Any) -> list[Any] | None:
+    """Set the attribute ``name`` of ``conn``'s driver connection, remembered so that it is put
+    back (:func:`put_back`, or :func:`_checked_in` if the connection returns to the pool first);
+    None where the driver has no such attribute."""
+    driver = conn.connection.driver_connection
+    if driver is None or not hasattr(driver, name):
+        return None
+    saved = [name, getattr(driver, name)]
+    setattr(driver, name, value)
+    conn.connection.info.setdefault(_SAVED, []).append(saved)
+    return saved
+
+
+def put_back(conn: Connection, saved: list[Any] | None) -> None:
+    """Undo :func:`set_on_driver`, unless the connection went back to the pool meanwhile (closed in
+    a window's block: :func:`_checked_in` put it back then; another checkout may hold it now)."""
+    if saved is None or conn.closed or conn.invalidated:
+        return
+    driver = conn.connection.driver_connection
+    if driver is not None:
+        setattr(driver, saved[0], saved[1])
+    changed = conn.connection.info.get(_SAVED, [])
+    if saved in changed:
+        changed.remove(saved)
+
+
 @contextmanager
 def _driver_set(conn: Connection, name: str, value: Any) -> Iterator[None]:
     """The driver connection's attribute ``name`` set to ``value`` meanwhile, where it has one."""
-    driver = conn.connection.driver_connection
-    if driver is None or not hasattr(driver, name):
-        yield
-        return
-    before = getattr(driver, name)
-    setattr(driver, name, value)
+    saved = set_on_driver(conn, name, value)
     try:
         yield
     finally:
-        if not conn.invalidated:
-            setattr(driver, name, before)
+        put_back(conn, saved)
+
+
+def _checked_in(dbapi_connection: Any, record: Any) -> None:
+    """A connection back in the pool with driver attributes maintgate changed (a window's, closed
+    in its block): all put back, last changed first; dropped if they cannot be (a transaction open)."""
+    changed = record.info.pop(_SAVED, None)
+    if not changed or dbapi_connection is None:
+        return
+    try:
+        for name, before in reversed(changed):
+            setattr(dbapi_connection, name, before)
+    except Exception:
+        record.invalidate()
 
 
 def unprepared(conn: Connection) -> AbstractContextManager[None]:
@@ -437,40 +475,57 @@ def _begin_command(driver: Any) -> str:
     return " ".join(parts)
 
 
-def end_autocommit(conn: Connection) -> None:
+def end_autocommit(conn: Connection, saved: list[list[Any] | None]) -> None:
     """After a window begun by :meth:`MaintenanceStore._switch_on_and_begin` ended: its driver out
-    of autocommit again, or, if its transaction is somehow still open, the connection dropped
-    (never back to the pool in autocommit)."""
+    of autocommit and its cursor classes as they were (``saved``), or, if its transaction is
+    somehow still open, the connection dropped (never back to the pool in autocommit)."""
     if conn.closed or conn.invalidated:  # closed in the block: :func:`_checked_in` saw to it
         return
     driver: Any = conn.connection.driver_connection
-    if _status(driver) == "IDLE":
-        _end_autocommit(driver, conn.connection.info)
-    else:
+    if driver is not None and _status(driver) != "IDLE":
         conn.invalidate()
+        return
+    for each in reversed(saved):
+        put_back(conn, each)
 
 
-_OPENED = "maintgate_opened_in_autocommit"
-"""In a pooled connection's ``info``, while a window has its driver in autocommit
-(:meth:`MaintenanceStore._switch_on_and_begin`): the driver's cursor class to put back after."""
+HOOKED = ("execute", "executemany", "copy", "stream")
+"""The methods of a psycopg cursor that send statements."""
 
 
 def cursor_class_with(base: type, before: Callable[[Any], None]) -> type:
-    """psycopg's cursor class ``base``, whose ``execute`` and ``executemany`` call ``before(cursor)``
-    first: set as a driver connection's ``cursor_factory``, a hook on that connection's statements
-    alone (a listener on each window's connection costs more than the window's own statements,
-    one on the engine taxes every statement of the application's)."""
-    cursor_class: Any = base
+    """psycopg's cursor class ``base`` whose methods that send statements call ``before(cursor)``
+    first: set as a driver connection's ``cursor_factory`` (and ``server_cursor_factory``), a hook
+    on that connection's statements alone (a listener on each window's connection costs more than
+    the window's own statements, one on the engine taxes every statement of the application's)."""
+    methods: dict[str, Any] = {}
+    for name in HOOKED:
+        if hasattr(base, name):
+            methods[name] = _hooked(getattr(base, name), before)
+    return type(f"Maintgate{base.__name__}", (base,), methods)
 
-    def execute(cursor: Any, *args: Any, **kwargs: Any) -> Any:
+
+def _hooked(method: Callable[..., Any], before: Callable[[Any], None]) -> Callable[..., Any]:
+    def hooked(cursor: Any, *args: Any, **kwargs: Any) -> Any:
         before(cursor)
-        return cursor_class.execute(cursor, *args, **kwargs)
+        return method(cursor, *args, **kwargs)
 
-    def executemany(cursor: Any, *args: Any, **kwargs: Any) -> Any:
-        before(cursor)
-        return cursor_class.executemany(cursor, *args, **kwargs)
+    return hooked
 
-    return type(f"Maintgate{base.__name__}", (base,), {"execute": execute, "executemany": executemany})
+
+def hook_cursors(conn: Connection, classes: dict[type, type], before: Callable[[Any], None]) -> list[Any]:
+    """Set on ``conn``'s driver both its cursor classes, hooked with ``before`` (built once per base
+    class, kept in ``classes``); returns what :func:`put_back` takes, one entry per class."""
+    driver: Any = conn.connection.driver_connection
+    saved = []
+    for factory in ("cursor_factory", "server_cursor_factory"):
+        base = getattr(driver, factory, None)
+        if isinstance(base, type):
+            hooked = classes.get(base)
+            if hooked is None:
+                hooked = classes[base] = cursor_class_with(base, before)
+            saved.append(set_on_driver(conn, factory, hooked))
+    return saved
 
 
 def _begin_again(cursor: Any) -> None:
@@ -484,43 +539,29 @@ def _begin_again(cursor: Any) -> None:
 _BEGINNING_AGAIN: dict[type, type] = {}
 
 
-def _begin_again_class(base: type) -> type:
-    cursor_class = _BEGINNING_AGAIN.get(base)
-    if cursor_class is None:
-        cursor_class = _BEGINNING_AGAIN[base] = cursor_class_with(base, _begin_again)
-    return cursor_class
-
-
-def _checked_in(dbapi_connection: Any, record: Any) -> None:
-    """Never back in the pool in autocommit (a window's connection closed inside its block)."""
-    if record.info.get(_OPENED) and dbapi_connection is not None:
-        if _status(dbapi_connection) == "IDLE":
-            _end_autocommit(dbapi_connection, record.info)
-        else:
-            record.invalidate()
-
-
 def _status(driver: Any) -> str:
     """psycopg: the server's transaction status as libpq last saw it (IDLE, INTRANS, INERROR...)."""
     return str(driver.info.transaction_status.name)
 
 
-def _end_autocommit(driver: Any, info: dict[Any, Any]) -> None:
-    cursor_class = info.pop(_OPENED, None)
-    if cursor_class is not None:
-        driver.cursor_factory = cursor_class
-    driver.autocommit = False
-
-
-def _listen_once(engine: Engine, name: str, fn: Callable[..., Any]) -> None:
-    if not event.contains(engine, name, fn):
-        event.listen(engine, name, fn)
+def _watch_pool(engine: Engine, built: bool) -> bool:
+    """Whether :func:`_checked_in` listens to ``engine``'s pool, added now if the engine is idle: one
+    the store built, or one with no connection checked out. SQLAlchemy runs a pool's listeners by
+    walking a list that adding to fails under a thread walking it (an application's listener that
+    waits on I/O while a store is made)."""
+    if event.contains(engine, "checkin", _checked_in):
+        return True
+    checked_out = getattr(engine.pool, "checkedout", None)
+    if built or (checked_out is not None and checked_out() == 0):
+        event.listen(engine, "checkin", _checked_in)
+        return True
+    return False
 
 
 def in_autocommit_idle(conn: Connection) -> bool:
     """Whether ``conn``'s driver (psycopg, in autocommit) has no transaction open on the server."""
     driver: Any = conn.connection.driver_connection
-    return _status(driver) == "IDLE"
+    return driver is not None and _status(driver) == "IDLE"
 
 
 @contextmanager
@@ -686,8 +727,9 @@ class MaintenanceStore:
                 event.listen(self.engine, "connect", _wal)
         else:
             raise TypeError(f"database must be a SQLAlchemy URL or Engine, got {database!r}")
-        if self.engine.dialect.name == "postgresql":  # a window's opening in one round trip needs it
-            _listen_once(self.engine, "checkin", _checked_in)
+        self._pool_watched = self.engine.dialect.name == "postgresql" and _watch_pool(
+            self.engine, built=not isinstance(database, Engine)
+        )
         self._state = self.tables.state
         self.lookup_timeout = LOOKUP_TIMEOUT
         self._qualified: Tables | None = None
@@ -1216,7 +1258,8 @@ class MaintenanceStore:
     ) -> tuple[Window, Any]:
         """:meth:`open_window`; with ``begin`` (``connection`` an owned window's, on psycopg), the
         migration's transaction may begin in the same round trip (:meth:`_switch_on_and_begin`):
-        the second item is then the row of its first statement, for :meth:`_hold`, else None."""
+        the second item is then the row of its first statement, for :meth:`_hold`, and what
+        :func:`end_autocommit` puts back; else None."""
         check_tenant(tenant)
         _check_retry_after(retry_after)
         _check_mode(mode)
@@ -1321,17 +1364,20 @@ class MaintenanceStore:
         that transaction's first statement (:func:`pgsql.hold`) as one message (:class:`pgsql.Opening`)
         on ``conn``, an owned window's idle connection (psycopg): one round trip where there were three.
 
-        Returns the first statement's row; ``conn`` is then in the migration's transaction with
-        its driver in autocommit, so that psycopg sends no BEGIN of its own (it still commits or
-        rolls back what the server has open) until :func:`end_autocommit`. Returns None where
-        this cannot run, nothing sent and ``conn`` as it was: the window then switches on and
-        begins as usual. :class:`WindowBusy` and refusals change nothing; a failure after the
+        Returns the first statement's row and what :func:`end_autocommit` puts back: ``conn`` is
+        then in the migration's transaction with its driver in autocommit, so that psycopg sends no
+        BEGIN of its own (it still commits or rolls back what the server has open), and its cursor
+        classes begin a transaction again if the work ends the window's (:func:`_begin_again`).
+        Returns None where this cannot run, nothing sent and ``conn`` as it was: the window then
+        switches on and begins as usual. :class:`WindowBusy` and refusals change nothing; a failure after the
         switch-on's COMMIT, or a lost reply, raises the driver's error: the window counts as open.
         """
         tenant = new["tenant"]
         if not can_lend(conn) or conn.in_transaction() or conn.info.get(_NOT_READ_COMMITTED, False):
             return None
         if conn.dispatch.begin:  # a listener's statements (SET LOCAL) belong in the migration's transaction
+            return None
+        if not self._pool_watched:  # closed in its block, the connection would go back in autocommit
             return None
         driver: Any = conn.connection.driver_connection
         dbapi: Any = conn.dialect.dbapi
@@ -1351,7 +1397,7 @@ class MaintenanceStore:
             return None
         params = opening.switch_on.values | opening.hold.values | self._switch_on_params(new, record)
         message = opening.message(_begin_command(driver))
-        driver.autocommit = True
+        autocommit = set_on_driver(conn, "autocommit", True)
         try:
             with _driver_set(conn, "cursor_factory", dbapi.ClientCursor):  # binds client-side
                 result = conn.exec_driver_sql(message, params)  # SQLAlchemy's events see it
@@ -1364,25 +1410,26 @@ class MaintenanceStore:
                     break
             result.close()
         except sa_exc.DBAPIError as exc:
-            self._opening_failed(conn, exc, tenant)
+            self._opening_failed(conn, exc, tenant, autocommit)
             return None
         (sent,), held = rows
         if sent is None or sent == pgsql.NOT_READ_COMMITTED:  # nothing changed: end what began
             conn.rollback()
-            _end_autocommit(driver, conn.info)
+            put_back(conn, autocommit)
             if sent is None:
                 with conn.begin():
                     holder = self.get(tenant, connection=conn)
                 raise WindowBusy(_busy_message(tenant, holder, new["now"]))
             conn.info[_NOT_READ_COMMITTED] = True
             return None
-        conn.info[_OPENED] = driver.cursor_factory
-        driver.cursor_factory = _begin_again_class(driver.cursor_factory)
+        saved = [autocommit, *hook_cursors(conn, _BEGINNING_AGAIN, _begin_again)]
         _, state, version = state_from_payload(sent)
         self._publish([(tenant, state, version if state is not None else None)])
-        return held
+        return held, saved
 
-    def _opening_failed(self, conn: Connection, exc: sa_exc.DBAPIError, tenant: str) -> None:
+    def _opening_failed(
+        self, conn: Connection, exc: sa_exc.DBAPIError, tenant: str, autocommit: list[Any] | None
+    ) -> None:
         """After :meth:`_switch_on_and_begin`'s message failed: returns if nothing changed and the
         function cannot be called (statements instead); raises a refusal if nothing changed
         otherwise, and ``exc`` where the switch-on may have committed (its reply lost, or a
@@ -1396,7 +1443,7 @@ class MaintenanceStore:
             conn.invalidate(exc)
             raise exc
         conn.rollback()
-        _end_autocommit(driver, conn.info)
+        put_back(conn, autocommit)
         if status == "INERROR":  # it failed after the switch-on's COMMIT
             raise exc
         if getattr(exc.orig, "sqlstate", None) in UNCALLABLE:  # nothing changed
