@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -662,45 +663,51 @@ def test_the_migrations_transaction_runs_at_the_engines_level_and_sees_the_switc
         engine.dispose()
 
 
-def test_the_pools_connections_stay_transactional_after_windows_of_every_outcome(store):
+@pytest.fixture
+def probe(store) -> Iterator[str]:
+    """A table for a test's rows, on the store's database."""
+    table = f"{store.tables.state.name}_probe"
+    with store.engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {table} (v TEXT)"))
+    yield table
+    with store.engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE {table}"))
+
+
+@pytest.fixture
+def pooled(store) -> Iterator[MaintenanceStore]:
+    """A store on the same tables over an engine of two pooled connections."""
+    engine = create_engine(store.engine.url, pool_size=2, max_overflow=0)
+    yield MaintenanceStore(engine, table_prefix=store.tables.state.name.removesuffix("state"))
+    engine.dispose()
+
+
+def assert_pool_runs_transactions(store: MaintenanceStore, table: str) -> None:
+    """Every connection of ``store``'s two-connection pool runs transactions: a rolled-back insert is gone."""
+    with store.engine.connect() as first, store.engine.connect() as second:
+        for conn in (first, second):
+            conn.execute(text(f"INSERT INTO {table} VALUES ('must roll back')"))
+            conn.rollback()
+        assert first.execute(text(f"SELECT count(*) FROM {table}")).scalar() == 0
+
+
+def test_the_pools_connections_stay_transactional_after_windows_of_every_outcome(pooled, probe):
     """The opening leaves the driver in autocommit for the window's transaction: after windows that
     commit, fail, are refused as busy or end their own transaction, every connection of the pool
-    still runs transactions (a rolled-back insert is gone)."""
+    still runs transactions."""
     from maintgate import WindowLost
 
-    engine = create_engine(store.engine.url, pool_size=2, max_overflow=0)
-    pooled = MaintenanceStore(engine, table_prefix=store.tables.state.name.removesuffix("state"))
-    table = f"{store.tables.state.name}_probe"
-    with engine.begin() as conn:
-        conn.execute(text(f"CREATE TABLE {table} (id INTEGER)"))
-    try:
-        with maintenance_window(pooled, "ok") as conn:
-            conn.execute(text("SELECT 1"))
-        with pytest.raises(Boom), maintenance_window(pooled, "boom"):
-            raise Boom("inside")
-        with (
-            maintenance_window(pooled, "held"),
-            pytest.raises(WindowBusy),
-            maintenance_window(pooled, "held"),
-        ):
-            pytest.fail("must not run")
-        with pytest.raises(WindowLost), maintenance_window(pooled, "ends") as conn:
-            conn.commit()
-        with engine.connect() as first, engine.connect() as second:
-            for conn in (first, second):
-                conn.execute(text(f"INSERT INTO {table} VALUES (1)"))
-                conn.rollback()
-            assert first.execute(text(f"SELECT count(*) FROM {table}")).scalar() == 0
-        assert [bool(pooled.get(t).active) for t in ("ok", "boom", "held", "ends")] == [
-            False,
-            True,
-            False,
-            True,
-        ]
-    finally:
-        with engine.begin() as conn:
-            conn.execute(text(f"DROP TABLE {table}"))
-        engine.dispose()
+    with maintenance_window(pooled, "ok") as conn:
+        conn.execute(text("SELECT 1"))
+    with pytest.raises(Boom), maintenance_window(pooled, "boom"):
+        raise Boom("inside")
+    with maintenance_window(pooled, "held"), pytest.raises(WindowBusy), maintenance_window(pooled, "held"):
+        pytest.fail("must not run")
+    with pytest.raises(WindowLost), maintenance_window(pooled, "ends") as conn:
+        conn.commit()
+    assert_pool_runs_transactions(pooled, probe)
+    active = [bool(pooled.get(t).active) for t in ("ok", "boom", "held", "ends")]
+    assert active == [False, True, False, True]
 
 
 def test_a_begin_listeners_set_local_scopes_the_migrations_transaction(store):
@@ -734,61 +741,42 @@ def test_a_begin_listeners_set_local_scopes_the_migrations_transaction(store):
         engine.dispose()
 
 
-def test_a_window_whose_connection_is_closed_in_its_block_leaves_the_pool_transactional(store):
+def test_a_window_whose_connection_is_closed_in_its_block_leaves_the_pool_transactional(pooled, probe):
     """Helper's finding: closing the yielded connection inside the block (a helper's `with conn:`)
     hands it back to the pool mid-window; it must not stay there in autocommit, where an app's
     rolled-back transaction would have committed."""
-    engine = create_engine(store.engine.url, pool_size=2, max_overflow=0)
-    pooled = MaintenanceStore(engine, table_prefix=store.tables.state.name.removesuffix("state"))
-    table = f"{store.tables.state.name}_probe"
-    with engine.begin() as conn:
-        conn.execute(text(f"CREATE TABLE {table} (v TEXT)"))
-    try:
-        with pytest.raises(ResourceClosedError), maintenance_window(pooled, "acme") as conn, conn:
-            conn.execute(text("SELECT 1"))
-        assert pooled.get("acme").active and pooled.get("acme").error
-        with engine.connect() as first, engine.connect() as second:
-            for conn in (first, second):
-                conn.execute(text(f"INSERT INTO {table} VALUES ('must roll back')"))
-                conn.rollback()
-            assert first.execute(text(f"SELECT count(*) FROM {table}")).scalar() == 0
-    finally:
-        with engine.begin() as conn:
-            conn.execute(text(f"DROP TABLE {table}"))
-        engine.dispose()
+    with pytest.raises(ResourceClosedError), maintenance_window(pooled, "acme") as conn, conn:
+        conn.execute(text("SELECT 1"))
+    assert pooled.get("acme").active and pooled.get("acme").error
+    assert_pool_runs_transactions(pooled, probe)
 
 
 @pytest.mark.parametrize("then", ["SQLAlchemy", "psycopg", "COPY"])
 @pytest.mark.parametrize("end", ["commit", "rollback", "raw COMMIT"])
-def test_work_after_the_work_ended_the_windows_transaction_is_rolled_back_with_the_window(store, end, then):
+def test_work_after_the_work_ended_the_windows_transaction_is_rolled_back_with_the_window(
+    store, probe, end, then
+):
     """Helper's finding: after the work commits or rolls back the window's transaction, what it
     runs next is in a new transaction, which the failed window rolls back (not statement by
     statement committed), whether sent through SQLAlchemy or psycopg."""
     from maintgate import WindowLost
 
-    table = f"{store.tables.state.name}_probe"
-    with store.engine.begin() as conn:
-        conn.execute(text(f"CREATE TABLE {table} (v TEXT)"))
-    try:
-        with pytest.raises(WindowLost), maintenance_window(store, "acme") as conn:
-            if end == "raw COMMIT":
-                conn.exec_driver_sql("COMMIT")
-            else:
-                getattr(conn, end)()
-            driver = conn.connection.driver_connection
-            if then == "SQLAlchemy":
-                conn.execute(text(f"INSERT INTO {table} VALUES ('after the end')"))
-            elif then == "psycopg":
-                driver.execute(f"INSERT INTO {table} VALUES ('after the end')")
-            else:
-                with driver.cursor().copy(f"COPY {table} (v) FROM STDIN") as copy:
-                    copy.write_row(["after the end"])
-        with store.engine.connect() as conn:
-            assert conn.execute(text(f"SELECT count(*) FROM {table}")).scalar() == 0
-        assert store.get("acme").active and "WindowLost" in store.get("acme").error
-    finally:
-        with store.engine.begin() as conn:
-            conn.execute(text(f"DROP TABLE {table}"))
+    with pytest.raises(WindowLost), maintenance_window(store, "acme") as conn:
+        if end == "raw COMMIT":
+            conn.exec_driver_sql("COMMIT")
+        else:
+            getattr(conn, end)()
+        driver = conn.connection.driver_connection
+        if then == "SQLAlchemy":
+            conn.execute(text(f"INSERT INTO {probe} VALUES ('after the end')"))
+        elif then == "psycopg":
+            driver.execute(f"INSERT INTO {probe} VALUES ('after the end')")
+        else:
+            with driver.cursor().copy(f"COPY {probe} (v) FROM STDIN") as copy:
+                copy.write_row(["after the end"])
+    with store.engine.connect() as conn:
+        assert conn.execute(text(f"SELECT count(*) FROM {probe}")).scalar() == 0
+    assert store.get("acme").active and "WindowLost" in store.get("acme").error
 
 
 def test_a_window_joined_on_an_owned_windows_connection_runs_in_its_transaction(store):
@@ -800,23 +788,16 @@ def test_a_window_joined_on_an_owned_windows_connection_runs_in_its_transaction(
     assert events(store, "b") == ["window_opened", "window_committed"]
 
 
-def test_a_window_whose_connection_is_detached_commits(store):
+def test_a_window_whose_connection_is_detached_commits(store, probe):
     """Helper's finding: detaching the window's connection from the pool (to keep a session setting
     out of it) is no reason to fail the window."""
-    table = f"{store.tables.state.name}_probe"
-    with store.engine.begin() as conn:
-        conn.execute(text(f"CREATE TABLE {table} (v TEXT)"))
-    try:
-        with maintenance_window(store, "acme") as conn:
-            conn.execute(text(f"INSERT INTO {table} VALUES ('x')"))
-            conn.detach()
-            conn.execute(text(f"INSERT INTO {table} VALUES ('y')"))
-        with store.engine.connect() as conn:
-            assert conn.execute(text(f"SELECT v FROM {table} ORDER BY v")).scalars().all() == ["x", "y"]
-        assert not store.get("acme").active
-    finally:
-        with store.engine.begin() as conn:
-            conn.execute(text(f"DROP TABLE {table}"))
+    with maintenance_window(store, "acme") as conn:
+        conn.execute(text(f"INSERT INTO {probe} VALUES ('x')"))
+        conn.detach()
+        conn.execute(text(f"INSERT INTO {probe} VALUES ('y')"))
+    with store.engine.connect() as conn:
+        assert conn.execute(text(f"SELECT v FROM {probe} ORDER BY v")).scalars().all() == ["x", "y"]
+    assert not store.get("acme").active
 
 
 def test_a_store_made_inside_an_engines_pool_event_breaks_nothing(store):
