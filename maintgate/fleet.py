@@ -854,7 +854,8 @@ class _Runner:
         finally:
             for each in reversed(saved):
                 put_back(conn, each)
-            self._checking.pop(id(driver), None)
+            if self._checking.get(id(driver)) is conn:  # closed in its block, another window may have it
+                del self._checking[id(driver)]
 
     def _abort_check_cursor(self, cursor: Any) -> None:
         """:meth:`_abort_check` for a statement on a window's connection while the window holds it

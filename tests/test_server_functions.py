@@ -821,3 +821,50 @@ def test_a_store_made_inside_an_engines_pool_event_breaks_nothing(store):
         assert not made[0].get("acme").active and engine.pool.checkedout() == 0
     finally:
         engine.dispose()
+
+
+def test_a_busy_engines_window_closed_in_its_block_leaves_the_pool_at_the_engines_level(store, fleet):
+    """Third helper's finding: on an engine busy when the store was made (no pool listener), a
+    rollout window whose migration closes its connection must still put back what it changed on
+    the driver: the engine's isolation level above all."""
+    engine = create_engine(store.engine.url, isolation_level="REPEATABLE READ", pool_size=3, max_overflow=0)
+    with engine.connect():  # busy: the store adds no listener to its pool
+        busy = MaintenanceStore(engine, table_prefix=store.tables.state.name.removesuffix("state"))
+    f = fleet(2)
+
+    def migrate(conn, tenant: str) -> None:
+        f.migrate(conn, tenant)
+        conn.close()
+
+    try:
+        report = rollout(busy, "busy-close", f.tenants, migrate, concurrency=1, max_failures=None)
+        assert set(report.failed) == set(f.tenants)
+        with engine.connect() as first, engine.connect() as second, engine.connect() as third:
+            level = text("SELECT current_setting('transaction_isolation')")
+            levels = {c.execute(level).scalar() for c in (first, second, third)}
+        assert levels == {"repeatable read"}
+    finally:
+        engine.dispose()
+
+
+def test_a_cursor_factory_function_keeps_work_after_the_windows_end_in_a_transaction(store, probe):
+    """Third helper's finding: with a cursor factory that is a function (psycopg takes any
+    callable), there is no cursor class to begin a transaction again: the window opens in three
+    round trips, and work after the work ended its transaction is rolled back with it."""
+    import psycopg
+
+    from maintgate import WindowLost
+
+    def factory(conn, *args, **kwargs):
+        return psycopg.Cursor(conn, *args, **kwargs)
+
+    engine = create_engine(store.engine.url, connect_args={"cursor_factory": factory})
+    made = MaintenanceStore(engine, table_prefix=store.tables.state.name.removesuffix("state"))
+    try:
+        with pytest.raises(WindowLost), maintenance_window(made, "acme") as conn:
+            conn.commit()
+            conn.execute(text(f"INSERT INTO {probe} VALUES ('after the end')"))
+        with engine.connect() as conn:
+            assert conn.execute(text(f"SELECT count(*) FROM {probe}")).scalar() == 0
+    finally:
+        engine.dispose()

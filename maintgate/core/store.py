@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -9,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
@@ -399,30 +401,47 @@ _SAVED = "maintgate_saved"
 yet, each as ``[name, value before]``, in the order changed."""
 
 
-def set_on_driver(conn: Connection, name: str, value: Any) -> list[Any] | None:
+@dataclass(eq=False)
+class Saved:
+    """A driver attribute maintgate changed, and its value before (:func:`set_on_driver`)."""
+
+    driver: Any
+    name: str
+    before: Any
+    pending: list[Saved]
+    """The pooled connection's list of changes not put back yet, this one among them."""
+
+    def restore(self) -> None:
+        setattr(self.driver, self.name, self.before)
+        if self in self.pending:
+            self.pending.remove(self)
+
+
+def set_on_driver(conn: Connection, name: str, value: Any) -> Saved | None:
     """Set the attribute ``name`` of ``conn``'s driver connection, remembered so that it is put
     back (:func:`put_back`, or :func:`_checked_in` if the connection returns to the pool first);
     None where the driver has no such attribute."""
     driver = conn.connection.driver_connection
     if driver is None or not hasattr(driver, name):
         return None
-    saved = [name, getattr(driver, name)]
+    pending = conn.connection.info.setdefault(_SAVED, [])
+    saved = Saved(driver, name, getattr(driver, name), pending)
     setattr(driver, name, value)
-    conn.connection.info.setdefault(_SAVED, []).append(saved)
+    pending.append(saved)
     return saved
 
 
-def put_back(conn: Connection, saved: list[Any] | None) -> None:
-    """Undo :func:`set_on_driver`, unless the connection went back to the pool meanwhile (closed in
-    a window's block: :func:`_checked_in` put it back then; another checkout may hold it now)."""
-    if saved is None or conn.closed or conn.invalidated:
+def put_back(conn: Connection, saved: Saved | None) -> None:
+    """Undo :func:`set_on_driver`. If the connection went back to the pool meanwhile (closed in a
+    window's block), :func:`_checked_in` put it back then, where the store watches the pool;
+    where it does not (an engine busy when the store was made), it is put back now, as before."""
+    if saved is None or conn.invalidated:
         return
-    driver = conn.connection.driver_connection
-    if driver is not None:
-        setattr(driver, saved[0], saved[1])
-    changed = conn.connection.info.get(_SAVED, [])
-    if saved in changed:
-        changed.remove(saved)
+    if not conn.closed:
+        saved.restore()
+    elif not event.contains(conn.engine, "checkin", _checked_in):
+        with contextlib.suppress(Exception):  # best effort: another checkout may hold it now
+            saved.restore()
 
 
 @contextmanager
@@ -442,8 +461,8 @@ def _checked_in(dbapi_connection: Any, record: Any) -> None:
     if not changed or dbapi_connection is None:
         return
     try:
-        for name, before in reversed(changed):
-            setattr(dbapi_connection, name, before)
+        for saved in reversed(changed):
+            saved.restore()
     except Exception:
         record.invalidate()
 
@@ -475,20 +494,22 @@ def _begin_command(driver: Any) -> str:
     return " ".join(parts)
 
 
-def end_autocommit(conn: Connection, saved: list[list[Any] | None]) -> None:
+def end_autocommit(conn: Connection, saved: list[Saved | None]) -> None:
     """After a window begun by :meth:`MaintenanceStore._switch_on_and_begin` ended: its driver out
     of autocommit and its cursor classes as they were (``saved``), or, if its transaction is
     somehow still open, the connection dropped (never back to the pool in autocommit)."""
-    if conn.closed or conn.invalidated:  # closed in the block: :func:`_checked_in` saw to it
+    if conn.invalidated:
         return
-    driver: Any = conn.connection.driver_connection
-    if driver is not None and _status(driver) != "IDLE":
-        conn.invalidate()
-        return
+    if not conn.closed:
+        driver: Any = conn.connection.driver_connection
+        if driver is not None and _status(driver) != "IDLE":
+            conn.invalidate()
+            return
     for each in reversed(saved):
         put_back(conn, each)
 
 
+CURSOR_FACTORIES = ("cursor_factory", "server_cursor_factory")
 HOOKED = ("execute", "executemany", "copy", "stream")
 """The methods of a psycopg cursor that send statements."""
 
@@ -513,12 +534,14 @@ def _hooked(method: Callable[..., Any], before: Callable[[Any], None]) -> Callab
     return hooked
 
 
-def hook_cursors(conn: Connection, classes: dict[type, type], before: Callable[[Any], None]) -> list[Any]:
+def hook_cursors(
+    conn: Connection, classes: dict[type, type], before: Callable[[Any], None]
+) -> list[Saved | None]:
     """Set on ``conn``'s driver both its cursor classes, hooked with ``before`` (built once per base
     class, kept in ``classes``); returns what :func:`put_back` takes, one entry per class."""
     driver: Any = conn.connection.driver_connection
-    saved = []
-    for factory in ("cursor_factory", "server_cursor_factory"):
+    saved: list[Saved | None] = []
+    for factory in CURSOR_FACTORIES:
         base = getattr(driver, factory, None)
         if isinstance(base, type):
             hooked = classes.get(base)
@@ -1383,6 +1406,8 @@ class MaintenanceStore:
         dbapi: Any = conn.dialect.dbapi
         if driver.autocommit or not hasattr(dbapi, "ClientCursor"):
             return None
+        if not all(isinstance(getattr(driver, f, None), type) for f in CURSOR_FACTORIES):
+            return None  # a factory function: no cursor class to hook (begin again)
         function = self._functions.get("switch_on", (None, 0.0))[0]
         if function is None:  # looked for, on this idle connection
             with _autocommitting(conn), conn.begin():
@@ -1428,7 +1453,7 @@ class MaintenanceStore:
         return held, saved
 
     def _opening_failed(
-        self, conn: Connection, exc: sa_exc.DBAPIError, tenant: str, autocommit: list[Any] | None
+        self, conn: Connection, exc: sa_exc.DBAPIError, tenant: str, autocommit: Saved | None
     ) -> None:
         """After :meth:`_switch_on_and_begin`'s message failed: returns if nothing changed and the
         function cannot be called (statements instead); raises a refusal if nothing changed
