@@ -155,7 +155,7 @@ def _rollout_section(result: dict, table: Table) -> None:
     cores = os.cpu_count() or 1
     if count / two["seconds"] >= 1.1 * max(rate.values()):
         more_than_one = f"more than one: {table.verdict(True)}"
-    elif min(two["machine"], by[("rollout", 8)]["machine"]) >= 0.85 * cores:
+    elif min(two["machine"], by[("rollout", 8)]["machine"]) >= 0.8 * cores:
         # One process at 8 windows already kept the cores busy: the database and the runners share them.
         more_than_one = (
             f"the machine is the limit: {by[('rollout', 8)]['machine']:.2f} of its {cores} cores busy "
