@@ -43,7 +43,7 @@ from .core.store import (
     _driver_set,
     _read_committed,
     hook_cursors,
-    put_back,
+    put_back_all,
 )
 from .migration import _describe, _pool_capacity, maintenance_window, rollout_window
 
@@ -852,8 +852,7 @@ class _Runner:
         try:
             yield
         finally:
-            for each in reversed(saved):
-                put_back(conn, each)
+            put_back_all(conn, saved)
             if self._checking.get(id(driver)) is conn:  # closed in its block, another window may have it
                 del self._checking[id(driver)]
 

@@ -160,9 +160,9 @@ class _Window:
         self.done: Done | None = None
         """A rollout's done mark, written with the switch-off."""
         self._held: Any = None
-        self._autocommit = False
-        """The switch-on began the migration's transaction on ``lent``, in autocommit (until finish)."""
         self._saved: list[Any] = []
+        """What the switch-on changed on ``lent``'s driver when it began the migration's transaction
+        in autocommit (:func:`end_autocommit` puts it back); empty otherwise."""
 
     @property
     def opened(self) -> bool:
@@ -263,7 +263,7 @@ class _Window:
             and not _sqlite_in_transaction(conn.connection.dbapi_connection)
         ):
             why = "ended (COMMIT or ROLLBACK sent)"
-        if why is None and self._autocommit and in_autocommit_idle(conn):
+        if why is None and self._saved and in_autocommit_idle(conn):
             why = "ended (COMMIT or ROLLBACK sent)"
         if why is not None:
             raise WindowLost(ENDED_BY_WORK.format(why=why))
@@ -291,7 +291,7 @@ class _Window:
                 begin=self.lent is not None,
             )
             if opened is not None:
-                (self._held, self._saved), self._autocommit = opened, True
+                self._held, self._saved = opened
         except MaintgateError:
             raise  # refused before its transaction committed: nothing changed
         except BaseException:
@@ -350,7 +350,7 @@ class _Window:
             self._renewer.stop()
         if self._unprepared is not None:
             self._unprepared.__exit__(None, None, None)
-        if self._autocommit and self.lent is not None:
+        if self._saved and self.lent is not None:
             end_autocommit(self.lent, self._saved)
         self._unwatch()
 

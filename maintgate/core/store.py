@@ -398,7 +398,7 @@ PostgreSQL, also the statement timeout of :meth:`MaintenanceStore.lookup` and ``
 
 _SAVED = "maintgate_saved"
 """In a pooled connection's ``info``: the driver attributes maintgate changed and has not put back
-yet, each as ``[name, value before]``, in the order changed."""
+yet (:class:`Saved`), in the order changed."""
 
 
 @dataclass(eq=False)
@@ -444,6 +444,12 @@ def put_back(conn: Connection, saved: Saved | None) -> None:
             saved.restore()
 
 
+def put_back_all(conn: Connection, saved: list[Saved | None]) -> None:
+    """:func:`put_back` each of ``saved``, last changed first."""
+    for each in reversed(saved):
+        put_back(conn, each)
+
+
 @contextmanager
 def _driver_set(conn: Connection, name: str, value: Any) -> Iterator[None]:
     """The driver connection's attribute ``name`` set to ``value`` meanwhile, where it has one."""
@@ -461,7 +467,7 @@ def _checked_in(dbapi_connection: Any, record: Any) -> None:
     if not changed or dbapi_connection is None:
         return
     try:
-        for saved in reversed(changed):
+        for saved in reversed(list(changed)):  # each restore leaves the list
             saved.restore()
     except Exception:
         record.invalidate()
@@ -505,8 +511,7 @@ def end_autocommit(conn: Connection, saved: list[Saved | None]) -> None:
         if driver is not None and _status(driver) != "IDLE":
             conn.invalidate()
             return
-    for each in reversed(saved):
-        put_back(conn, each)
+    put_back_all(conn, saved)
 
 
 CURSOR_FACTORIES = ("cursor_factory", "server_cursor_factory")
@@ -1392,8 +1397,9 @@ class MaintenanceStore:
         BEGIN of its own (it still commits or rolls back what the server has open), and its cursor
         classes begin a transaction again if the work ends the window's (:func:`_begin_again`).
         Returns None where this cannot run, nothing sent and ``conn`` as it was: the window then
-        switches on and begins as usual. :class:`WindowBusy` and refusals change nothing; a failure after the
-        switch-on's COMMIT, or a lost reply, raises the driver's error: the window counts as open.
+        switches on and begins as usual. :class:`WindowBusy` and refusals change nothing; a
+        failure after the switch-on's COMMIT, or a lost reply, raises the driver's error: the
+        window counts as open.
         """
         tenant = new["tenant"]
         if not can_lend(conn) or conn.in_transaction() or conn.info.get(_NOT_READ_COMMITTED, False):
